@@ -1,0 +1,3 @@
+"""iwae-bench: importance-weighted bounds, benchmarked and checked against a float64 oracle."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""Seeded problem inputs at realistic scales.
+
+A ``Problem`` names a grid cell; ``make_inputs`` draws (x, logits, z, mu, logvar) for it the
+way a trained Bernoulli VAE on binarized MNIST would produce them: about 13% of pixels on,
+decoder logits that mostly agree with the pixels (a few nats of margin) but disagree on some,
+sample-to-sample spread over k, and a posterior narrower than the prior. At D = 784, d = 50 the
+log-weights land near -150 to -250 nats, where exp(log w) underflows in float32: the regime in
+which the naive bound fails and the stable one is needed.
+
+Only the logits take ``dtype`` (they are the B*k*D tensor that sets the cost); x, z, mu and
+logvar stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Problem:
+    batch: int
+    k: int
+    latent: int
+    data_dim: int = 784
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch", "k", "latent", "data_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class Inputs(NamedTuple):
+    x: torch.Tensor        # [B, D] binary, float32
+    logits: torch.Tensor   # [B, k, D] in the problem's dtype
+    z: torch.Tensor        # [B, k, d] samples of q, float32
+    mu: torch.Tensor       # [B, d]
+    logvar: torch.Tensor   # [B, d]
+
+
+def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
+    """Draw the inputs of ``problem`` on ``device``, deterministically from its seed."""
+    gen = torch.Generator(device="cpu").manual_seed(problem.seed)
+    B, k, d, D = problem.batch, problem.k, problem.latent, problem.data_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    # Pixels: a per-pixel "on" probability with a mean near MNIST's 13%.
+    pixel_on = torch.sigmoid(randn(1, D) * 1.5 - 2.5)
+    x = (torch.rand(B, D, generator=gen) < pixel_on).float()
+    # Decoder logits: a margin of a few nats towards the true pixel, often wrong by a little,
+    # plus per-sample noise so the k log-weights differ by several nats.
+    margin = 3.5 + 2.0 * randn(B, 1, D)
+    logits = (2.0 * x[:, None, :] - 1.0) * margin + 1.0 * randn(B, k, D)
+    # Posterior: means of order one, standard deviations near 0.3.
+    mu = 0.7 * randn(B, d)
+    logvar = -2.5 + 0.5 * randn(B, d)
+    z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * randn(B, k, d)
+    device = torch.device(device)
+    return Inputs(x.to(device), logits.to(device=device, dtype=problem.torch_dtype),
+                  z.to(device), mu.to(device), logvar.to(device))

@@ -1,0 +1,60 @@
+"""The float64 oracle: every test and every error column of a report compares against it.
+
+Written straight from the math (DESIGN.md), not from the kernels' algebra: the Bernoulli term
+as x * logsigmoid(l) + (1 - x) * logsigmoid(-l), both Gaussians with their 2 pi constants.
+
+    log w_i = log p(x|h_i) + log p(h_i) - log q(h_i|x)
+    ELBO    L_1 = mean_i log w_i
+    IWAE    L_k = logsumexp_i log w_i - log k
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_bernoulli(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log p(x|h) summed over D; x [B, D] broadcast against logits [B, k, D] -> [B, k]."""
+    x = x.double().unsqueeze(1)
+    logits = logits.double()
+    return (x * F.logsigmoid(logits) + (1.0 - x) * F.logsigmoid(-logits)).sum(-1)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over d: [B, k, d] -> [B, k]."""
+    z = z.double()
+    return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+
+def log_diag_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) summed over d; mu, logvar [B, d] -> [B, k]."""
+    z = z.double()
+    mu = mu.double().unsqueeze(1)
+    logvar = logvar.double().unsqueeze(1)
+    return -0.5 * ((z - mu) ** 2 / torch.exp(logvar) + logvar).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+
+def log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
+    """log w [B, k] in float64."""
+    return log_bernoulli(x, logits) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
+
+
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """L_k = logsumexp over the last dim minus log k, float64."""
+    log_w = log_w.double()
+    return torch.logsumexp(log_w, dim=-1) - math.log(log_w.shape[-1])
+
+
+def elbo(log_w: torch.Tensor) -> torch.Tensor:
+    """L_1 estimate: the mean of the log-weights over the last dim (the multi-sample ELBO), float64."""
+    return log_w.double().mean(dim=-1)
+
+
+def bound(x, logits, z, mu, logvar) -> torch.Tensor:
+    """L_k per example [B] in float64, from the five inputs."""
+    return iwae_bound(log_weights(x, logits, z, mu, logvar))

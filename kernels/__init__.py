@@ -1,0 +1,32 @@
+"""Triton kernels for importance-weighted bounds.
+
+    logsumexp(t)                              [..., K] -> [...]
+    iwae_bound(log_w)                         [..., k] -> [...]   logsumexp - log k
+    log_weights(x, logits, z, mu, logvar)     -> [B, k]
+    fused_iwae_bound(x, logits, z, mu, logvar) -> [B]             one kernel, no [B, k, D] temp
+
+All return float32 whatever the input float dtype. Without CUDA the kernels run under the
+Triton interpreter on CPU tensors: importing this package sets ``TRITON_INTERPRET=1`` when no
+GPU is visible and the variable is unset (it must be set before Triton decorates a kernel).
+"""
+
+import os as _os
+
+import torch as _torch
+
+if "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
+    _os.environ["TRITON_INTERPRET"] = "1"
+if _os.environ.get("TRITON_INTERPRET") == "1":
+    import warnings as _warnings
+
+    # The interpreter evaluates masked lanes and all -inf rows in numpy (log(0), exp(-inf)
+    # - (-inf)) and discards them by design; numpy's warnings about it are noise.
+    _warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+
+from ._common import check_bound_inputs, interpreted  # noqa: E402
+from .fused_bound import fused_iwae_bound  # noqa: E402
+from .log_weights import log_weights  # noqa: E402
+from .logsumexp import iwae_bound, logsumexp  # noqa: E402
+
+__all__ = ["logsumexp", "iwae_bound", "log_weights", "fused_iwae_bound",
+           "check_bound_inputs", "interpreted"]

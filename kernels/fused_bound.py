@@ -1,0 +1,136 @@
+"""The IWAE bound in one kernel: from (x, logits, z, mu, logvar) to L_k per example.
+
+    L_k[b] = logsumexp_i log w[b, i] - log k
+
+Grid (B, SPLITS). Program (b, s) walks its range of samples in BLOCK_K blocks: it computes
+the block's log-weights in registers (``_log_weight_block``: each logits element read once)
+and folds them into a running (max, sum) pair; no [B, k, D] or [B*k, ...] tensor is written,
+only log_w itself when the backward asks for it (O(B*k)).
+
+Small B with large k (k = 5000 test log-likelihoods) would leave most SMs idle with one
+program per example, so k is split. Each split writes its partial logsumexp to a [B, SPLITS]
+workspace and takes a ticket from a per-example counter; the program that draws the last
+ticket reads the partials, combines them with the same logsumexp, writes L_k and puts the
+counter back to zero, so the kernel stays one launch and can be rerun (by the autotuner too).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Tunable, cdiv, check_bound_inputs, interpreted, next_pow2, target_programs
+from .log_weights import (PROD_GROUP, _log_weight_block, block_configs, input_strides,
+                          interpreter_blocks, latent_block, prune_block_configs)
+from .logsumexp import _lse_combine, _lse_finalize
+
+SPLIT_QUANTUM = 256  # samples per split are a multiple of this, so any BLOCK_K <= 256 tiles it
+
+
+@triton.jit
+def _fused_iwae_forward_kernel(
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+    bound_ptr, lse_ptr, log_w_ptr, partial_ptr, ticket_ptr,
+    stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
+    stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
+    k, D, d, k_per_split, SPLITS, log_k,
+    SAVE_LOG_W: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    PROD_GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    k_start = split * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, k)
+    run_max = tl.full([1], float("-inf"), tl.float32)
+    run_sum = tl.zeros([1], tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_stop
+        log_w = _log_weight_block(
+            b, offs_k, mask_k, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+            stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
+            stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
+            D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP,
+        )
+        if SAVE_LOG_W:
+            tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
+        log_w = tl.where(mask_k, log_w, float("-inf"))
+        run_max, run_sum = _lse_combine(run_max, run_sum, log_w[None, :])
+    part = _lse_finalize(run_max, run_sum)  # [1]: logsumexp over this split's samples
+
+    if SPLITS == 1:
+        tl.store(lse_ptr + b + tl.arange(0, 1), part)
+        tl.store(bound_ptr + b + tl.arange(0, 1), part - log_k)
+    else:
+        tl.store(partial_ptr + b * SPLITS + split + tl.arange(0, 1), part)
+        # acq_rel: our partial is visible before the ticket, and the last holder sees all.
+        ticket = tl.atomic_add(ticket_ptr + b, 1)
+        n_read = tl.where(ticket == SPLITS - 1, SPLITS, 0)  # only the last holder reads the partials
+        offs_s = tl.arange(0, BLOCK_S)
+        parts = tl.load(partial_ptr + b * SPLITS + offs_s, mask=offs_s < n_read,
+                        other=float("-inf"), volatile=True)
+        lse = _lse_finalize(*_lse_combine(tl.full([1], float("-inf"), tl.float32),
+                                          tl.zeros([1], tl.float32), parts[None, :]))
+        one = tl.arange(0, 1)
+        last_lane = one < n_read  # [1] mask: true for the last holder only
+        tl.store(lse_ptr + b + one, lse, mask=last_lane)
+        tl.store(bound_ptr + b + one, lse - log_k, mask=last_lane)
+        tl.store(ticket_ptr + b + one, tl.zeros([1], tl.int32), mask=last_lane)
+
+
+_fused_forward = Tunable(_fused_iwae_forward_kernel, block_configs(), key=["k", "D", "d", "SPLITS"],
+                         prune=prune_block_configs)
+
+
+def split_plan(B: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(k_per_split, splits): enough programs to fill the device, splits a multiple of 256."""
+    wanted = max(1, cdiv(target_programs(device), B))
+    if wanted == 1 or k <= SPLIT_QUANTUM:
+        return k, 1
+    k_per_split = SPLIT_QUANTUM * cdiv(cdiv(k, SPLIT_QUANTUM), wanted)
+    return k_per_split, cdiv(k, k_per_split)
+
+
+def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None):
+    """Return (bound [B], lse [B], log_w [B, k] or None), all float32 (inputs already checked).
+
+    ``splits`` overrides the split plan (tests use it to walk the multi-split path).
+    """
+    B, k, D = logits.shape
+    d = z.shape[2]
+    device = logits.device
+    if splits is None:
+        k_per_split, n_splits = split_plan(B, k, device)
+    else:
+        k_per_split = SPLIT_QUANTUM * cdiv(cdiv(k, splits), SPLIT_QUANTUM) if splits > 1 else k
+        n_splits = cdiv(k, k_per_split)
+    bound = torch.empty(B, device=device, dtype=torch.float32)
+    lse = torch.empty(B, device=device, dtype=torch.float32)
+    log_w = torch.empty((B, k), device=device, dtype=torch.float32) if save_log_w else bound
+    partial = torch.empty((B, n_splits), device=device, dtype=torch.float32)
+    ticket = torch.zeros(B, device=device, dtype=torch.int32)
+    _fused_forward.launch(
+        lambda meta: (B, n_splits),
+        x, logits, z, mu, logvar, bound, lse, log_w, partial, ticket,
+        *input_strides(x, logits, z, mu, logvar),
+        k, D, d, k_per_split, n_splits, math.log(k),
+        SAVE_LOG_W=save_log_w, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
+        BLOCK_S=next_pow2(n_splits),
+        interpreter_meta=interpreter_blocks(min(k, k_per_split), D),
+    )
+    return bound, lse, (log_w if save_log_w else None)
+
+
+def fused_iwae_bound(x, logits, z, mu, logvar) -> torch.Tensor:
+    """IWAE bound L_k per example, [B] float32, in one kernel from the inputs.
+
+    Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory.
+    """
+    B = check_bound_inputs(x, logits, z, mu, logvar)[0]
+    if B == 0:
+        return torch.empty(0, device=logits.device, dtype=torch.float32)
+    return fused_iwae_forward(x, logits, z, mu, logvar)[0]

@@ -1,0 +1,174 @@
+"""Batched log-weights of a Bernoulli-decoder VAE, broadcast over k samples without repeats.
+
+For example b and sample i (h = z[b, i], logits l = logits[b, i]):
+
+    log w[b, i] = log p(x|h) + log p(h) - log q(h|x)
+                = sum_D [x * l - softplus(l)]
+                + sum_d 0.5 * [(h - mu)^2 * exp(-logvar) + logvar - h^2]
+
+(the 2 pi terms of the two Gaussians cancel). x * logsigmoid(l) + (1 - x) * logsigmoid(-l)
+equals x * l - softplus(l) for any x, binary or in [0, 1], with no clamping, and
+
+    softplus(l) = max(l, 0) + log(1 + exp(-|l|)).
+
+The last term costs an exp and a log per element, and those, not the bytes, bound the kernel
+once the logits are 16-bit. Each factor 1 + exp(-|l|) lies in (1, 2], so a lane multiplies up
+to PROD_GROUP of them in float32 (at most 2**64) and takes one log per group: one exp per
+element instead of exp + log.
+
+Memory: a program owns one example b and BLOCK_K samples. It streams their logits in
+[BLOCK_K, BLOCK_D] tiles, reading each element once, while x[b, D-block] is loaded once per
+tile and broadcast over the BLOCK_K rows (x, mu and logvar are never repeated over k). The
+sums live in a 2-D accumulator reduced once at the end, not once per tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Tunable, cdiv, check_bound_inputs, next_pow2
+
+PROD_GROUP = 64  # factors in (1, 2] multiplied before one log: product <= 2**64
+
+
+@triton.jit
+def _log_weight_block(
+    b, offs_k, mask_k,
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+    stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
+    stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
+    D, d,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    PROD_GROUP: tl.constexpr,
+):
+    """log w for example ``b`` and the samples ``offs_k`` -> [BLOCK_K] float32 (masked rows: junk)."""
+    b64 = b.to(tl.int64)
+    rows64 = offs_k.to(tl.int64)
+
+    # log p(x|h): acc holds x*l - max(l, 0) minus the logs of finished groups of
+    # (1 + exp(-|l|)) factors; tail_prod holds the factors of the group in progress.
+    x_row = x_ptr + b64 * stride_xb
+    logit_rows = logits_ptr + b64 * stride_lb + rows64[:, None] * stride_lk
+    acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    tail_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+    for i in range(0, tl.cdiv(D, BLOCK_D)):
+        offs_d = i * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = mask_k[:, None] & mask_d[None, :]
+        x_block = tl.load(x_row + offs_d * stride_xd, mask=mask_d, other=0.0).to(tl.float32)
+        logit_block = tl.load(logit_rows + offs_d[None, :] * stride_ld, mask=mask,
+                              other=0.0).to(tl.float32)
+        acc += x_block[None, :] * logit_block - tl.maximum(logit_block, 0.0)
+        # masked lanes multiply by exactly 1
+        tail_prod *= 1.0 + tl.where(mask, tl.exp(-tl.abs(logit_block)), 0.0)
+        if i % PROD_GROUP == PROD_GROUP - 1:
+            acc -= tl.log(tail_prod)
+            tail_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+    acc -= tl.log(tail_prod)
+    log_px = tl.sum(acc, axis=1)
+
+    # log p(h) - log q(h|x): mu, logvar and exp(-logvar) once per latent block, broadcast
+    # over the BLOCK_K samples; masked lanes load zeros and add exactly 0.
+    z_rows = z_ptr + b64 * stride_zb + rows64[:, None] * stride_zk
+    latent = tl.zeros([BLOCK_K, BLOCK_L], tl.float32)
+    for j0 in range(0, d, BLOCK_L):
+        offs_l = j0 + tl.arange(0, BLOCK_L)
+        mask_l = offs_l < d
+        mu_block = tl.load(mu_ptr + b64 * stride_mb + offs_l * stride_md, mask=mask_l,
+                           other=0.0).to(tl.float32)
+        logvar_block = tl.load(logvar_ptr + b64 * stride_vb + offs_l * stride_vd, mask=mask_l,
+                               other=0.0).to(tl.float32)
+        inv_var = tl.exp(-logvar_block)
+        z_block = tl.load(z_rows + offs_l[None, :] * stride_zd,
+                          mask=mask_k[:, None] & mask_l[None, :], other=0.0).to(tl.float32)
+        diff = z_block - mu_block[None, :]
+        latent += 0.5 * (diff * diff * inv_var[None, :] + logvar_block[None, :] - z_block * z_block)
+    return log_px + tl.sum(latent, axis=1)
+
+
+@triton.jit
+def _log_weights_forward_kernel(
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, log_w_ptr,
+    stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
+    stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
+    k, D, d,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    PROD_GROUP: tl.constexpr,
+):
+    # grid (B, cdiv(k, BLOCK_K)); writes log_w[b, offs_k] of a contiguous [B, k] float32.
+    b = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k
+    log_w = _log_weight_block(
+        b, offs_k, mask_k, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+        stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
+        stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
+        D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP,
+    )
+    tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
+
+
+def block_configs():
+    """Tile shapes for the log-weight block, shared by this kernel and the fused bound."""
+    configs = []
+    for block_k, block_d, warps in [(8, 128, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4),
+                                    (32, 128, 8), (64, 64, 8), (16, 256, 8), (8, 256, 4)]:
+        for stages in (2, 3):
+            configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
+                                         num_warps=warps, num_stages=stages))
+    return configs
+
+
+def prune_block_configs(configs, named_args, **kwargs):
+    # Rows beyond k (per split) and columns beyond D only burn lanes.
+    k, D = named_args["k"], named_args["D"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_K"] <= max(8, next_pow2(k)) and c.kwargs["BLOCK_D"] <= max(64, next_pow2(D))]
+    return kept or configs[:1]
+
+
+def interpreter_blocks(k: int, D: int) -> dict:
+    # Large tiles: the interpreter pays per operation, not per element.
+    return {"BLOCK_K": min(next_pow2(k), 64), "BLOCK_D": min(next_pow2(D), 256)}
+
+
+def latent_block(d: int) -> int:
+    return min(next_pow2(d), 64)
+
+
+def input_strides(x, logits, z, mu, logvar) -> tuple:
+    """The 17 strides of the five inputs, in the order the kernels take them."""
+    return (*x.stride(), *logits.stride(), *z.stride(), *mu.stride(), *logvar.stride())
+
+
+_log_weights_forward = Tunable(_log_weights_forward_kernel, block_configs(), key=["k", "D", "d"],
+                               prune=prune_block_configs)
+
+
+def log_weights_forward(x, logits, z, mu, logvar) -> torch.Tensor:
+    """log w as a contiguous [B, k] float32 tensor (inputs already checked)."""
+    B, k, D = logits.shape
+    d = z.shape[2]
+    log_w = torch.empty((B, k), device=logits.device, dtype=torch.float32)
+    _log_weights_forward.launch(
+        lambda meta: (B, cdiv(k, meta["BLOCK_K"])),
+        x, logits, z, mu, logvar, log_w, *input_strides(x, logits, z, mu, logvar),
+        k, D, d, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
+        interpreter_meta=interpreter_blocks(k, D),
+    )
+    return log_w
+
+
+def log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
+    """log p(x|h) + log p(h) - log q(h|x) for every example and sample: [B, k] float32.
+
+    x [B, D] (binary or in [0, 1]), logits [B, k, D] of the Bernoulli decoder, z [B, k, d]
+    samples of q, mu and logvar [B, d] of the diagonal Gaussian q(h|x). Any floating dtypes
+    and strides; accumulation in float32.
+    """
+    B = check_bound_inputs(x, logits, z, mu, logvar)[0]
+    if B == 0:
+        return torch.empty((0, logits.shape[1]), device=logits.device, dtype=torch.float32)
+    return log_weights_forward(x, logits, z, mu, logvar)

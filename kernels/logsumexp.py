@@ -1,0 +1,183 @@
+"""Streaming logsumexp over the last dimension, and the IWAE bound on log-weights.
+
+    logsumexp(t)[r] = m_r + log sum_j exp(t[r, j] - m_r),     m_r = max_j t[r, j]
+    iwae_bound(log_w)  = logsumexp(log_w) - log k
+
+The reduction streams over k in blocks with a running max and a running (rescaled) sum, so
+any k works in one pass. Special values follow ``torch.logsumexp``: a row of all -inf gives
+-inf, a +inf entry gives +inf, NaN propagates.
+
+Backward: d logsumexp / d t[r, j] = exp(t[r, j] - lse_r), the softmax over the row; the
+forward saves only lse (one float per row) and the backward recomputes the weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Tunable, cdiv, check_log_weights, interpreted, next_pow2
+
+
+@triton.jit
+def _lse_shift(run_max):
+    # The value exponents are taken relative to: the running max, or 0 where it is +-inf
+    # (as torch does), so an all -inf row stays -inf and a +inf entry gives +inf, not NaN.
+    return tl.where(tl.abs(run_max) == float("inf"), 0.0, run_max)
+
+
+@triton.jit
+def _lse_combine(run_max, run_sum, tile):
+    """Fold a [R, K] tile into running (max, sum of exp(t - shift)) pairs of shape [R]."""
+    new_max = tl.maximum(run_max, tl.max(tile, axis=1))
+    new_shift = _lse_shift(new_max)
+    # Rescale the old sum to the new shift. A row that has seen only -inf has sum 0; give it
+    # scale 0 outright so 0 * exp(huge) cannot make a NaN.
+    scale = tl.where(run_max == float("-inf"), 0.0, tl.exp(_lse_shift(run_max) - new_shift))
+    run_sum = run_sum * scale + tl.sum(tl.exp(tile - new_shift[:, None]), axis=1)
+    return new_max, run_sum
+
+
+@triton.jit
+def _lse_finalize(run_max, run_sum):
+    return tl.log(run_sum) + _lse_shift(run_max)
+
+
+@triton.jit
+def _logsumexp_forward_kernel(
+    t_ptr, lse_ptr, out_ptr,
+    R, K, stride_r, stride_k, offset,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program owns BLOCK_R rows and walks their K columns in [BLOCK_R, BLOCK_K] tiles:
+    # each element is read once; per row it writes lse and lse - offset.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    row_ptrs = t_ptr + rows.to(tl.int64)[:, None] * stride_r
+    run_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_r[:, None] & (offs_k < K)[None, :]
+        tile = tl.load(row_ptrs + offs_k[None, :] * stride_k, mask=mask, other=float("-inf"))
+        run_max, run_sum = _lse_combine(run_max, run_sum, tile.to(tl.float32))
+    lse = _lse_finalize(run_max, run_sum)
+    tl.store(lse_ptr + rows, lse, mask=mask_r)
+    tl.store(out_ptr + rows, lse - offset, mask=mask_r)
+
+
+@triton.jit
+def _logsumexp_backward_kernel(
+    t_ptr, lse_ptr, grad_out_ptr, grad_t_ptr,
+    R, K, stride_r, stride_k,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grad_t[r, j] = grad_out[r] * exp(t[r, j] - lse[r]): one [BLOCK_R, BLOCK_K] tile per
+    # program, t read once, grad_t (contiguous [R, K]) written once. An all -inf row has no
+    # weights to give; it gets zero gradient rather than exp(-inf + inf) = NaN.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_r = rows < R
+    mask = mask_r[:, None] & (offs_k < K)[None, :]
+    rows64 = rows.to(tl.int64)
+    tile = tl.load(t_ptr + rows64[:, None] * stride_r + offs_k[None, :] * stride_k,
+                   mask=mask, other=float("-inf")).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=mask_r, other=0.0)
+    grad_out = tl.load(grad_out_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
+    weights = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(tile - lse[:, None]))
+    grad = grad_out[:, None] * weights
+    tl.store(grad_t_ptr + rows64[:, None] * K + offs_k[None, :],
+             grad.to(grad_t_ptr.dtype.element_ty), mask=mask)
+
+
+def _lse_configs():
+    # Few rows of long K, or many rows of short K; 4-8 warps. Pruned by K below.
+    shapes = [(1, 4096, 8), (1, 2048, 8), (1, 1024, 4), (2, 512, 4), (4, 256, 4),
+              (8, 128, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (128, 8, 4), (256, 4, 4),
+              (512, 2, 4), (1024, 1, 4)]
+    return [triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in shapes]
+
+
+def _prune_lse(configs, named_args, **kwargs):
+    # A tile wider than K wastes lanes; keep those no wider than K (at least the narrowest).
+    K = named_args["K"]
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= next_pow2(K)]
+    return kept or configs[-1:]
+
+
+_lse_forward = Tunable(_logsumexp_forward_kernel, _lse_configs(), key=["R", "K"], prune=_prune_lse)
+
+
+def _interpreter_blocks(K: int) -> dict:
+    # Large tiles: the interpreter pays per operation, not per element.
+    block_k = min(next_pow2(K), 1024)
+    return {"BLOCK_R": max(1, min(64, 4096 // block_k)), "BLOCK_K": block_k}
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A [R, K] view of a [..., K] tensor; strided over K and one row stride read in place."""
+    K = t.shape[-1]
+    try:
+        return t.view(-1, K)
+    except RuntimeError:  # leading dims that no single stride covers: copy them once
+        return t.reshape(-1, K)
+
+
+def logsumexp_forward(t: torch.Tensor, offset: float = 0.0):
+    """Return (out, lse): out = logsumexp(t, -1) - offset in float32, lse the raw row values."""
+    rows = _as_rows(t)
+    R, K = rows.shape
+    lse = torch.empty(R, device=t.device, dtype=torch.float32)
+    out = torch.empty(R, device=t.device, dtype=torch.float32)
+    if R > 0:
+        _lse_forward.launch(
+            lambda meta: (cdiv(R, meta["BLOCK_R"]),),
+            rows, lse, out, R, K, rows.stride(0), rows.stride(1), float(offset),
+            interpreter_meta=_interpreter_blocks(K),
+        )
+    return out.view(t.shape[:-1]), lse
+
+
+def logsumexp_backward(t: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Gradient of logsumexp(t, -1) for incoming ``grad_out`` [...]: a tensor like t."""
+    rows = _as_rows(t)
+    R, K = rows.shape
+    grad = torch.empty((R, K), device=t.device, dtype=t.dtype)
+    if R > 0 and K > 0:
+        blocks = ({"BLOCK_R": 16, "BLOCK_K": 256} if not interpreted()
+                  else _interpreter_blocks(K))
+        grid = (cdiv(R, blocks["BLOCK_R"]), cdiv(K, blocks["BLOCK_K"]))
+        _logsumexp_backward_kernel[grid](
+            rows, lse, grad_out.reshape(R).contiguous(), grad,
+            R, K, rows.stride(0), rows.stride(1), **blocks,
+        )
+    return grad.view(t.shape)
+
+
+class LogSumExpFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, offset: float):
+        out, lse = logsumexp_forward(t, offset)
+        ctx.save_for_backward(t, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        t, lse = ctx.saved_tensors
+        return logsumexp_backward(t, lse, grad_out), None
+
+
+def logsumexp(t: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension of ``t`` [..., K] -> [...] in float32."""
+    if check_log_weights("t", t, allow_empty=True) == 0:  # an empty sum: -inf, as torch.logsumexp gives
+        return torch.full(t.shape[:-1], float("-inf"), device=t.device, dtype=torch.float32)
+    return LogSumExpFunction.apply(t, 0.0)
+
+
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """IWAE bound from log-weights [..., k] -> [...]: logsumexp over k minus log k, float32."""
+    k = check_log_weights("log_w", log_w)
+    return LogSumExpFunction.apply(log_w, math.log(k))

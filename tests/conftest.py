@@ -1,0 +1,25 @@
+"""Test setup: the Triton interpreter on machines without a GPU, seeded inputs, the device.
+
+TRITON_INTERPRET must be set before triton is imported (it is read when a kernel is
+decorated), so it is set here, at collection, before any test module imports ``kernels``.
+On a CUDA machine it is left alone and the kernels are compiled for real.
+"""
+
+import os
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return "cuda" if torch.cuda.is_available() and not interpreted else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,57 @@
+"""kernels.logsumexp and kernels.iwae_bound against float64 torch.logsumexp."""
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from iwae_bench import reference
+
+from .helpers import assert_close
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (5, 37), (3, 2500), (2, 3, 129), (1000, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda t: str(t).removeprefix("torch."))
+def test_logsumexp_matches_reference(shape, dtype, device):
+    t = (torch.randn(shape) * 20 - 150).to(dtype).to(device)
+    got = kernels.logsumexp(t)
+    assert got.dtype == torch.float32 and got.shape == shape[:-1]
+    assert_close(got, torch.logsumexp(t.double(), dim=-1))
+
+
+@pytest.mark.parametrize("k", [1, 7, 5000])
+def test_iwae_bound_matches_reference(k, device):
+    log_w = torch.randn(6, k, device=device) * 40 - 1e4  # log-weights near -1e4
+    got = kernels.iwae_bound(log_w)
+    assert_close(got, reference.iwae_bound(log_w))
+
+
+def test_strided_views_read_in_place_and_copied(device):
+    base = torch.randn(4, 6, 90, device=device) * 10
+    over_k = base[:, 1, ::3]            # strided over k
+    transposed = base.transpose(0, 1)   # leading dims that no single stride covers
+    assert_close(kernels.iwae_bound(over_k), reference.iwae_bound(over_k))
+    assert_close(kernels.logsumexp(transposed), torch.logsumexp(transposed.double(), -1))
+
+
+def test_special_values_follow_torch(device):
+    inf, nan = float("inf"), float("nan")
+    t = torch.tensor([
+        [-inf, -inf, -inf],      # all -inf -> -inf, never NaN
+        [-inf, 0.0, -inf],       # -inf entries weigh nothing
+        [1.0, inf, 2.0],         # +inf -> +inf
+        [-inf, inf, -inf],
+        [nan, 1.0, 2.0],         # NaN propagates
+        [inf, nan, -inf],
+        [-1e4, -1e4 - 1, -inf],  # far below zero, still finite
+    ], device=device)
+    assert_close(kernels.logsumexp(t), torch.logsumexp(t.double(), -1))
+    assert_close(kernels.iwae_bound(t), torch.logsumexp(t.double(), -1) - math.log(3))
+
+
+def test_empty_rows_give_minus_inf_like_torch(device):
+    t = torch.empty(3, 0, device=device)
+    assert torch.equal(kernels.logsumexp(t), torch.full((3,), float("-inf"), device=device))
