@@ -25,8 +25,8 @@ if _os.environ.get("TRITON_INTERPRET") == "1":
 
 from ._common import check_bound_inputs, interpreted  # noqa: E402
 from .fused_bound import fused_iwae_bound  # noqa: E402
-from .log_weights import log_weights  # noqa: E402
-from .logsumexp import iwae_bound, logsumexp  # noqa: E402
+from .logw import log_weights  # noqa: E402
+from .lse import iwae_bound, logsumexp  # noqa: E402
 
 __all__ = ["logsumexp", "iwae_bound", "log_weights", "fused_iwae_bound",
            "check_bound_inputs", "interpreted"]

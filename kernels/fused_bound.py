@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tunable, cdiv, check_bound_inputs, interpreted, next_pow2, target_programs
-from .log_weights import (PROD_GROUP, _log_weight_block, block_configs, input_strides,
+from ._common import Tunable, cdiv, check_bound_inputs, next_pow2, target_programs
+from .logw import (PROD_GROUP, _log_weight_block, block_configs, input_strides,
                           interpreter_blocks, latent_block, prune_block_configs)
-from .logsumexp import _lse_combine, _lse_finalize
+from .lse import _lse_combine, _lse_finalize
 
 SPLIT_QUANTUM = 256  # samples per split are a multiple of this, so any BLOCK_K <= 256 tiles it
 
