@@ -66,9 +66,8 @@ def naive_bound(x, logits, z, mu, logvar):
     return torch.log(torch.mean(torch.exp(log_w), dim=1))
 
 
-def torch_bound(x, logits, z, mu, logvar):
-    """Stable PyTorch: broadcasting over k, BCE with logits, torch.logsumexp."""
-    k = logits.shape[1]
+def torch_log_weights(x, logits, z, mu, logvar):
+    """log w [B, k] in float32 with broadcasting over k (no repeats) and BCE with logits."""
     logits = logits.float()
     log_px = -F.binary_cross_entropy_with_logits(
         logits, x.float().unsqueeze(1).expand_as(logits), reduction="none").sum(-1)
@@ -76,8 +75,13 @@ def torch_bound(x, logits, z, mu, logvar):
     mu = mu.float().unsqueeze(1)
     logvar = logvar.float().unsqueeze(1)
     log_ph_minus_log_qh = 0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar - z * z).sum(-1)
-    log_w = log_px + log_ph_minus_log_qh
-    return torch.logsumexp(log_w, dim=1) - math.log(k)
+    return log_px + log_ph_minus_log_qh
+
+
+def torch_bound(x, logits, z, mu, logvar):
+    """Stable PyTorch: broadcasting over k, BCE with logits, torch.logsumexp."""
+    log_w = torch_log_weights(x, logits, z, mu, logvar)
+    return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
 
 
 register("torch", "stable PyTorch: broadcasting instead of repeats, BCE with logits, "

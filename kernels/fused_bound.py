@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._common import Tunable, cdiv, check_bound_inputs, next_pow2, target_programs
 from .logw import (PROD_GROUP, _log_weight_block, block_configs, input_strides,
-                          interpreter_blocks, latent_block, prune_block_configs)
+                   interpreter_blocks, latent_block, log_weights_backward, prune_block_configs)
 from .lse import _lse_combine, _lse_finalize
 
 SPLIT_QUANTUM = 256  # samples per split are a multiple of this, so any BLOCK_K <= 256 tiles it
@@ -125,12 +125,34 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
     return bound, lse, (log_w if save_log_w else None)
 
 
+class FusedIWAEBoundFunction(torch.autograd.Function):
+    """Forward in one kernel. For a backward it keeps log_w [B, k] and lse [B] (O(B*k)) beside
+    the inputs; the backward turns them into normalized importance weights and recomputes
+    sigmoid(logits) instead of storing anything of size [B, k, D]."""
+
+    @staticmethod
+    def forward(ctx, x, logits, z, mu, logvar):
+        inputs = (x, logits, z, mu, logvar)
+        wants_grad = any(t.requires_grad for t in inputs)
+        bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=wants_grad)
+        if wants_grad:
+            ctx.save_for_backward(*inputs, log_w, lse)
+        return bound
+
+    @staticmethod
+    def backward(ctx, grad_bound):
+        *inputs, log_w, lse = ctx.saved_tensors
+        return log_weights_backward(*inputs, grad_bound, log_w=log_w, lse=lse,
+                                    need_dx=ctx.needs_input_grad[0])
+
+
 def fused_iwae_bound(x, logits, z, mu, logvar) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, in one kernel from the inputs.
 
-    Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory.
+    Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory
+    (O(B*k) when a gradient is needed). Differentiable (backward in Triton).
     """
     B = check_bound_inputs(x, logits, z, mu, logvar)[0]
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
-    return fused_iwae_forward(x, logits, z, mu, logvar)[0]
+    return FusedIWAEBoundFunction.apply(x, logits, z, mu, logvar)
