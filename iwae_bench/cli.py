@@ -1,14 +1,23 @@
-"""Command line: ``python -m iwae_bench {compare} ...``."""
+"""Command line: ``python -m iwae_bench {sweep,report,compare} ...``; ``--help`` on each."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import kernels  # noqa: F401  (sets TRITON_INTERPRET on machines without a GPU)
+import kernels  # noqa: F401  (sets TRITON_INTERPRET on machines without a GPU, before triton loads)
 
-from . import reference, variants
-from .problems import DTYPES, Problem, make_inputs
+from . import machine
+from .problems import DTYPES
+from .variants import VARIANTS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (and exit status 2), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -17,15 +26,119 @@ def _positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
 
 
-def _cmd_compare(args) -> int:
+def _writable_dir(path: Path) -> Path:
+    """Create ``path`` and prove a file can be written there, or raise with the reason."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {path} is not writable: {error.strerror or error}") from None
+    return path
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _cmd_sweep(args, parser) -> int:
+    from .report import render
+    from .sweep import Grid, run_sweep
+
+    try:
+        device = machine.resolve_device(args.device)
+        grid = Grid.preset(args.preset, device, k=args.k, batch=args.batch, latent=args.latent,
+                           data_dim=args.data_dim, dtype=args.dtype, mode=args.mode,
+                           variants=args.variants, seed=args.seed)
+        out = _writable_dir(args.out or Path("results") / machine.device_slug(device))
+    except ValueError as error:
+        parser.error(str(error))
+    csv_path = run_sweep(grid, device, out, resume=args.resume,
+                         progress=False if args.no_progress else None, min_time=args.min_time)
+    report = render(out)
+    print(f"wrote {csv_path}, {out / 'machine.json'}, {report}, {out / 'report.html'} and {out / 'plots'}/")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="sweep k, batch and latent width over the variants; write CSV, plots, report",
+        description="Time and check every variant on a grid of problems. Each cell (problem x "
+                    "variant x mode) becomes one row of OUT/results.csv, flushed as soon as it "
+                    "finishes; OUT/machine.json says which machine made it; the report and plots "
+                    "are rendered from the CSV at the end. Flags given replace the preset's values.",
+        epilog="Examples:\n  python -m iwae_bench sweep                       quick preset on this machine\n"
+               "  python -m iwae_bench sweep --k 1 64 5000 --batch 20 --mode forward backward\n"
+               "  python -m iwae_bench sweep --resume                continue an interrupted sweep",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["quick", "full"], default="quick",
+                   help="the grid to start from (default quick: ~2 minutes on a 2-core CPU)")
+    p.add_argument("--k", type=_positive_int, nargs="+", help="importance samples per example")
+    p.add_argument("--batch", type=_positive_int, nargs="+", help="batch sizes B")
+    p.add_argument("--latent", type=_positive_int, nargs="+", help="latent widths d")
+    p.add_argument("--data-dim", type=_positive_int, nargs="+", help="data dimension D (preset: 784, MNIST)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"variants to run (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--dtype", nargs="+", choices=[d for d in DTYPES if d != "float64"],
+                   help="dtype of the logits, the [B, k, D] tensor (others stay float32)")
+    p.add_argument("--mode", nargs="+", choices=["forward", "backward"],
+                   help="forward: the bound; backward: the bound and its gradients")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default auto: cuda if present)")
+    p.add_argument("--out", type=Path, help="output folder (default results/<device>, e.g. results/cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep OUT/results.csv and run only the cells missing from it (otherwise an "
+                        "earlier CSV is moved to results.prev.csv)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem generator (default 0)")
+    p.add_argument("--min-time", type=float, default=0.2,
+                   help="CPU: seconds of repeated calls per timing (default 0.2); CUDA uses do_bench's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.set_defaults(run=_cmd_sweep, parser=p)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cmd_report(args, parser) -> int:
+    from .report import render
+
+    csv_path = args.csv or args.dir / "results.csv"
+    if not csv_path.exists():
+        parser.error(f"no sweep CSV at {csv_path}")
+    try:
+        _writable_dir(args.dir)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"wrote {render(args.dir, csv_path)}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="render plots and the report from a sweep's CSV",
+                       description="Render DIR/report.md, DIR/report.html and DIR/plots/ from "
+                                   "DIR/results.csv (and DIR/machine.json when present) alone.")
+    p.add_argument("dir", type=Path, help="the sweep's output folder")
+    p.add_argument("--csv", type=Path, help="read this CSV instead of DIR/results.csv")
+    p.set_defaults(run=_cmd_report, parser=p)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _cmd_compare(args, parser) -> int:
     import torch
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    from . import reference, variants
+    from .problems import Problem, make_inputs
+
+    try:
+        device = machine.resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     problem = Problem(args.batch, args.k, args.latent, args.data_dim, args.dtype, args.seed)
     inputs = make_inputs(problem, device)
     want = reference.bound(*inputs)
@@ -41,30 +154,44 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="bound values of every variant on one problem, beside the reference",
+                       description="Compute the IWAE bound with each variant on one seeded problem and "
+                                   "print its error against the float64 reference (no timing).")
+    p.add_argument("--batch", type=_positive_int, default=8, help="batch size B (default 8)")
+    p.add_argument("--k", type=_positive_int, default=64, help="importance samples per example (default 64)")
+    p.add_argument("--latent", type=_positive_int, default=50, help="latent width d (default 50)")
+    p.add_argument("--data-dim", type=_positive_int, default=784, help="data dimension D (default 784)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_cmd_compare, parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m iwae_bench",
-        description="Benchmarks for importance-weighted bounds: naive, torch, torch.compile and "
-                    "Triton variants of the IWAE bound, checked against a float64 reference.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cmp = sub.add_parser("compare", help="bound values of every variant on one problem, beside the reference",
-                         description="Compute the IWAE bound with each variant on one seeded problem and "
-                                     "print its error against the float64 reference.")
-    cmp.add_argument("--batch", type=_positive_int, default=8, help="batch size B (default 8)")
-    cmp.add_argument("--k", type=_positive_int, default=64, help="importance samples per example (default 64)")
-    cmp.add_argument("--latent", type=_positive_int, default=50, help="latent width d (default 50)")
-    cmp.add_argument("--data-dim", type=_positive_int, default=784, help="data dimension D (default 784, MNIST)")
-    cmp.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
-    cmp.add_argument("--variants", nargs="+", choices=list(variants.VARIANTS), default=list(variants.VARIANTS))
-    cmp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    cmp.add_argument("--seed", type=int, default=0)
-    cmp.set_defaults(run=_cmd_compare)
+        description="Benchmarks for importance-weighted bounds: the IWAE bound computed by naive, "
+                    "torch, torch.compile and Triton variants, timed and checked against a float64 "
+                    "reference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    _add_sweep(sub)
+    _add_report(sub)
+    _add_compare(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args, args.parser)
+    except KeyboardInterrupt:
+        print("interrupted: every finished row is in the CSV; rerun with --resume to go on",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

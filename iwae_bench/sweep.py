@@ -1,0 +1,371 @@
+"""The sweep: a grid of problems x variants x modes, one CSV row per cell.
+
+    problem spec -> inputs -> variant -> (bound, time, memory) row -> CSV -> report
+
+The harness, not the variants, owns timing, memory and accuracy. Each row is appended and
+flushed the moment its cell finishes, so a sweep killed at any point keeps every finished row;
+``resume=True`` skips the cells already in the CSV and runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from . import machine, reference
+from .problems import Problem, make_inputs
+from .timing import Timing, peak_extra_memory, time_call
+from .variants import VARIANTS, get, reset_compiled
+
+COLUMNS = [
+    "variant", "device", "dtype", "k", "batch", "latent", "data_dim", "mode",
+    "time_ms", "time_ms_p20", "time_ms_p80", "samples_per_s", "bytes", "gbps", "copy_gbps",
+    "bw_fraction", "peak_mem_bytes", "bound_mean", "elbo_mean", "max_abs_err", "grad_max_abs_err",
+    "finite_fraction", "iwae_elbo_gap", "compile_ms", "threads", "status", "message",
+]
+KEY = ("variant", "device", "dtype", "k", "batch", "latent", "data_dim", "mode")
+MODES = ("forward", "backward")
+CSV_NAME = "results.csv"
+MACHINE_NAME = "machine.json"
+
+# Grids by preset and device type. The CPU quick preset is the README's main job: about two
+# minutes on 2 cores, most of it torch.compile compiling each cell afresh.
+PRESETS = {
+    "quick": {
+        "cpu": dict(k=[1, 8, 64, 512], batch=[4, 32], latent=[50], data_dim=[784],
+                    dtype=["float32"], mode=["forward", "backward"]),
+        "cuda": dict(k=[1, 16, 64, 256, 1024, 5000], batch=[20, 256], latent=[50], data_dim=[784],
+                     dtype=["float32", "bfloat16"], mode=["forward", "backward"]),
+    },
+    "full": {
+        "cpu": dict(k=[1, 5, 16, 50, 128, 512], batch=[4, 32, 128], latent=[16, 50, 200],
+                    data_dim=[784], dtype=["float32", "bfloat16"], mode=["forward", "backward"]),
+        "cuda": dict(k=[1, 5, 16, 50, 64, 256, 1024, 5000], batch=[20, 128, 1024],
+                     latent=[50, 200], data_dim=[784], dtype=["float32", "bfloat16"],
+                     mode=["forward", "backward"]),
+    },
+}
+
+
+@dataclass
+class Grid:
+    k: list[int]
+    batch: list[int]
+    latent: list[int]
+    data_dim: list[int]
+    dtype: list[str]
+    mode: list[str]
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str, device: torch.device, **overrides) -> "Grid":
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+        values = dict(PRESETS[name]["cuda" if device.type == "cuda" else "cpu"])
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    def problems(self) -> Iterator[Problem]:
+        for dtype, batch, latent, data_dim, k in itertools.product(
+                self.dtype, self.batch, self.latent, self.data_dim, self.k):
+            yield Problem(batch, k, latent, data_dim, dtype, self.seed)
+
+    def size(self) -> int:
+        return (len(self.k) * len(self.batch) * len(self.latent) * len(self.data_dim)
+                * len(self.dtype) * len(self.mode) * len(self.variants))
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def min_bytes(inputs, mode: str) -> int:
+    """The fewest bytes a cell must move: every input read once and the bound written once;
+    for forward + backward also the incoming gradient read and every input gradient
+    (logits, z, mu, logvar) written once."""
+    x, logits, z, mu, logvar = inputs
+    read = sum(t.numel() * t.element_size() for t in inputs)
+    out = x.shape[0] * 4
+    if mode == "forward":
+        return read + out
+    grads = sum(t.numel() * t.element_size() for t in (logits, z, mu, logvar))
+    return read + 2 * out + grads
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+class Reference:
+    """float64 values for one problem's inputs, shared by all its variants and modes.
+
+    Computed over slices of the batch (each example's bound depends on its own row only), so
+    a float64 copy of the largest cells' logits never has to exist whole.
+    """
+
+    CHUNK_ELEMENTS = 1 << 25  # float64 logits elements per slice
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+        log_w = torch.cat([reference.log_weights(*part) for part in self._slices()])
+        self.bound = reference.iwae_bound(log_w)
+        self.elbo = reference.elbo(log_w)
+
+    def _slices(self) -> Iterator[tuple]:
+        B, k, D = self.inputs.logits.shape
+        rows = max(1, self.CHUNK_ELEMENTS // (k * D))
+        for start in range(0, B, rows):
+            yield tuple(t[start:start + rows] for t in self.inputs)
+
+    def grad_max_abs_err(self, grads) -> float:
+        """Largest error of d sum(L_k) / d (logits, z, mu, logvar) against float64 autograd."""
+        worst, start = 0.0, 0
+        for x, *rest in self._slices():
+            leaves = [t.detach().double().requires_grad_() for t in rest]
+            want = torch.autograd.grad(reference.bound(x, *leaves).sum(), leaves)
+            stop = start + x.shape[0]
+            worst = max(worst, *(_max_abs_err(g[start:stop], w) for g, w in zip(grads, want)))
+            start = stop
+        return worst
+
+
+def _max_abs_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| where want is finite; inf if got is not finite there."""
+    want = want.to(got.device)
+    finite = torch.isfinite(want)
+    if not finite.any():
+        return float("nan")
+    diff = (got.double()[finite] - want[finite]).abs()
+    return float("inf") if not torch.isfinite(diff).all() else diff.max().item()
+
+
+def too_large_for_cpu(problem: Problem, mode: str) -> str | None:
+    """On CPU an allocation past the RAM does not raise, the OOM killer ends the process; so
+    cells whose eager variants would need over 40% of the RAM are skipped with a reason."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    temporaries = 6 if mode == "forward" else 10  # [B*k, D] float32 tensors alive at once
+    need = problem.batch * problem.k * problem.data_dim * 4 * temporaries
+    if need > 0.4 * ram:
+        return f"needs about {need / 2**30:.1f} GiB of {ram / 2**30:.1f} GiB RAM"
+    return None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def measure(variant_name: str, problem: Problem, inputs, ref: Reference, mode: str,
+            device: torch.device, copy_gbps: float, min_time: float = 0.2) -> dict:
+    """Run one cell and return its CSV row. Never raises for a failing variant: the row says."""
+    variant = get(variant_name)
+    row = {**_row_head(variant_name, problem, mode, device), "copy_gbps": round(copy_gbps, 3),
+           "bytes": min_bytes(inputs, mode)}
+    try:
+        if variant_name == "compile":
+            reset_compiled()  # a fresh compile per cell: no recompile limit, no silent eager
+        if mode == "forward":
+            def call():
+                return variant(*inputs), None
+        else:
+            x, *rest = inputs
+            leaves = [t.detach().requires_grad_() for t in rest]
+
+            def call():
+                bound = variant(x, *leaves)
+                return bound, torch.autograd.grad(bound.sum(), leaves)
+
+        start = time.perf_counter()
+        bound, grads = call()
+        _synchronize(device)
+        first_ms = (time.perf_counter() - start) * 1e3
+        status, message = "ok", ""
+        if variant_name == "compile":
+            row["compile_ms"] = round(first_ms, 3)
+            if _compiled_graphs() == 0:
+                status, message = "fallback", "torch.compile captured no graph: this ran eager"
+
+        bound = bound.detach()
+        finite = torch.isfinite(bound)
+        row.update({
+            "bound_mean": bound.double().mean().item(),
+            "elbo_mean": ref.elbo.mean().item(),
+            "max_abs_err": _max_abs_err(bound, ref.bound),
+            "finite_fraction": finite.double().mean().item(),
+            "iwae_elbo_gap": (bound.double().cpu() - ref.elbo.cpu()).mean().item(),
+        })
+        if grads is not None:
+            row["grad_max_abs_err"] = ref.grad_max_abs_err(grads)
+
+        if variant.uses_triton and machine_interpreted():
+            timing = Timing(first_ms, first_ms, first_ms, runs=1)  # the one call above
+            status, message = "interpreted", "Triton interpreter on CPU: a correctness run, not a speed"
+        else:
+            timing = time_call(call, device, min_run_time=min_time)
+            row["peak_mem_bytes"] = peak_extra_memory(call, device)
+        row.update({"time_ms": timing.median_ms, "time_ms_p20": timing.p20_ms,
+                    "time_ms_p80": timing.p80_ms})
+        if status == "ok":
+            seconds = timing.median_ms * 1e-3
+            row["samples_per_s"] = problem.batch * problem.k / seconds
+            row["gbps"] = row["bytes"] / seconds / 1e9
+            row["bw_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
+        row.update({"status": status, "message": message})
+    except Exception as error:  # one failing cell must not stop the sweep
+        oom = _is_oom(error)
+        row.update({"status": "oom" if oom else "error",
+                    "message": " ".join(f"{type(error).__name__}: {error}".split())[:300]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _row_head(variant_name: str, problem: Problem, mode: str, device: torch.device) -> dict:
+    return {"variant": variant_name, "device": device.type, "dtype": problem.dtype, "k": problem.k,
+            "batch": problem.batch, "latent": problem.latent, "data_dim": problem.data_dim,
+            "mode": mode, "threads": torch.get_num_threads()}
+
+
+def machine_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------- the CSV
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row[name]) for name in KEY)
+
+
+def read_done(path: Path) -> set[tuple]:
+    """Keys of the rows already in the CSV; a last line cut off by a kill is dropped first."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    with open(path, newline="") as f:
+        return {_key(row) for row in csv.DictReader(f)}
+
+
+class RowWriter:
+    """Appends rows to the CSV, each flushed to disk as soon as it is written."""
+
+    def __init__(self, path: Path):
+        fresh = not path.exists() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="raise")
+        if fresh:
+            self.writer.writeheader()
+            self._flush()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow({name: _format(row.get(name)) for name in COLUMNS})
+        self._flush()
+
+    def _flush(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
+              progress: bool | None = None, min_time: float = 0.2, log=print) -> Path:
+    """Run ``grid`` on ``device`` into ``out``; return the CSV path. Report left to the caller."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / CSV_NAME
+    if csv_path.exists() and not resume:
+        previous = out / "results.prev.csv"
+        os.replace(csv_path, previous)
+        log(f"moved the earlier {csv_path} to {previous} (pass --resume to continue a run instead)")
+    done = read_done(csv_path) if resume else set()
+
+    log(f"measuring {device.type} copy bandwidth ...")
+    copy_gbps = machine.copy_bandwidth_gbps(device)
+    machine_path = out / MACHINE_NAME
+    record = _load_json(machine_path) if resume else {}
+    run_info = {"command": machine.command_line(), "started": machine.now(),
+                "copy_bandwidth_gbps": copy_gbps, "grid": grid.__dict__, "finished": None}
+    record = {"machine": machine.describe(device), "runs": [*record.get("runs", []), run_info]}
+    machine.write_json_atomic(machine_path, record)
+
+    todo = grid.size() - len(done)
+    log(f"{grid.size()} cells, {len(done)} already done, {todo} to run; copy {copy_gbps:.1f} GB/s")
+    from tqdm import tqdm
+
+    # tqdm's disable=None: a bar on a terminal, nothing in a CI log
+    bar = tqdm(total=grid.size(), initial=len(done), unit="cell", dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    writer = RowWriter(csv_path)
+    try:
+        for problem in grid.problems():
+            cells = [(v, m) for m in grid.mode for v in grid.variants
+                     if _key(_row_head(v, problem, m, device)) not in done]
+            if not cells:
+                continue
+            reason = too_large_for_cpu(problem, "backward" if "backward" in grid.mode else "forward") \
+                if device.type == "cpu" else None
+            if reason:
+                for variant_name, mode in cells:
+                    writer.write({**_row_head(variant_name, problem, mode, device),
+                                  "status": "skipped", "message": reason})
+                    bar.update()
+                continue
+            inputs = make_inputs(problem, device)
+            ref = Reference(inputs)
+            for variant_name, mode in cells:
+                bar.set_description(f"{variant_name} {mode} B={problem.batch} k={problem.k} d={problem.latent}")
+                writer.write(measure(variant_name, problem, inputs, ref, mode, device, copy_gbps,
+                                     min_time))
+                bar.update()
+            del inputs, ref
+    finally:
+        writer.close()
+        bar.close()
+    run_info["finished"] = machine.now()
+    machine.write_json_atomic(machine_path, record)
+    return csv_path
+
+
+def _load_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
