@@ -48,10 +48,26 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _facets(frame: pd.DataFrame):
+def _facet_grid(frame: pd.DataFrame, draw, ylabel: str, title: str, path: Path) -> None:
+    """One panel per (batch, latent) of ``frame``; ``draw(ax, panel_rows)`` fills each panel."""
     batches = sorted(frame["batch"].unique())
     latents = sorted(frame["latent"].unique())
-    return batches, latents
+    fig, axes = plt.subplots(len(batches), len(latents), squeeze=False, sharex=True,
+                             figsize=(4.2 * len(latents) + 1, 3.2 * len(batches) + 0.6))
+    for i, batch in enumerate(batches):
+        for j, latent in enumerate(latents):
+            ax = axes[i][j]
+            draw(ax, frame[(frame["batch"] == batch) & (frame["latent"] == latent)])
+            _log_x(ax)
+            ax.set_title(f"B={batch}, d={latent}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(batches) - 1:
+                ax.set_xlabel("k (samples per example)")
+            if j == 0:
+                ax.set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=11)
+    _save(fig, path)
 
 
 def facet_plot(frame: pd.DataFrame, metric: str, ylabel: str, title: str, path: Path,
@@ -61,14 +77,10 @@ def facet_plot(frame: pd.DataFrame, metric: str, ylabel: str, title: str, path: 
     frame = frame.dropna(subset=[metric])
     if frame.empty:
         return False
-    batches, latents = _facets(frame)
-    fig, axes = plt.subplots(len(batches), len(latents), squeeze=False, sharex=True,
-                             figsize=(4.2 * len(latents) + 1, 3.2 * len(batches) + 0.6))
-    for (i, batch), (j, latent) in ((a, b) for a in enumerate(batches) for b in enumerate(latents)):
-        ax = axes[i][j]
-        panel = frame[(frame["batch"] == batch) & (frame["latent"] == latent)]
-        for variant in [v for v in VARIANT_ORDER if v in set(panel["variant"])] + \
-                sorted(set(panel["variant"]) - set(VARIANT_ORDER)):
+
+    def draw(ax, panel):
+        present = set(panel["variant"])
+        for variant in [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER)):
             line = panel[panel["variant"] == variant].sort_values("k")
             color, marker = STYLE.get(variant, (None, "."))
             ax.plot(line["k"], line[metric], marker=marker, color=color, label=variant)
@@ -76,18 +88,10 @@ def facet_plot(frame: pd.DataFrame, metric: str, ylabel: str, title: str, path: 
             ax.axhline(reference_line, color="black", lw=0.8, ls="--")
         if non_finite_at is not None:
             _mark_non_finite(ax, non_finite_at)
-        _log_x(ax)
         if logy:
             ax.set_yscale("log")
-        ax.set_title(f"B={batch}, d={latent}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        if i == len(batches) - 1:
-            ax.set_xlabel("k (samples per example)")
-        if j == 0:
-            ax.set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title, fontsize=11)
-    _save(fig, path)
+
+    _facet_grid(frame, draw, ylabel, title, path)
     return True
 
 
@@ -95,30 +99,19 @@ def bounds_plot(frame: pd.DataFrame, path: Path) -> bool:
     """L_k (the IWAE bound, from the torch variant, or any ok one) and the ELBO against k."""
     rows = frame[(frame["mode"] == "forward") & frame["bound_mean"].notna()
                  & frame["status"].isin(["ok", "interpreted"])]
-    rows = rows[rows["variant"] == ("torch" if "torch" in set(rows["variant"]) else rows["variant"].iloc[0])] \
-        if not rows.empty else rows
-    rows = rows[rows["dtype"] == rows["dtype"].iloc[0]] if not rows.empty else rows
     if rows.empty:
         return False
-    batches, latents = _facets(rows)
-    fig, axes = plt.subplots(len(batches), len(latents), squeeze=False, sharex=True,
-                             figsize=(4.2 * len(latents) + 1, 3.2 * len(batches) + 0.6))
-    for (i, batch), (j, latent) in ((a, b) for a in enumerate(batches) for b in enumerate(latents)):
-        ax = axes[i][j]
-        panel = rows[(rows["batch"] == batch) & (rows["latent"] == latent)].sort_values("k")
+    rows = rows[rows["variant"] == ("torch" if "torch" in set(rows["variant"]) else rows["variant"].iloc[0])]
+    rows = rows[rows["dtype"] == rows["dtype"].iloc[0]]
+
+    def draw(ax, panel):
+        panel = panel.sort_values("k")
         ax.plot(panel["k"], panel["bound_mean"], marker="o", label="IWAE bound L_k")
         ax.plot(panel["k"], panel["elbo_mean"], marker="s", label="ELBO (mean of log w)")
         ax.fill_between(panel["k"], panel["elbo_mean"], panel["bound_mean"], alpha=0.15)
-        _log_x(ax)
-        ax.set_title(f"B={batch}, d={latent}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        if i == len(batches) - 1:
-            ax.set_xlabel("k")
-        if j == 0:
-            ax.set_ylabel("nats per example")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"IWAE bound vs ELBO on the same samples ({rows['dtype'].iloc[0]} logits)", fontsize=11)
-    _save(fig, path)
+
+    _facet_grid(rows, draw, "nats per example",
+                f"IWAE bound vs ELBO on the same samples ({rows['dtype'].iloc[0]} logits)", path)
     return True
 
 
