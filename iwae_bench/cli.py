@@ -106,11 +106,18 @@ def _add_sweep(sub) -> None:
 def _cmd_report(args, parser) -> int:
     from .report import render
 
-    csv_path = args.csv or args.dir / "results.csv"
-    if not csv_path.exists():
-        parser.error(f"no sweep CSV at {csv_path}")
     try:
         _writable_dir(args.dir)
+        if args.from_pytest_benchmark:
+            from .pytest_bench import write_from_json
+
+            if not args.from_pytest_benchmark.exists():
+                raise ValueError(f"no pytest-benchmark JSON at {args.from_pytest_benchmark}")
+            csv_path = write_from_json(args.from_pytest_benchmark, args.dir)
+        else:
+            csv_path = args.csv or args.dir / "results.csv"
+            if not csv_path.exists():
+                raise ValueError(f"no sweep CSV at {csv_path}")
     except ValueError as error:
         parser.error(str(error))
     print(f"wrote {render(args.dir, csv_path)}")
@@ -123,6 +130,9 @@ def _add_report(sub) -> None:
                                    "DIR/results.csv (and DIR/machine.json when present) alone.")
     p.add_argument("dir", type=Path, help="the sweep's output folder")
     p.add_argument("--csv", type=Path, help="read this CSV instead of DIR/results.csv")
+    p.add_argument("--from-pytest-benchmark", type=Path, metavar="FILE.json",
+                   help="first turn this pytest-benchmark JSON (pytest tests/benchmarks "
+                        "--benchmark-json=FILE.json) into DIR/results.csv and DIR/machine.json")
     p.set_defaults(run=_cmd_report, parser=p)
 
 

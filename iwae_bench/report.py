@@ -65,7 +65,12 @@ def _facet_grid(frame: pd.DataFrame, draw, ylabel: str, title: str, path: Path) 
                 ax.set_xlabel("k (samples per example)")
             if j == 0:
                 ax.set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    legend = {}
+    for ax in axes.flat:  # every label once, whichever panel drew it
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        axes[0][-1].legend(legend.values(), legend.keys(), fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
     _save(fig, path)
 

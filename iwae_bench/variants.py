@@ -94,6 +94,7 @@ def reset_compiled() -> None:
     """Forget compiled code so the next ``compile`` call compiles afresh (one per sweep cell)."""
     _compiled.clear()
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # so a later count of captured graphs is this cell's
 
 
 @register("compile", "torch.compile of the torch variant (default settings, static shapes)")
@@ -113,3 +114,30 @@ def triton_bound(x, logits, z, mu, logvar):
           uses_triton=True)
 def fused_bound(x, logits, z, mu, logvar):
     return kernels.fused_iwae_bound(x, logits, z, mu, logvar)
+
+
+# --------------------------------------------------------------------------- the reduction alone
+# The same variants for the last step only, iwae_bound(log_w [B, k]) -> [B], for benchmarks of
+# the logsumexp over k by itself ("fused" has nothing to fuse there).
+
+
+def _naive_reduction(log_w):
+    return torch.log(torch.mean(torch.exp(log_w.float()), dim=-1))
+
+
+def _torch_reduction(log_w):
+    return torch.logsumexp(log_w.float(), dim=-1) - math.log(log_w.shape[-1])
+
+
+def _compiled_reduction(log_w):
+    if "reduction" not in _compiled:
+        _compiled["reduction"] = torch.compile(_torch_reduction, dynamic=False)
+    return _compiled["reduction"](log_w)
+
+
+REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "naive": _naive_reduction,
+    "torch": _torch_reduction,
+    "compile": _compiled_reduction,
+    "triton": kernels.iwae_bound,
+}
