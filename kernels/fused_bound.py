@@ -25,7 +25,7 @@ import triton.language as tl
 from ._common import Tunable, cdiv, check_bound_inputs, next_pow2, target_programs
 from .logw import (PROD_GROUP, _log_weight_block, block_configs, input_strides,
                    interpreter_blocks, latent_block, log_weights_backward, prune_block_configs)
-from .lse import _lse_combine, _lse_finalize
+from .lse import _combine_split_partials, _lse_combine, _lse_finalize
 
 SPLIT_QUANTUM = 256  # samples per split are a multiple of this, so any BLOCK_K <= 256 tiles it
 
@@ -37,7 +37,7 @@ def _fused_iwae_forward_kernel(
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     k, D, d, k_per_split, SPLITS, log_k,
-    SAVE_LOG_W: tl.constexpr,
+    SAVE_LOG_W: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -60,26 +60,14 @@ def _fused_iwae_forward_kernel(
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
         log_w = tl.where(mask_k, log_w, float("-inf"))
         run_max, run_sum = _lse_combine(run_max, run_sum, log_w[None, :])
-    part = _lse_finalize(run_max, run_sum)  # [1]: logsumexp over this split's samples
-
-    if SPLITS == 1:
-        tl.store(lse_ptr + b + tl.arange(0, 1), part)
-        tl.store(bound_ptr + b + tl.arange(0, 1), part - log_k)
-    else:
-        tl.store(partial_ptr + b * SPLITS + split + tl.arange(0, 1), part)
-        # acq_rel: our partial is visible before the ticket, and the last holder sees all.
-        ticket = tl.atomic_add(ticket_ptr + b, 1)
-        n_read = tl.where(ticket == SPLITS - 1, SPLITS, 0)  # only the last holder reads the partials
-        offs_s = tl.arange(0, BLOCK_S)
-        parts = tl.load(partial_ptr + b * SPLITS + offs_s, mask=offs_s < n_read,
-                        other=float("-inf"), volatile=True)
-        lse = _lse_finalize(*_lse_combine(tl.full([1], float("-inf"), tl.float32),
-                                          tl.zeros([1], tl.float32), parts[None, :]))
-        one = tl.arange(0, 1)
-        last_lane = one < n_read  # [1] mask: true for the last holder only
-        tl.store(lse_ptr + b + one, lse, mask=last_lane)
-        tl.store(bound_ptr + b + one, lse - log_k, mask=last_lane)
-        tl.store(ticket_ptr + b + one, tl.zeros([1], tl.int32), mask=last_lane)
+    lse = _lse_finalize(run_max, run_sum)  # [1]: logsumexp over this split's samples
+    one = tl.arange(0, 1)
+    store_mask = one < 1
+    if SPLIT_K:
+        lse, store_mask = _combine_split_partials(lse, b + one, one < 1, split, SPLITS, partial_ptr,
+                                                  ticket_ptr, b, 1, BLOCK_S)
+    tl.store(lse_ptr + b + one, lse, mask=store_mask)
+    tl.store(bound_ptr + b + one, lse - log_k, mask=store_mask)
 
 
 _fused_forward = Tunable(_fused_iwae_forward_kernel, block_configs(), key=["k", "D", "d", "SPLITS"],
@@ -111,14 +99,16 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
     bound = torch.empty(B, device=device, dtype=torch.float32)
     lse = torch.empty(B, device=device, dtype=torch.float32)
     log_w = torch.empty((B, k), device=device, dtype=torch.float32) if save_log_w else bound
-    partial = torch.empty((B, n_splits), device=device, dtype=torch.float32)
-    ticket = torch.zeros(B, device=device, dtype=torch.int32)
+    split_k = n_splits > 1
+    # the [B, splits] partials and one ticket per example, only when k is split
+    partial = torch.empty((B, n_splits), device=device, dtype=torch.float32) if split_k else bound
+    ticket = torch.zeros(B, device=device, dtype=torch.int32) if split_k else bound
     _fused_forward.launch(
         lambda meta: (B, n_splits),
         x, logits, z, mu, logvar, bound, lse, log_w, partial, ticket,
         *input_strides(x, logits, z, mu, logvar),
         k, D, d, k_per_split, n_splits, math.log(k),
-        SAVE_LOG_W=save_log_w, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
+        SAVE_LOG_W=save_log_w, SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
         BLOCK_S=next_pow2(n_splits),
         interpreter_meta=interpreter_blocks(min(k, k_per_split), D),
     )

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tunable, cdiv, check_log_weights, interpreted, next_pow2
+from ._common import Tunable, cdiv, check_log_weights, interpreted, next_pow2, target_programs
 
 
 @triton.jit
@@ -47,26 +47,62 @@ def _lse_finalize(run_max, run_sum):
 
 
 @triton.jit
+def _combine_split_partials(part, rows, mask_r, split, SPLITS, partial_ptr, ticket_ptr,
+                            ticket_index, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Split-k epilogue, in the same launch. Each of SPLITS programs holds ``part`` [BLOCK_R],
+    the logsumexp of its share of the rows ``rows``; it stores it to the [R, SPLITS] partials
+    and takes a ticket. The holder of the last ticket reads every partial of these rows and gets
+    their logsumexp with ``is_last`` true on its valid rows (false for everyone else), and puts
+    the ticket back to 0 so the next launch (or the autotuner's rerun) starts clean."""
+    rows64 = rows.to(tl.int64)
+    tl.store(partial_ptr + rows64 * SPLITS + split, part, mask=mask_r)
+    # acq_rel (the default): our partial is visible before our ticket is, and the last
+    # holder, acquiring, sees every partial stored before the other tickets were taken.
+    ticket = tl.atomic_add(ticket_ptr + ticket_index, 1)
+    n_read = tl.where(ticket == SPLITS - 1, SPLITS, 0)
+    offs_s = tl.arange(0, BLOCK_S)
+    parts = tl.load(partial_ptr + rows64[:, None] * SPLITS + offs_s[None, :],
+                    mask=mask_r[:, None] & (offs_s[None, :] < n_read), other=float("-inf"),
+                    volatile=True)
+    lse = _lse_finalize(*_lse_combine(tl.full([BLOCK_R], float("-inf"), tl.float32),
+                                      tl.zeros([BLOCK_R], tl.float32), parts))
+    is_last = mask_r & ((tl.zeros([BLOCK_R], tl.int32) + n_read) > 0)
+    one = tl.arange(0, 1)
+    tl.store(ticket_ptr + ticket_index + one, tl.zeros([1], tl.int32), mask=one < n_read)
+    return lse, is_last
+
+
+@triton.jit
 def _logsumexp_forward_kernel(
-    t_ptr, lse_ptr, out_ptr,
-    R, K, stride_r, stride_k, offset,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    t_ptr, lse_ptr, out_ptr, partial_ptr, ticket_ptr,
+    R, K, stride_r, stride_k, offset, k_per_split, SPLITS,
+    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # One program owns BLOCK_R rows and walks their K columns in [BLOCK_R, BLOCK_K] tiles:
-    # each element is read once; per row it writes lse and lse - offset.
+    # Program (i, s) owns BLOCK_R rows and walks columns [s * k_per_split, (s+1) * k_per_split)
+    # of them in [BLOCK_R, BLOCK_K] tiles: each element is read once. Per row it writes lse and
+    # lse - offset; with SPLIT_K the splits' partials are combined by the last one to finish
+    # (a few rows of a huge K would otherwise leave most SMs idle).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
     mask_r = rows < R
     row_ptrs = t_ptr + rows.to(tl.int64)[:, None] * stride_r
+    k_start = split * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
     run_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_R], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_r[:, None] & (offs_k < K)[None, :]
-        tile = tl.load(row_ptrs + offs_k[None, :] * stride_k, mask=mask, other=float("-inf"))
+        mask = mask_r[:, None] & (offs_k < k_stop)[None, :]
+        tile = tl.load(row_ptrs + offs_k[None, :].to(tl.int64) * stride_k, mask=mask,
+                       other=float("-inf"))
         run_max, run_sum = _lse_combine(run_max, run_sum, tile.to(tl.float32))
     lse = _lse_finalize(run_max, run_sum)
-    tl.store(lse_ptr + rows, lse, mask=mask_r)
-    tl.store(out_ptr + rows, lse - offset, mask=mask_r)
+    store_mask = mask_r
+    if SPLIT_K:
+        lse, store_mask = _combine_split_partials(lse, rows, mask_r, split, SPLITS, partial_ptr,
+                                                  ticket_ptr, tl.program_id(0), BLOCK_R, BLOCK_S)
+    tl.store(lse_ptr + rows, lse, mask=store_mask)
+    tl.store(out_ptr + rows, lse - offset, mask=store_mask)
 
 
 @triton.jit
@@ -102,13 +138,16 @@ def _lse_configs():
 
 
 def _prune_lse(configs, named_args, **kwargs):
-    # A tile wider than K wastes lanes; keep those no wider than K (at least the narrowest).
-    K = named_args["K"]
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= next_pow2(K)]
+    # A tile wider than a split's columns wastes lanes; keep those no wider (at least the
+    # narrowest). With a split K, keep single-row tiles: the split is for few, long rows.
+    K = min(named_args["K"], named_args["k_per_split"])
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= next_pow2(K)
+            and (named_args["SPLITS"] == 1 or c.kwargs["BLOCK_R"] <= 4)]
     return kept or configs[-1:]
 
 
-_lse_forward = Tunable(_logsumexp_forward_kernel, _lse_configs(), key=["R", "K"], prune=_prune_lse)
+_lse_forward = Tunable(_logsumexp_forward_kernel, _lse_configs(), key=["R", "K", "SPLITS"],
+                       prune=_prune_lse)
 
 
 def _interpreter_blocks(K: int) -> dict:
@@ -126,18 +165,45 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, K)
 
 
-def logsumexp_forward(t: torch.Tensor, offset: float = 0.0):
-    """Return (out, lse): out = logsumexp(t, -1) - offset in float32, lse the raw row values."""
+SPLIT_QUANTUM = 4096  # columns per split are a multiple of the widest tile
+
+
+def split_plan(R: int, K: int, device: torch.device) -> tuple[int, int]:
+    """(k_per_split, splits): split K only when there are too few rows to fill the device."""
+    wanted = cdiv(target_programs(device), R)
+    if wanted <= 1 or K < 2 * SPLIT_QUANTUM:
+        return K, 1
+    k_per_split = SPLIT_QUANTUM * cdiv(cdiv(K, SPLIT_QUANTUM), wanted)
+    return k_per_split, cdiv(K, k_per_split)
+
+
+def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None = None):
+    """Return (out, lse): out = logsumexp(t, -1) - offset in float32, lse the raw row values.
+
+    ``splits`` overrides the split plan (tests use it to walk the split-k path).
+    """
     rows = _as_rows(t)
     R, K = rows.shape
     lse = torch.empty(R, device=t.device, dtype=torch.float32)
     out = torch.empty(R, device=t.device, dtype=torch.float32)
-    if R > 0:
-        _lse_forward.launch(
-            lambda meta: (cdiv(R, meta["BLOCK_R"]),),
-            rows, lse, out, R, K, rows.stride(0), rows.stride(1), float(offset),
-            interpreter_meta=_interpreter_blocks(K),
-        )
+    if R == 0:
+        return out.view(t.shape[:-1]), lse
+    if splits is None:
+        k_per_split, n_splits = split_plan(R, K, t.device)
+    else:
+        k_per_split = cdiv(K, splits)
+        n_splits = cdiv(K, k_per_split)
+    split_k = n_splits > 1
+    # the [R, splits] partials and one ticket per row block (at most R), only when split
+    partial = torch.empty((R, n_splits), device=t.device, dtype=torch.float32) if split_k else lse
+    ticket = torch.zeros(R, device=t.device, dtype=torch.int32) if split_k else lse
+    meta = _interpreter_blocks(min(K, k_per_split))
+    _lse_forward.launch(
+        lambda m: (cdiv(R, m["BLOCK_R"]), n_splits),
+        rows, lse, out, partial, ticket, R, K, rows.stride(0), rows.stride(1), float(offset),
+        k_per_split, n_splits, SPLIT_K=split_k, BLOCK_S=next_pow2(n_splits),
+        interpreter_meta=meta,
+    )
     return out.view(t.shape[:-1]), lse
 
 

@@ -25,11 +25,11 @@ FLOAT_SCALARS = {"offset", "log_k"}
 BLOCKS = {"BLOCK_R": 4, "BLOCK_K": 16, "BLOCK_D": 128, "BLOCK_L": 64, "PROD_GROUP": 64,
           "BLOCK_S": 32}
 KERNELS = {
-    lse._logsumexp_forward_kernel: {},
+    lse._logsumexp_forward_kernel: {"SPLIT_K": True},
     lse._logsumexp_backward_kernel: {},
     logw._log_weights_forward_kernel: {},
     logw._log_weights_backward_kernel: {"FROM_BOUND": True, "NEED_DX": True},
-    fused_bound._fused_iwae_forward_kernel: {"SAVE_LOG_W": True},
+    fused_bound._fused_iwae_forward_kernel: {"SAVE_LOG_W": True, "SPLIT_K": True},
 }
 
 
