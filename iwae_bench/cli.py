@@ -1,4 +1,4 @@
-"""Command line: ``python -m iwae_bench {sweep,report,compare} ...``; ``--help`` on each."""
+"""Command line: ``python -m iwae_bench {sweep,validate,report,compare} ...``; ``--help`` on each."""
 
 from __future__ import annotations
 
@@ -100,6 +100,42 @@ def _add_sweep(sub) -> None:
     p.set_defaults(run=_cmd_sweep, parser=p)
 
 
+# --------------------------------------------------------------------------- validate
+
+
+def _cmd_validate(args, parser) -> int:
+    import torch
+
+    from .validate import validate
+
+    if not torch.cuda.is_available():
+        parser.error("validate needs a CUDA GPU and torch sees none; on a CPU machine run "
+                     "'python -m pytest' and 'python -m iwae_bench sweep' instead")
+    device = torch.device("cuda")
+    try:
+        out = _writable_dir(args.out or Path("results") / machine.device_slug(device))
+    except ValueError as error:
+        parser.error(str(error))
+    return validate(device, out, with_tests=not args.skip_tests, resume=args.resume,
+                    progress=False if args.no_progress else None)
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser(
+        "validate", help="on a GPU: the compiled correctness suite, the GPU sweep and the targets",
+        description="One command for a GPU machine with torch and triton installed (run from the "
+                    "repository root): the kernel tests with the real compiler on the device, "
+                    "the copy bandwidth, the GPU sweep (forward and backward, float32 and "
+                    "bfloat16, the targets' shapes, the reduction up to k = 10**6), and "
+                    "results/<device>/ with machine.json, results.csv, plots and a report that "
+                    "puts every target beside what was measured. Exits 2 without CUDA.")
+    p.add_argument("--out", type=Path, help="output folder (default results/<device>)")
+    p.add_argument("--skip-tests", action="store_true", help="skip the correctness suite")
+    p.add_argument("--resume", action="store_true", help="keep finished rows of an interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.set_defaults(run=_cmd_validate, parser=p)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -188,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     _add_sweep(sub)
+    _add_validate(sub)
     _add_report(sub)
     _add_compare(sub)
     return parser

@@ -56,34 +56,37 @@ class Inputs(NamedTuple):
 
 
 def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
-    """Draw the inputs of ``problem`` on ``device``, deterministically from its seed.
+    """Draw the inputs of ``problem`` on ``device``, deterministically from its seed (the CPU
+    and a GPU draw different numbers from the same seed).
 
     Samples are nested across k: the first k samples of a problem with k' > k samples are
     the samples of the problem with k (same seed, batch, widths), so L_k plotted against k
     follows one set of draws instead of a fresh one per k.
     """
     B, k, d, D = problem.batch, problem.k, problem.latent, problem.data_dim
+    device = torch.device(device)  # drawn there: GPU-sized problems never pass through the CPU
 
     def stream(offset: int) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(problem.seed * 1000 + offset)
+        return torch.Generator(device=device).manual_seed(problem.seed * 1000 + offset)
+
+    def randn(*shape, generator):
+        return torch.randn(*shape, generator=generator, device=device)
 
     def per_sample(shape, gen, block: int = 64):
         # drawn in fixed blocks of samples, so a draw with fewer samples is a prefix of one with more
-        blocks = [torch.randn(block, *shape, generator=gen) for _ in range(-(-k // block))]
+        blocks = [randn(block, *shape, generator=gen) for _ in range(-(-k // block))]
         return torch.cat(blocks)[:k].transpose(0, 1).contiguous()
 
     data = stream(0)
     # Pixels: a per-pixel "on" probability with a mean near MNIST's 13%.
-    pixel_on = torch.sigmoid(torch.randn(1, D, generator=data) * 1.5 - 2.5)
-    x = (torch.rand(B, D, generator=data) < pixel_on).float()
+    pixel_on = torch.sigmoid(randn(1, D, generator=data) * 1.5 - 2.5)
+    x = (torch.rand(B, D, generator=data, device=device) < pixel_on).float()
     # Decoder logits: a margin of a few nats towards the true pixel, often wrong by a little,
     # plus per-sample noise so the k log-weights differ by several nats.
-    margin = 3.5 + 2.0 * torch.randn(B, 1, D, generator=data)
+    margin = 3.5 + 2.0 * randn(B, 1, D, generator=data)
     # Posterior: means of order one, standard deviations near 0.3.
-    mu = 0.7 * torch.randn(B, d, generator=data)
-    logvar = -2.5 + 0.5 * torch.randn(B, d, generator=data)
+    mu = 0.7 * randn(B, d, generator=data)
+    logvar = -2.5 + 0.5 * randn(B, d, generator=data)
     logits = (2.0 * x[:, None, :] - 1.0) * margin + 1.0 * per_sample((B, D), stream(1))
     z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * per_sample((B, d), stream(2))
-    device = torch.device(device)
-    return Inputs(x.to(device), logits.to(device=device, dtype=problem.torch_dtype),
-                  z.to(device), mu.to(device), logvar.to(device))
+    return Inputs(x, logits.to(problem.torch_dtype), z, mu, logvar)

@@ -178,6 +178,15 @@ def headline_plot(frame: pd.DataFrame, path: Path) -> bool:
 # --------------------------------------------------------------------------- tables
 
 
+def with_speedup(part: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """``part`` with a speedup_vs_<baseline> column: baseline time / time, per cell."""
+    cell = ["batch", "latent", "k"]
+    base = part[part["variant"] == baseline].set_index(cell)["time_ms"].rename("baseline_ms")
+    ratio = part.join(base, on=cell)
+    ratio[f"speedup_vs_{baseline}"] = ratio["baseline_ms"] / ratio["time_ms"]
+    return ratio
+
+
 def pivot(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = frame.dropna(subset=[metric])
     if rows.empty:
@@ -223,6 +232,23 @@ def render(out: Path, csv_path: Path | None = None) -> Path:
     plots.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, str | None, str, pd.DataFrame | None]] = []  # title, image, text, table
 
+    if (frame["device"] == "cuda").any():
+        from .targets import targets_table
+
+        table = targets_table(frame)
+        met = int((table["met"] == "yes").sum())
+        sections.append(("GPU targets", None,
+                         f"{met} of {len(table)} targets met. Each row: a cell of the CSV, what it "
+                         "measured, and the goal (fraction of the copy bandwidth, speedup over "
+                         "torch.compile on the same inputs, or peak extra bytes).",
+                         table.set_index(["target", "cell"])))
+        measured = frame[(frame["device"] == "cuda") & (frame["status"] == "ok")]
+        for (mode, dtype), part in sorted(measured.groupby(["mode", "dtype"])):
+            if "compile" in set(part["variant"]):
+                sections.append((f"Every variant against torch.compile: {mode}, {dtype}", None,
+                                 "Speedup over torch.compile on the same cell (time of compile / "
+                                 "time of the variant); the fraction of copy bandwidth is in the "
+                                 "bandwidth section.", pivot(with_speedup(part, "compile"), "speedup_vs_compile")))
     if headline_plot(frame, plots / "headline.png"):
         sections.append(("Headline", "plots/headline.png",
                          "Throughput of the forward bound (measured variants only) and each variant's "
@@ -236,9 +262,7 @@ def render(out: Path, csv_path: Path | None = None) -> Path:
                              "Samples (B*k) per second against k. Table: median time of one call, ms.",
                              pivot(part, "time_ms")))
         if "torch" in set(part["variant"]):
-            base = part[part["variant"] == "torch"].set_index(["batch", "latent", "k"])["time_ms"]
-            ratio = part.join(base.rename("torch_ms"), on=["batch", "latent", "k"])
-            ratio["speedup_vs_torch"] = ratio["torch_ms"] / ratio["time_ms"]
+            ratio = with_speedup(part, "torch")
             if facet_plot(ratio, "speedup_vs_torch", "speedup over torch", f"speedup over eager torch, {mode}, {dtype}",
                           plots / f"speedup_{tag}.png", reference_line=1.0):
                 sections.append((f"Speedup over torch: {mode}, {dtype}", f"plots/speedup_{tag}.png",

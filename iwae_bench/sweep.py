@@ -23,7 +23,7 @@ import torch
 from . import machine, reference
 from .problems import Problem, make_inputs
 from .timing import Timing, peak_extra_memory, time_call
-from .variants import VARIANTS, get, reset_compiled
+from .variants import REDUCTIONS, VARIANTS, get, reset_compiled
 
 COLUMNS = [
     "variant", "device", "dtype", "k", "batch", "latent", "data_dim", "mode",
@@ -32,7 +32,6 @@ COLUMNS = [
     "finite_fraction", "iwae_elbo_gap", "compile_ms", "threads", "status", "message",
 ]
 KEY = ("variant", "device", "dtype", "k", "batch", "latent", "data_dim", "mode")
-MODES = ("forward", "backward")
 CSV_NAME = "results.csv"
 MACHINE_NAME = "machine.json"
 
@@ -65,6 +64,11 @@ class Grid:
     mode: list[str]
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     seed: int = 0
+    # (batch, k) pairs to run instead of the product batch x k (GPU grids whose product
+    # would hold a cell of tens of GB)
+    shapes: list[tuple[int, int]] | None = None
+    # (batch, k) shapes of the reduction alone, run for the variants that have one
+    reductions: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def preset(cls, name: str, device: torch.device, **overrides) -> "Grid":
@@ -74,14 +78,21 @@ class Grid:
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 
+    def batch_k(self) -> list[tuple[int, int]]:
+        return list(self.shapes) if self.shapes else list(itertools.product(self.batch, self.k))
+
     def problems(self) -> Iterator[Problem]:
-        for dtype, batch, latent, data_dim, k in itertools.product(
-                self.dtype, self.batch, self.latent, self.data_dim, self.k):
+        for dtype, latent, data_dim, (batch, k) in itertools.product(
+                self.dtype, self.latent, self.data_dim, self.batch_k()):
             yield Problem(batch, k, latent, data_dim, dtype, self.seed)
 
+    def reduction_variants(self) -> list[str]:
+        return [v for v in self.variants if v in REDUCTIONS]
+
     def size(self) -> int:
-        return (len(self.k) * len(self.batch) * len(self.latent) * len(self.data_dim)
-                * len(self.dtype) * len(self.mode) * len(self.variants))
+        return (len(self.batch_k()) * len(self.latent) * len(self.data_dim) * len(self.dtype)
+                * len(self.mode) * len(self.variants)
+                + len(self.reductions) * len(self.reduction_variants()))
 
 
 # --------------------------------------------------------------------------- bytes
@@ -175,49 +186,25 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def measure(variant_name: str, problem: Problem, inputs, ref: Reference, mode: str,
-            device: torch.device, copy_gbps: float, min_time: float = 0.2) -> dict:
-    """Run one cell and return its CSV row. Never raises for a failing variant: the row says."""
-    variant = get(variant_name)
-    row = {**_row_head(variant_name, problem, mode, device), "copy_gbps": round(copy_gbps, 3),
-           "bytes": min_bytes(inputs, mode)}
+def _run_cell(row: dict, call, check, device: torch.device, *, is_compile: bool,
+              interpreted: bool, samples: int, copy_gbps: float, min_time: float) -> dict:
+    """The harness's part of every cell: one first call (compiles; its output is checked by
+    ``check`` -> accuracy columns), then timing, peak memory and speed. Fills ``row``; a
+    failure becomes the row's status (oom or error), never an exception."""
     try:
-        if variant_name == "compile":
+        if is_compile:
             reset_compiled()  # a fresh compile per cell: no recompile limit, no silent eager
-        if mode == "forward":
-            def call():
-                return variant(*inputs), None
-        else:
-            x, *rest = inputs
-            leaves = [t.detach().requires_grad_() for t in rest]
-
-            def call():
-                bound = variant(x, *leaves)
-                return bound, torch.autograd.grad(bound.sum(), leaves)
-
         start = time.perf_counter()
-        bound, grads = call()
+        first = call()
         _synchronize(device)
         first_ms = (time.perf_counter() - start) * 1e3
         status, message = "ok", ""
-        if variant_name == "compile":
+        if is_compile:
             row["compile_ms"] = round(first_ms, 3)
             if _compiled_graphs() == 0:
                 status, message = "fallback", "torch.compile captured no graph: this ran eager"
-
-        bound = bound.detach()
-        finite = torch.isfinite(bound)
-        row.update({
-            "bound_mean": bound.double().mean().item(),
-            "elbo_mean": ref.elbo.mean().item(),
-            "max_abs_err": _max_abs_err(bound, ref.bound),
-            "finite_fraction": finite.double().mean().item(),
-            "iwae_elbo_gap": (bound.double().cpu() - ref.elbo.cpu()).mean().item(),
-        })
-        if grads is not None:
-            row["grad_max_abs_err"] = ref.grad_max_abs_err(grads)
-
-        if variant.uses_triton and machine_interpreted():
+        row.update(check(first))
+        if interpreted:
             timing = Timing(first_ms, first_ms, first_ms, runs=1)  # the one call above
             status, message = "interpreted", "Triton interpreter on CPU: a correctness run, not a speed"
         else:
@@ -227,17 +214,77 @@ def measure(variant_name: str, problem: Problem, inputs, ref: Reference, mode: s
                     "time_ms_p80": timing.p80_ms})
         if status == "ok":
             seconds = timing.median_ms * 1e-3
-            row["samples_per_s"] = problem.batch * problem.k / seconds
+            row["samples_per_s"] = samples / seconds
             row["gbps"] = row["bytes"] / seconds / 1e9
             row["bw_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
         row.update({"status": status, "message": message})
     except Exception as error:  # one failing cell must not stop the sweep
-        oom = _is_oom(error)
-        row.update({"status": "oom" if oom else "error",
+        row.update({"status": "oom" if _is_oom(error) else "error",
                     "message": " ".join(f"{type(error).__name__}: {error}".split())[:300]})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def measure(variant_name: str, problem: Problem, inputs, ref: Reference, mode: str,
+            device: torch.device, copy_gbps: float, min_time: float = 0.2) -> dict:
+    """Run one cell of the bound and return its CSV row (failures included, as a status)."""
+    variant = get(variant_name)
+    row = {**_row_head(variant_name, problem, mode, device), "copy_gbps": round(copy_gbps, 3),
+           "bytes": min_bytes(inputs, mode)}
+    if mode == "forward":
+        def call():
+            return variant(*inputs), None
+    else:
+        x, *rest = inputs
+        leaves = [t.detach().requires_grad_() for t in rest]
+
+        def call():
+            bound = variant(x, *leaves)
+            return bound, torch.autograd.grad(bound.sum(), leaves)
+
+    def check(first):
+        bound, grads = first
+        bound = bound.detach()
+        columns = {
+            "bound_mean": bound.double().mean().item(),
+            "elbo_mean": ref.elbo.mean().item(),
+            "max_abs_err": _max_abs_err(bound, ref.bound),
+            "finite_fraction": torch.isfinite(bound).double().mean().item(),
+            "iwae_elbo_gap": (bound.double().cpu() - ref.elbo.cpu()).mean().item(),
+        }
+        if grads is not None:
+            columns["grad_max_abs_err"] = ref.grad_max_abs_err(grads)
+        return columns
+
+    return _run_cell(row, call, check, device, is_compile=variant_name == "compile",
+                     interpreted=variant.uses_triton and machine_interpreted(),
+                     samples=problem.batch * problem.k, copy_gbps=copy_gbps, min_time=min_time)
+
+
+def reduction_log_weights(batch: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """[B, k] float32 log-weights at realistic scale (about -150 nats, spread of 10)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, k, generator=gen, device=device) * 10 - 150
+
+
+def measure_reduction(name: str, log_w: torch.Tensor, device: torch.device, copy_gbps: float,
+                      min_time: float = 0.2) -> dict:
+    """One cell of the reduction alone (mode 'reduction', latent and data_dim 0)."""
+    batch, k = log_w.shape
+    reduce = REDUCTIONS[name]
+    row = {"variant": name, "device": device.type, "dtype": "float32", "k": k, "batch": batch,
+           "latent": 0, "data_dim": 0, "mode": "reduction", "threads": torch.get_num_threads(),
+           "copy_gbps": round(copy_gbps, 3), "bytes": log_w.numel() * log_w.element_size() + batch * 4}
+    want = reference.iwae_bound(log_w)
+
+    def check(bound):
+        return {"bound_mean": bound.double().mean().item(), "max_abs_err": _max_abs_err(bound, want),
+                "finite_fraction": torch.isfinite(bound).double().mean().item()}
+
+    return _run_cell(row, lambda: reduce(log_w), check, device, is_compile=name == "compile",
+                     interpreted=name == "triton" and machine_interpreted(), samples=batch * k,
+                     copy_gbps=copy_gbps, min_time=min_time)
 
 
 def _row_head(variant_name: str, problem: Problem, mode: str, device: torch.device) -> dict:
@@ -353,6 +400,18 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
                                      min_time))
                 bar.update()
             del inputs, ref
+        for batch, k in grid.reductions:
+            names = [v for v in grid.reduction_variants() if _key(
+                {"variant": v, "device": device.type, "dtype": "float32", "k": k, "batch": batch,
+                 "latent": 0, "data_dim": 0, "mode": "reduction"}) not in done]
+            if not names:
+                continue
+            log_w = reduction_log_weights(batch, k, device, grid.seed)
+            for name in names:
+                bar.set_description(f"{name} reduction B={batch} k={k}")
+                writer.write(measure_reduction(name, log_w, device, copy_gbps, min_time))
+                bar.update()
+            del log_w
     finally:
         writer.close()
         bar.close()

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import Tunable, cdiv, check_bound_inputs, next_pow2, target_programs
-from .logw import (PROD_GROUP, _log_weight_block, block_configs, input_strides,
+from .logw import (DEFAULT_BLOCKS, PROD_GROUP, _log_weight_block, block_configs, input_strides,
                    interpreter_blocks, latent_block, log_weights_backward, prune_block_configs)
 from .lse import _combine_split_partials, _lse_combine, _lse_finalize
 
@@ -110,7 +110,7 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
         k, D, d, k_per_split, n_splits, math.log(k),
         SAVE_LOG_W=save_log_w, SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
         BLOCK_S=next_pow2(n_splits),
-        interpreter_meta=interpreter_blocks(min(k, k_per_split), D),
+        interpreter_meta=interpreter_blocks(min(k, k_per_split), D), default_meta=DEFAULT_BLOCKS,
     )
     return bound, lse, (log_w if save_log_w else None)
 

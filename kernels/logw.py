@@ -217,14 +217,15 @@ def _log_weights_backward_kernel(
 
 
 def block_configs():
-    """Tile shapes for the log-weight block, shared by this kernel and the fused bound."""
-    configs = []
-    for block_k, block_d, warps in [(8, 128, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4),
-                                    (32, 128, 8), (64, 64, 8), (16, 256, 8), (8, 256, 4)]:
-        for stages in (2, 3):
-            configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
-                                         num_warps=warps, num_stages=stages))
-    return configs
+    """Tile shapes for the log-weight block, shared by this kernel and the fused bound: a few
+    [BLOCK_K, BLOCK_D] areas of 2-4K elements, rows traded against columns."""
+    shapes = [(8, 256, 4), (16, 128, 4), (32, 64, 4), (16, 256, 8), (32, 128, 8), (64, 64, 8)]
+    return [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=3)
+            for bk, bd, w in shapes]
+
+
+# launched without autotuning (IWAE_BENCH_AUTOTUNE=0) on a GPU
+DEFAULT_BLOCKS = {"BLOCK_K": 16, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3}
 
 
 def prune_block_configs(configs, named_args, **kwargs):
@@ -262,7 +263,7 @@ def log_weights_forward(x, logits, z, mu, logvar) -> torch.Tensor:
         lambda meta: (B, cdiv(k, meta["BLOCK_K"])),
         x, logits, z, mu, logvar, log_w, *input_strides(x, logits, z, mu, logvar),
         k, D, d, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
-        interpreter_meta=interpreter_blocks(k, D),
+        interpreter_meta=interpreter_blocks(k, D), default_meta=DEFAULT_BLOCKS,
     )
     return log_w
 

@@ -130,11 +130,16 @@ def _logsumexp_backward_kernel(
 
 
 def _lse_configs():
-    # Few rows of long K, or many rows of short K; 4-8 warps. Pruned by K below.
-    shapes = [(1, 4096, 8), (1, 2048, 8), (1, 1024, 4), (2, 512, 4), (4, 256, 4),
-              (8, 128, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (128, 8, 4), (256, 4, 4),
-              (512, 2, 4), (1024, 1, 4)]
+    # Few rows of long K, or many rows of short K; tiles of 1-4K elements. Pruned by K below.
+    shapes = [(1, 4096, 8), (1, 2048, 8), (1, 1024, 4), (4, 256, 4), (16, 64, 4), (64, 16, 4),
+              (256, 4, 4), (1024, 1, 4)]
     return [triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in shapes]
+
+
+def _default_blocks(K: int) -> dict:
+    # launched without autotuning (IWAE_BENCH_AUTOTUNE=0) on a GPU: the tile that fits K
+    block_k = min(next_pow2(K), 1024)
+    return {"BLOCK_R": max(1, 1024 // block_k), "BLOCK_K": block_k, "num_warps": 4}
 
 
 def _prune_lse(configs, named_args, **kwargs):
@@ -202,7 +207,7 @@ def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None =
         lambda m: (cdiv(R, m["BLOCK_R"]), n_splits),
         rows, lse, out, partial, ticket, R, K, rows.stride(0), rows.stride(1), float(offset),
         k_per_split, n_splits, SPLIT_K=split_k, BLOCK_S=next_pow2(n_splits),
-        interpreter_meta=meta,
+        interpreter_meta=meta, default_meta=_default_blocks(min(K, k_per_split)),
     )
     return out.view(t.shape[:-1]), lse
 

@@ -1,10 +1,10 @@
 """The reduction alone: iwae_bound on [B, k] log-weights, k from 1 to 10**6 (on CUDA)."""
 
 import pytest
-import torch
 
 from iwae_bench.pytest_bench import (REDUCTION_SHAPES, add_speed, bench_device, machine_interpreted,
                                      reduction_extra_info)
+from iwae_bench.sweep import reduction_log_weights
 from iwae_bench.variants import REDUCTIONS, reset_compiled
 
 SHAPES = REDUCTION_SHAPES[bench_device().type]
@@ -14,8 +14,7 @@ SHAPES = REDUCTION_SHAPES[bench_device().type]
 @pytest.mark.parametrize("name", list(REDUCTIONS))
 def test_reduction(benchmark, run_benchmark, name, shape, bench_on, copy_gbps):
     batch, k = shape
-    gen = torch.Generator().manual_seed(0)
-    log_w = (torch.randn(batch, k, generator=gen) * 10 - 150).to(bench_on)  # realistic: far below 0
+    log_w = reduction_log_weights(batch, k, bench_on)  # realistic: about -150 nats
     if name == "compile":
         reset_compiled()
     reduce = REDUCTIONS[name]

@@ -1,0 +1,77 @@
+"""The GPU performance targets, checked against a sweep's CSV (never against typed numbers).
+
+Definitions as in the sweep: bw_fraction is (fewest bytes the cell must move / median time)
+over the device-to-device copy bandwidth measured in the same run; speedups compare medians of
+the same cell. Targets are goals to report honestly, not thresholds a test enforces.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+BIG = 5e7  # B*k*D from which the bandwidth targets apply
+
+# (mode, dtype) -> (fraction of copy bandwidth, speedup over torch.compile) for the fused bound
+FUSED_TARGETS = {
+    ("forward", "float32"): (0.85, 1.5),
+    ("forward", "bfloat16"): (0.75, 2.5),
+    ("backward", "float32"): (0.60, 3.0),
+    ("backward", "bfloat16"): (0.60, 3.0),
+}
+REDUCTION_BW = {(16384, 1024): 0.80}
+PEAK_BYTES_PER_SAMPLE = 16  # O(B*k): a few floats per sample, plus a MiB of slack
+PEAK_SLACK = 1 << 20
+
+
+def _cell(row) -> str:
+    if row["mode"] == "reduction":
+        return f"reduction B={row['batch']} k={row['k']}"
+    return f"{row['mode']} {row['dtype']} B={row['batch']} k={row['k']} d={row['latent']}"
+
+
+def targets_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (target, cell) that the CSV can speak to, with the measurement and 'met'."""
+    frame = frame[frame["device"] == "cuda"]
+    keys = ["mode", "dtype", "batch", "k", "latent", "data_dim"]
+    times = frame[frame["status"] == "ok"].set_index(keys + ["variant"])["time_ms"]
+    out = []
+
+    def add(target, row, measured, goal, met, unit=""):
+        out.append({"target": target, "cell": _cell(row), "measured": measured, "goal": goal,
+                    "unit": unit, "met": "yes" if met else "no"})
+
+    def compile_speedup(row):
+        key = tuple(row[c] for c in keys)
+        if key + ("compile",) in times.index and row["status"] == "ok":
+            return times[key + ("compile",)] / row["time_ms"]
+        return None
+
+    for _, row in frame[frame["variant"] == "fused"].iterrows():
+        goals = FUSED_TARGETS.get((row["mode"], row["dtype"]))
+        if goals is None:
+            continue
+        if row["status"] != "ok":
+            add("fused runs", row, row["status"], "ok", False)
+            continue
+        if row["batch"] * row["k"] * row["data_dim"] >= BIG:
+            add("fused: fraction of copy bandwidth", row, row["bw_fraction"], goals[0],
+                row["bw_fraction"] >= goals[0])
+        speedup = compile_speedup(row)
+        if speedup is not None:
+            add("fused: speedup over torch.compile", row, speedup, goals[1], speedup >= goals[1], "x")
+        if row["mode"] == "forward" and pd.notna(row.get("peak_mem_bytes")):
+            limit = PEAK_BYTES_PER_SAMPLE * row["batch"] * row["k"] + PEAK_SLACK
+            add("fused: peak extra memory O(B*k)", row, row["peak_mem_bytes"], limit,
+                row["peak_mem_bytes"] <= limit, "bytes")
+    for _, row in frame[(frame["variant"] == "triton") & (frame["mode"] == "reduction")].iterrows():
+        if row["status"] != "ok":
+            add("iwae_bound runs", row, row["status"], "ok", False)
+            continue
+        speedup = compile_speedup(row)
+        if speedup is not None:
+            add("iwae_bound: at least as fast as torch.compile", row, speedup, 1.0, speedup >= 1.0, "x")
+        goal = REDUCTION_BW.get((row["batch"], row["k"]))
+        if goal is not None:
+            add("iwae_bound: fraction of copy bandwidth", row, row["bw_fraction"], goal,
+                row["bw_fraction"] >= goal)
+    return pd.DataFrame(out, columns=["target", "cell", "measured", "goal", "unit", "met"])
