@@ -142,13 +142,18 @@ def _add_validate(sub) -> None:
 def _cmd_experiment(args, parser) -> int:
     import torch
 
-    from .experiment import RUNS, default_schedule, full_schedule, run_experiment
+    from .experiment import RUNS, default_schedule, full_schedule, render_experiment, run_experiment
 
     try:
         device = machine.resolve_device(args.device)
         out = _writable_dir(args.out)
+        if args.report_only and not (out / "summary.csv").exists():
+            raise ValueError(f"--report-only: no summary.csv in {out}")
     except ValueError as error:
         parser.error(str(error))
+    if args.report_only:
+        print(f"wrote {render_experiment(out)}")
+        return 0
     backend = args.backend if args.backend != "auto" else ("fused" if device.type == "cuda" else "torch")
     schedule = full_schedule() if args.full else default_schedule()
     if args.epochs:
@@ -190,6 +195,8 @@ def _add_experiment(sub) -> None:
     p.add_argument("--test-size", type=_positive_int, help="held-out test images")
     p.add_argument("--out", type=Path, default=Path("results") / "experiment", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="redraw the plots and report from OUT's CSVs without training")
     p.set_defaults(run=_cmd_experiment, parser=p)
 
 

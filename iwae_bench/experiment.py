@@ -347,7 +347,7 @@ def _comparison(summary, schedule: dict) -> list[str]:
         epochs = sum(e for e, _ in schedule.get("stages", [])) or float("nan")
         images = schedule.get("train_size") or float("nan")
         out.append(f"- Absolute level: our VAE's NLL sits {vae.test_nll - 86.76:+.1f} nats from the "
-                   f"paper's, as expected from {images / 60000:.3f} of its training images and "
-                   f"{epochs / 3280:.3f} of its epochs; compare the differences between objectives, "
-                   "not the levels.")
+                   f"paper's, as expected from 1/{60000 / images:.0f} of its training images and "
+                   f"1/{3280 / epochs:.0f} of its epochs; compare the differences between "
+                   "objectives, not the levels.")
     return out
