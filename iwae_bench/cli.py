@@ -162,6 +162,9 @@ def _cmd_experiment(args, parser) -> int:
         schedule.train_size = args.train_size
     if args.test_size:
         schedule.test_size = args.test_size
+    if args.eval_k:
+        schedule.eval_k = args.eval_k
+        schedule.k_curve = [k for k in schedule.k_curve if k < args.eval_k] + [args.eval_k]
     try:
         from .data import load_mnist
 
@@ -192,7 +195,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--epochs", type=_positive_int, help="override: this many epochs at the first learning rate")
     p.add_argument("--train-size", type=_positive_int, help="training images (default 4000)")
-    p.add_argument("--test-size", type=_positive_int, help="held-out test images")
+    p.add_argument("--test-size", type=_positive_int, help="held-out test images (default 1000)")
+    p.add_argument("--eval-k", type=_positive_int,
+                   help="samples per test image for the NLL estimate (default 5000, the paper's)")
     p.add_argument("--out", type=Path, default=Path("results") / "experiment", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true",

@@ -58,9 +58,10 @@ def git_commit() -> str | None:
                              cwd=Path(__file__).resolve().parent, timeout=10)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
+        # "-dirty" speaks of the code: results/ being rewritten by the run itself does not count
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)results"], capture_output=True, text=True,
+                               timeout=10, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
