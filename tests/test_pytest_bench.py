@@ -39,7 +39,8 @@ def test_rows_from_json_known_values(tmp_path):
 
 
 def test_benchmark_json_becomes_a_report(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the CPU shapes, Triton interpreted (on a GPU machine too): a check of the plumbing
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     out_json = tmp_path / "out.json"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

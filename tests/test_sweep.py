@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # these sweeps run on the CPU, where Triton is interpreted (on a GPU machine too)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-m", "iwae_bench", *args], capture_output=True,
                           text=True, env=env, cwd=kwargs.pop("cwd", ROOT), **kwargs)
 
@@ -118,7 +119,7 @@ def test_killed_sweep_resumes_with_each_cell_once(tmp_path):
     args = ["sweep", "--device", "cpu", "--k", "1", "2", "3", "4", "5", "6", "--batch", "2",
             "--latent", "3", "--data-dim", "10", "--variants", "naive", "torch", "fused",
             "--mode", "forward", "--min-time", "0.3", "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "iwae_bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     csv_path = tmp_path / "results.csv"
