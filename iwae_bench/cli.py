@@ -67,9 +67,9 @@ def _cmd_sweep(args, parser) -> int:
 def _add_sweep(sub) -> None:
     p = sub.add_parser(
         "sweep", help="sweep k, batch and latent width over the variants; write CSV, plots, report",
-        description="Time and check every variant on a grid of problems. Each cell (problem x "
-                    "variant x mode) becomes one row of OUT/results.csv, flushed as soon as it "
-                    "finishes; OUT/machine.json says which machine made it; the report and plots "
+        description="Time and check every variant on a grid of problems. Each cell (problem x\n"
+                    "variant x mode) becomes one row of OUT/results.csv, flushed as soon as it\n"
+                    "finishes; OUT/machine.json says which machine made it; the report and plots\n"
                     "are rendered from the CSV at the end. Flags given replace the preset's values.",
         epilog="Examples:\n  python -m iwae_bench sweep                       quick preset on this machine\n"
                "  python -m iwae_bench sweep --k 1 64 5000 --batch 20 --mode forward backward\n"

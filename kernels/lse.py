@@ -56,9 +56,12 @@ def _combine_split_partials(part, rows, mask_r, split, SPLITS, partial_ptr, tick
     the ticket back to 0 so the next launch (or the autotuner's rerun) starts clean."""
     rows64 = rows.to(tl.int64)
     tl.store(partial_ptr + rows64 * SPLITS + split, part, mask=mask_r)
-    # acq_rel (the default): our partial is visible before our ticket is, and the last
-    # holder, acquiring, sees every partial stored before the other tickets were taken.
+    # Every thread's partial store is issued before the ticket (barrier), and the ticket is
+    # acq_rel (the default): our partial is visible before our ticket is, and the last holder,
+    # acquiring, sees every partial stored before the other tickets were taken.
+    tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr + ticket_index, 1)
+    tl.debug_barrier()
     n_read = tl.where(ticket == SPLITS - 1, SPLITS, 0)
     offs_s = tl.arange(0, BLOCK_S)
     parts = tl.load(partial_ptr + rows64[:, None] * SPLITS + offs_s[None, :],
