@@ -237,8 +237,9 @@ def prune_block_configs(configs, named_args, **kwargs):
 
 
 def interpreter_blocks(k: int, D: int) -> dict:
-    # Large tiles: the interpreter pays per operation, not per element.
-    return {"BLOCK_K": min(next_pow2(k), 64), "BLOCK_D": min(next_pow2(D), 256)}
+    # Large tiles (up to 16K elements): the interpreter pays per operation, not per element.
+    block_d = min(next_pow2(D), 256)
+    return {"BLOCK_K": min(next_pow2(k), max(64, 16384 // block_d)), "BLOCK_D": block_d}
 
 
 def latent_block(d: int) -> int:

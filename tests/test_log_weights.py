@@ -66,3 +66,10 @@ def test_non_finite_inputs(device):
     got = kernels.fused_iwae_bound(x, logits, z, mu, logvar)
     assert torch.isnan(got[0]) and torch.isfinite(got[1]) and got[2] == float("-inf")
     assert_close(got, reference.iwae_bound(want_w), what="bound")
+
+
+def test_fused_bound_streams_k_100000(device):
+    """The standard protocol's scale and beyond: k = 100 000 samples per example stream through
+    the fused kernel (split over k, partials combined) with O(B) extra memory."""
+    inputs = make_case(2, 100_000, 8, 2, logit_scale=3.0, device=device)
+    assert_close(kernels.fused_iwae_bound(*inputs), reference.bound(*inputs), what="bound")
