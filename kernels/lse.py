@@ -7,6 +7,11 @@ The reduction streams over k in blocks with a running max and a running (rescale
 any k works in one pass. Special values follow ``torch.logsumexp``: a row of all -inf gives
 -inf, a +inf entry gives +inf, NaN propagates.
 
+Memory: a program owns BLOCK_R rows (many for short rows, one for long ones) and reads each
+element once. When a few very long rows could not fill the GPU, k is also split across
+programs; the split that finishes last combines the partial results in the same launch
+(``_combine_split_partials``, shared with the fused bound).
+
 Backward: d logsumexp / d t[r, j] = exp(t[r, j] - lse_r), the softmax over the row; the
 forward saves only lse (one float per row) and the backward recomputes the weights.
 """
