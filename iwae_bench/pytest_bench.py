@@ -16,7 +16,7 @@ import torch
 
 from . import machine
 from .problems import Problem
-from .sweep import COLUMNS, Reference, _max_abs_err, min_bytes
+from .sweep import COLUMNS, Reference, bound_accuracy, min_bytes, reduction_accuracy
 
 # (batch, k, latent) at D = 784
 BOUND_SHAPES = {
@@ -49,15 +49,11 @@ def bound_problems(device: torch.device) -> list[Problem]:
 def bound_extra_info(variant: str, problem: Problem, inputs, mode: str, device: torch.device,
                      bound: torch.Tensor, ref: Reference, interpreted: bool, copy_gbps: float) -> dict:
     """What a report row needs besides the timing: the cell's identity, bytes and accuracy."""
-    bound = bound.detach()
     return {
         "variant": variant, "device": device.type, "dtype": problem.dtype, "k": problem.k,
         "batch": problem.batch, "latent": problem.latent, "data_dim": problem.data_dim,
         "mode": mode, "bytes": min_bytes(inputs, mode), "copy_gbps": copy_gbps,
-        "bound_mean": bound.double().mean().item(), "elbo_mean": ref.elbo.mean().item(),
-        "max_abs_err": _max_abs_err(bound, ref.bound),
-        "finite_fraction": torch.isfinite(bound).double().mean().item(),
-        "iwae_elbo_gap": (bound.double().cpu() - ref.elbo.cpu()).mean().item(),
+        **bound_accuracy(bound, ref),
         "threads": torch.get_num_threads(), "interpreted": interpreted,
     }
 
@@ -68,14 +64,11 @@ def reduction_extra_info(variant: str, log_w: torch.Tensor, device: torch.device
     from . import reference
 
     batch, k = log_w.shape
-    want = reference.iwae_bound(log_w)
-    bound = bound.detach()
     return {
         "variant": variant, "device": device.type, "dtype": str(log_w.dtype).removeprefix("torch."),
         "k": k, "batch": batch, "latent": 0, "data_dim": 0, "mode": "reduction",
         "bytes": log_w.numel() * log_w.element_size() + batch * 4, "copy_gbps": copy_gbps,
-        "bound_mean": bound.double().mean().item(), "max_abs_err": _max_abs_err(bound, want),
-        "finite_fraction": torch.isfinite(bound).double().mean().item(),
+        **reduction_accuracy(bound, reference.iwae_bound(log_w)),
         "threads": torch.get_num_threads(), "interpreted": interpreted,
     }
 

@@ -147,6 +147,26 @@ class Reference:
         return worst
 
 
+def bound_accuracy(bound: torch.Tensor, ref: Reference) -> dict:
+    """The accuracy columns of a bound row: its mean, the float64 ELBO, the largest error,
+    the finite fraction and the IWAE-ELBO gap (this bound minus the float64 L_1)."""
+    bound = bound.detach()
+    return {
+        "bound_mean": bound.double().mean().item(),
+        "elbo_mean": ref.elbo.mean().item(),
+        "max_abs_err": _max_abs_err(bound, ref.bound),
+        "finite_fraction": torch.isfinite(bound).double().mean().item(),
+        "iwae_elbo_gap": (bound.double().cpu() - ref.elbo.cpu()).mean().item(),
+    }
+
+
+def reduction_accuracy(bound: torch.Tensor, want: torch.Tensor) -> dict:
+    """The accuracy columns of a reduction row, against the float64 iwae_bound ``want``."""
+    bound = bound.detach()
+    return {"bound_mean": bound.double().mean().item(), "max_abs_err": _max_abs_err(bound, want),
+            "finite_fraction": torch.isfinite(bound).double().mean().item()}
+
+
 def _max_abs_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """Largest |got - want| where want is finite; inf if got is not finite there."""
     want = want.to(got.device)
@@ -245,14 +265,7 @@ def measure(variant_name: str, problem: Problem, inputs, ref: Reference, mode: s
 
     def check(first):
         bound, grads = first
-        bound = bound.detach()
-        columns = {
-            "bound_mean": bound.double().mean().item(),
-            "elbo_mean": ref.elbo.mean().item(),
-            "max_abs_err": _max_abs_err(bound, ref.bound),
-            "finite_fraction": torch.isfinite(bound).double().mean().item(),
-            "iwae_elbo_gap": (bound.double().cpu() - ref.elbo.cpu()).mean().item(),
-        }
+        columns = bound_accuracy(bound, ref)
         if grads is not None:
             columns["grad_max_abs_err"] = ref.grad_max_abs_err(grads)
         return columns
@@ -277,12 +290,7 @@ def measure_reduction(name: str, log_w: torch.Tensor, device: torch.device, copy
            "latent": 0, "data_dim": 0, "mode": "reduction", "threads": torch.get_num_threads(),
            "copy_gbps": round(copy_gbps, 3), "bytes": log_w.numel() * log_w.element_size() + batch * 4}
     want = reference.iwae_bound(log_w)
-
-    def check(bound):
-        return {"bound_mean": bound.double().mean().item(), "max_abs_err": _max_abs_err(bound, want),
-                "finite_fraction": torch.isfinite(bound).double().mean().item()}
-
-    return _run_cell(row, lambda: reduce(log_w), check, device, is_compile=name == "compile",
+    return _run_cell(row, lambda: reduce(log_w), lambda bound: reduction_accuracy(bound, want), device, is_compile=name == "compile",
                      interpreted=name == "triton" and machine_interpreted(), samples=batch * k,
                      copy_gbps=copy_gbps, min_time=min_time)
 
