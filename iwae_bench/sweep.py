@@ -380,11 +380,7 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
 
     todo = grid.size() - len(done)
     log(f"{grid.size()} cells, {len(done)} already done, {todo} to run; copy {copy_gbps:.1f} GB/s")
-    from tqdm import tqdm
-
-    # tqdm's disable=None: a bar on a terminal, nothing in a CI log
-    bar = tqdm(total=grid.size(), initial=len(done), unit="cell", dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+    bar = _progress_bar(grid.size(), len(done), progress)
     writer = RowWriter(csv_path)
     try:
         for problem in grid.problems():
@@ -426,6 +422,26 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
     run_info["finished"] = machine.now()
     machine.write_json_atomic(machine_path, record)
     return csv_path
+
+
+class _NoBar:
+    """Stands in for tqdm where it is not installed (a bare GPU image): no bar, same calls."""
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_description(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress_bar(total: int, initial: int, progress: bool | None):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    # tqdm's disable=None: a bar with ETA on a terminal, nothing in a CI log
+    return tqdm(total=total, initial=initial, unit="cell", dynamic_ncols=True,
+                disable=None if progress is None else not progress)
 
 
 def _load_json(path: Path) -> dict:

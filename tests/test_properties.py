@@ -3,9 +3,12 @@ shapes and values, special values included."""
 
 import math
 
+import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")  # a test extra (CI has it); a bare GPU image may not
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import kernels
 from iwae_bench import reference

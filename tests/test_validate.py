@@ -27,11 +27,19 @@ def test_validate_without_cuda_is_one_clear_line():
 
 
 def test_kernel_tests_phase_records_the_suite(tmp_path, monkeypatch):
-    monkeypatch.setattr(validate_module, "KERNEL_TESTS", ["tests/test_reference.py"])
+    monkeypatch.setattr(validate_module, "KERNEL_TESTS", ["tests/test_reference.py"])  # no Triton
     passed, summary = validate_module.run_kernel_tests(tmp_path)
     assert passed and "8 passed" in summary
     text = (tmp_path / "tests.txt").read_text()
     assert text.startswith("$ TRITON_INTERPRET=0 IWAE_BENCH_AUTOTUNE=0") and "8 passed" in text
+
+
+def test_kernel_tests_need_nothing_a_bare_gpu_image_lacks():
+    """The GPU image has torch, triton, pandas, matplotlib, pytest and pytest-benchmark only."""
+    for path in validate_module.KERNEL_TESTS:
+        text = (ROOT / path).read_text()
+        for extra in ("scipy", "hypothesis", "mlxtend", "tqdm"):
+            assert f"import {extra}" not in text and f"from {extra}" not in text, (path, extra)
 
 
 def test_validate_phases_write_the_results_folder(tmp_path):
