@@ -16,7 +16,10 @@ import torch
 
 from . import machine
 from .problems import Problem
-from .sweep import COLUMNS, Reference, bound_accuracy, min_bytes, reduction_accuracy
+import kernels
+
+from .sweep import (COLUMNS, Reference, bound_accuracy, min_bytes, reduction_accuracy,
+                    reduction_bytes, reduction_head, row_head, speed_columns)
 
 # (batch, k, latent) at D = 784
 BOUND_SHAPES = {
@@ -32,13 +35,7 @@ REDUCTION_SHAPES = {
 
 
 def bench_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not machine_interpreted() else "cpu")
-
-
-def machine_interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.device("cuda" if torch.cuda.is_available() and not kernels.interpreted() else "cpu")
 
 
 def bound_problems(device: torch.device) -> list[Problem]:
@@ -49,13 +46,8 @@ def bound_problems(device: torch.device) -> list[Problem]:
 def bound_extra_info(variant: str, problem: Problem, inputs, mode: str, device: torch.device,
                      bound: torch.Tensor, ref: Reference, interpreted: bool, copy_gbps: float) -> dict:
     """What a report row needs besides the timing: the cell's identity, bytes and accuracy."""
-    return {
-        "variant": variant, "device": device.type, "dtype": problem.dtype, "k": problem.k,
-        "batch": problem.batch, "latent": problem.latent, "data_dim": problem.data_dim,
-        "mode": mode, "bytes": min_bytes(inputs, mode), "copy_gbps": copy_gbps,
-        **bound_accuracy(bound, ref),
-        "threads": torch.get_num_threads(), "interpreted": interpreted,
-    }
+    return {**row_head(variant, problem, mode, device), "bytes": min_bytes(inputs, mode),
+            "copy_gbps": copy_gbps, **bound_accuracy(bound, ref), "interpreted": interpreted}
 
 
 def reduction_extra_info(variant: str, log_w: torch.Tensor, device: torch.device,
@@ -63,20 +55,15 @@ def reduction_extra_info(variant: str, log_w: torch.Tensor, device: torch.device
     """Rows of the reduction alone use mode 'reduction', latent 0 and data_dim 0."""
     from . import reference
 
-    batch, k = log_w.shape
-    return {
-        "variant": variant, "device": device.type, "dtype": str(log_w.dtype).removeprefix("torch."),
-        "k": k, "batch": batch, "latent": 0, "data_dim": 0, "mode": "reduction",
-        "bytes": log_w.numel() * log_w.element_size() + batch * 4, "copy_gbps": copy_gbps,
-        **reduction_accuracy(bound, reference.iwae_bound(log_w)),
-        "threads": torch.get_num_threads(), "interpreted": interpreted,
-    }
+    return {**reduction_head(variant, log_w, device), "bytes": reduction_bytes(log_w),
+            "copy_gbps": copy_gbps, **reduction_accuracy(bound, reference.iwae_bound(log_w)),
+            "interpreted": interpreted}
 
 
 def add_speed(extra_info: dict, median_s: float | None) -> None:
     """GB/s from the measured median (absent when benchmarking was disabled)."""
     if median_s and not extra_info.get("interpreted"):
-        extra_info["gbps"] = extra_info["bytes"] / median_s / 1e9
+        extra_info["gbps"] = speed_columns(1, extra_info["bytes"], median_s, None)["gbps"]
 
 
 def rows_from_json(path: Path) -> tuple[list[dict], dict]:
@@ -100,10 +87,8 @@ def rows_from_json(path: Path) -> tuple[list[dict], dict]:
             row["status"], row["message"] = "interpreted", "Triton interpreter on CPU: not a speed"
         elif median:
             row["status"] = "ok"
-            row["samples_per_s"] = info["batch"] * info["k"] / median
-            row["gbps"] = info["bytes"] / median / 1e9
-            if info.get("copy_gbps"):
-                row["bw_fraction"] = row["gbps"] / info["copy_gbps"]
+            row.update(speed_columns(info["batch"] * info["k"], info["bytes"], median,
+                                     info.get("copy_gbps")))
         else:
             row["status"], row["message"] = "error", "no timing in the JSON (benchmarks disabled?)"
         row["message"] = (row.get("message") or "") + f" [pytest: {bench.get('name')}]"

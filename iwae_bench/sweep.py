@@ -23,6 +23,8 @@ import torch
 from . import machine, reference
 from .problems import Problem, make_inputs
 from .timing import Timing, peak_extra_memory, time_call
+import kernels
+
 from .variants import REDUCTIONS, VARIANTS, get, reset_compiled
 
 COLUMNS = [
@@ -206,6 +208,13 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def speed_columns(samples: int, nbytes: int, seconds: float, copy_gbps: float | None) -> dict:
+    """samples_per_s, gbps and bw_fraction of a cell from its median time."""
+    gbps = nbytes / seconds / 1e9
+    return {"samples_per_s": samples / seconds, "gbps": gbps,
+            "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+
+
 def _run_cell(row: dict, call, check, device: torch.device, *, is_compile: bool,
               interpreted: bool, samples: int, copy_gbps: float, min_time: float) -> dict:
     """The harness's part of every cell: one first call (compiles; its output is checked by
@@ -225,7 +234,7 @@ def _run_cell(row: dict, call, check, device: torch.device, *, is_compile: bool,
                 status, message = "fallback", "torch.compile captured no graph: this ran eager"
         row.update(check(first))
         if interpreted:
-            timing = Timing(first_ms, first_ms, first_ms, runs=1)  # the one call above
+            timing = Timing(first_ms, first_ms, first_ms)  # the one call above
             status, message = "interpreted", "Triton interpreter on CPU: a correctness run, not a speed"
         else:
             timing = time_call(call, device, min_run_time=min_time)
@@ -233,10 +242,7 @@ def _run_cell(row: dict, call, check, device: torch.device, *, is_compile: bool,
         row.update({"time_ms": timing.median_ms, "time_ms_p20": timing.p20_ms,
                     "time_ms_p80": timing.p80_ms})
         if status == "ok":
-            seconds = timing.median_ms * 1e-3
-            row["samples_per_s"] = samples / seconds
-            row["gbps"] = row["bytes"] / seconds / 1e9
-            row["bw_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
+            row.update(speed_columns(samples, row["bytes"], timing.median_ms * 1e-3, copy_gbps))
         row.update({"status": status, "message": message})
     except Exception as error:  # one failing cell must not stop the sweep
         row.update({"status": "oom" if _is_oom(error) else "error",
@@ -250,7 +256,7 @@ def measure(variant_name: str, problem: Problem, inputs, ref: Reference, mode: s
             device: torch.device, copy_gbps: float, min_time: float = 0.2) -> dict:
     """Run one cell of the bound and return its CSV row (failures included, as a status)."""
     variant = get(variant_name)
-    row = {**_row_head(variant_name, problem, mode, device), "copy_gbps": round(copy_gbps, 3),
+    row = {**row_head(variant_name, problem, mode, device), "copy_gbps": round(copy_gbps, 3),
            "bytes": min_bytes(inputs, mode)}
     if mode == "forward":
         def call():
@@ -271,7 +277,7 @@ def measure(variant_name: str, problem: Problem, inputs, ref: Reference, mode: s
         return columns
 
     return _run_cell(row, call, check, device, is_compile=variant_name == "compile",
-                     interpreted=variant.uses_triton and machine_interpreted(),
+                     interpreted=variant.uses_triton and kernels.interpreted(),
                      samples=problem.batch * problem.k, copy_gbps=copy_gbps, min_time=min_time)
 
 
@@ -286,23 +292,33 @@ def measure_reduction(name: str, log_w: torch.Tensor, device: torch.device, copy
     """One cell of the reduction alone (mode 'reduction', latent and data_dim 0)."""
     batch, k = log_w.shape
     reduce = REDUCTIONS[name]
-    row = {"variant": name, "device": device.type, "dtype": "float32", "k": k, "batch": batch,
-           "latent": 0, "data_dim": 0, "mode": "reduction", "threads": torch.get_num_threads(),
-           "copy_gbps": round(copy_gbps, 3), "bytes": log_w.numel() * log_w.element_size() + batch * 4}
+    row = {**reduction_head(name, log_w, device), "copy_gbps": round(copy_gbps, 3),
+           "bytes": reduction_bytes(log_w)}
     want = reference.iwae_bound(log_w)
-    return _run_cell(row, lambda: reduce(log_w), lambda bound: reduction_accuracy(bound, want), device, is_compile=name == "compile",
-                     interpreted=name == "triton" and machine_interpreted(), samples=batch * k,
+    return _run_cell(row, lambda: reduce(log_w), lambda bound: reduction_accuracy(bound, want),
+                     device, is_compile=name == "compile",
+                     interpreted=name == "triton" and kernels.interpreted(), samples=batch * k,
                      copy_gbps=copy_gbps, min_time=min_time)
 
 
-def _row_head(variant_name: str, problem: Problem, mode: str, device: torch.device) -> dict:
+def row_head(variant_name: str, problem: Problem, mode: str, device: torch.device) -> dict:
+    """The identity columns of a bound cell (the CSV key, plus the thread count)."""
     return {"variant": variant_name, "device": device.type, "dtype": problem.dtype, "k": problem.k,
             "batch": problem.batch, "latent": problem.latent, "data_dim": problem.data_dim,
             "mode": mode, "threads": torch.get_num_threads()}
 
 
-def machine_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def reduction_head(variant_name: str, log_w: torch.Tensor, device: torch.device) -> dict:
+    """The identity columns of a reduction cell: mode 'reduction', latent and data_dim 0."""
+    batch, k = log_w.shape
+    return {"variant": variant_name, "device": device.type,
+            "dtype": str(log_w.dtype).removeprefix("torch."), "k": k, "batch": batch,
+            "latent": 0, "data_dim": 0, "mode": "reduction", "threads": torch.get_num_threads()}
+
+
+def reduction_bytes(log_w: torch.Tensor) -> int:
+    """The fewest bytes of the reduction alone: log_w read once, the [B] bound written once."""
+    return log_w.numel() * log_w.element_size() + log_w.shape[0] * 4
 
 
 # --------------------------------------------------------------------------- the CSV
@@ -385,14 +401,14 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
     try:
         for problem in grid.problems():
             cells = [(v, m) for m in grid.mode for v in grid.variants
-                     if _key(_row_head(v, problem, m, device)) not in done]
+                     if _key(row_head(v, problem, m, device)) not in done]
             if not cells:
                 continue
             reason = too_large_for_cpu(problem, "backward" if "backward" in grid.mode else "forward") \
                 if device.type == "cpu" else None
             if reason:
                 for variant_name, mode in cells:
-                    writer.write({**_row_head(variant_name, problem, mode, device),
+                    writer.write({**row_head(variant_name, problem, mode, device),
                                   "status": "skipped", "message": reason})
                     bar.update()
                 continue
@@ -405,12 +421,9 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
                 bar.update()
             del inputs, ref
         for batch, k in grid.reductions:
-            names = [v for v in grid.reduction_variants() if _key(
-                {"variant": v, "device": device.type, "dtype": "float32", "k": k, "batch": batch,
-                 "latent": 0, "data_dim": 0, "mode": "reduction"}) not in done]
-            if not names:
-                continue
             log_w = reduction_log_weights(batch, k, device, grid.seed)
+            names = [v for v in grid.reduction_variants()
+                     if _key(reduction_head(v, log_w, device)) not in done]
             for name in names:
                 bar.set_description(f"{name} reduction B={batch} k={k}")
                 writer.write(measure_reduction(name, log_w, device, copy_gbps, min_time))

@@ -18,7 +18,6 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    runs: int
 
 
 def time_call(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> Timing:
@@ -26,7 +25,7 @@ def time_call(fn: Callable[[], object], device: torch.device, min_run_time: floa
         import triton.testing
 
         p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return Timing(p50, p20, p80, runs=0)
+        return Timing(p50, p20, p80)
     import numpy as np
     import torch.utils.benchmark as benchmark
 
@@ -34,7 +33,7 @@ def time_call(fn: Callable[[], object], device: torch.device, min_run_time: floa
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     times_ms = np.asarray(measurement.times) * 1e3
     return Timing(float(np.median(times_ms)), float(np.percentile(times_ms, 20)),
-                  float(np.percentile(times_ms, 80)), runs=len(times_ms) * measurement.number_per_run)
+                  float(np.percentile(times_ms, 80)))
 
 
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | None:

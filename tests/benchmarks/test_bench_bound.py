@@ -8,9 +8,9 @@
 import pytest
 import torch
 
+import kernels
 from iwae_bench.problems import make_inputs
-from iwae_bench.pytest_bench import (add_speed, bench_device, bound_extra_info, bound_problems,
-                                     machine_interpreted)
+from iwae_bench.pytest_bench import add_speed, bench_device, bound_extra_info, bound_problems
 from iwae_bench.sweep import Reference
 from iwae_bench.variants import VARIANTS, get, reset_compiled
 
@@ -43,7 +43,7 @@ def test_bound(benchmark, run_benchmark, problem_inputs, name, mode, bench_on, c
             torch.autograd.grad(bound.sum(), leaves)
             return bound
 
-    interpreted = variant.uses_triton and machine_interpreted()
+    interpreted = variant.uses_triton and kernels.interpreted()
     benchmark.group = f"bound-{mode}-{problem.dtype}-B={problem.batch}-k={problem.k}-d={problem.latent}"
     bound, median = run_benchmark(fn, interpreted)
     benchmark.extra_info.update(bound_extra_info(name, problem, inputs, mode, bench_on, bound, ref,

@@ -2,7 +2,8 @@
 
 import pytest
 
-from iwae_bench.pytest_bench import (REDUCTION_SHAPES, add_speed, bench_device, machine_interpreted,
+import kernels
+from iwae_bench.pytest_bench import (REDUCTION_SHAPES, add_speed, bench_device,
                                      reduction_extra_info)
 from iwae_bench.sweep import reduction_log_weights
 from iwae_bench.variants import REDUCTIONS, reset_compiled
@@ -18,7 +19,7 @@ def test_reduction(benchmark, run_benchmark, name, shape, bench_on, copy_gbps):
     if name == "compile":
         reset_compiled()
     reduce = REDUCTIONS[name]
-    interpreted = name == "triton" and machine_interpreted()
+    interpreted = name == "triton" and kernels.interpreted()
     benchmark.group = f"reduction-float32-B={batch}-k={k}"
     bound, median = run_benchmark(lambda: reduce(log_w), interpreted)
     benchmark.extra_info.update(reduction_extra_info(name, log_w, bench_on, bound, interpreted, copy_gbps))
