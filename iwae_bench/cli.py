@@ -140,7 +140,6 @@ def _add_validate(sub) -> None:
 
 
 def _cmd_experiment(args, parser) -> int:
-    import torch
 
     from .experiment import RUNS, default_schedule, full_schedule, render_experiment, run_experiment
 
@@ -173,7 +172,7 @@ def _cmd_experiment(args, parser) -> int:
         parser.error(str(error))
     print(f"training {len(RUNS)} models on {device} with the {backend} backend, "
           f"{schedule.epochs} epochs each, into {out}")
-    report = run_experiment(out, schedule, backend, torch.device(device), seed=args.seed)
+    report = run_experiment(out, schedule, backend, device, seed=args.seed)
     print(f"wrote {report}")
     return 0
 

@@ -27,6 +27,7 @@ from . import machine
 from .data import MNISTSplit, binarize, load_mnist
 from .model import BernoulliVAE
 from .objectives import IWAELoss
+from .problems import SAMPLE_BLOCK, noise_blocks
 from .variants import torch_log_weights
 
 RUNS = [("elbo", 1), ("multi_sample_elbo", 5), ("multi_sample_elbo", 50), ("iwae", 5), ("iwae", 50)]
@@ -38,7 +39,6 @@ PAPER_TABLE1 = {("elbo", 1): (86.76, 19), ("multi_sample_elbo", 5): (86.47, 20),
                 ("multi_sample_elbo", 50): (86.35, 20), ("iwae", 5): (85.54, 22),
                 ("iwae", 50): (84.78, 25)}
 ACTIVE_THRESHOLD = 1e-2
-EPS_BLOCK = 64  # samples drawn per block: chunkings that are multiples of it draw the same samples
 
 
 @dataclass
@@ -74,11 +74,6 @@ def full_schedule() -> Schedule:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _eps_blocks(batch: int, latent: int, generator: torch.Generator, device):
-    while True:
-        yield torch.randn(EPS_BLOCK, batch, latent, generator=generator, device=device)
-
-
 @torch.no_grad()
 def streamed_log_weights(model, x: torch.Tensor, k: int, chunk: int, backend: str, seed: int = 0):
     """log w [B, k] and logsumexp over k [B], computed chunk by chunk of samples.
@@ -87,13 +82,15 @@ def streamed_log_weights(model, x: torch.Tensor, k: int, chunk: int, backend: st
     goes through the fused kernel (which also hands back its log-weights); with 'torch',
     through stable PyTorch. The chunks' logsumexps are combined exactly.
     """
-    if chunk % EPS_BLOCK and chunk < k:
-        raise ValueError(f"chunk must be a multiple of {EPS_BLOCK} (so any chunking draws the same samples), got {chunk}")
+    if chunk % SAMPLE_BLOCK and chunk < k:
+        raise ValueError(f"chunk must be a multiple of {SAMPLE_BLOCK} (so any chunking draws the same "
+                         f"samples), got {chunk}")
     from kernels.fused_bound import fused_iwae_forward
 
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
-    blocks = _eps_blocks(x.shape[0], mu.shape[1], torch.Generator(device=x.device).manual_seed(seed), x.device)
+    blocks = noise_blocks((x.shape[0], mu.shape[1]), torch.Generator(device=x.device).manual_seed(seed),
+                          x.device)
     pending = torch.empty(0, x.shape[0], mu.shape[1], device=x.device)
     log_w_parts, lse_parts = [], []
     for start in range(0, k, chunk):

@@ -11,14 +11,13 @@ backward passes, so training code switches with one argument.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 import kernels
 from kernels import check_bound_inputs
 
-from .variants import torch_log_weights
+from .variants import torch_bound, torch_log_weights
 
 OBJECTIVES = ("elbo", "multi_sample_elbo", "iwae")
 BACKENDS = ("torch", "fused")
@@ -37,12 +36,10 @@ def bound(x, logits, z, mu, logvar, objective: str = "iwae", backend: str = "fus
     if objective == "elbo" and k != 1:
         raise ValueError(f"objective 'elbo' is the one-sample VAE bound and needs k = 1, got k = {k}; "
                          "use 'multi_sample_elbo' for the average over k samples")
-    if backend == "fused" and objective == "iwae":
-        return kernels.fused_iwae_bound(x, logits, z, mu, logvar)
-    log_w = (kernels.log_weights if backend == "fused" else torch_log_weights)(x, logits, z, mu, logvar)
+    fused = backend == "fused"
     if objective == "iwae":
-        return torch.logsumexp(log_w, dim=1) - math.log(k)
-    return log_w.mean(dim=1)
+        return (kernels.fused_iwae_bound if fused else torch_bound)(x, logits, z, mu, logvar)
+    return (kernels.log_weights if fused else torch_log_weights)(x, logits, z, mu, logvar).mean(dim=1)
 
 
 class IWAELoss(torch.nn.Module):

@@ -14,7 +14,7 @@ logvar stay float32.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -55,6 +55,17 @@ class Inputs(NamedTuple):
     logvar: torch.Tensor   # [B, d]
 
 
+SAMPLE_BLOCK = 64
+
+
+def noise_blocks(shape, generator: torch.Generator, device) -> Iterator[torch.Tensor]:
+    """Standard normal noise for samples, SAMPLE_BLOCK samples ([SAMPLE_BLOCK, *shape]) at a
+    time. Drawing in fixed blocks makes the first k samples the same whatever the total drawn
+    or the chunks they are taken in, so k-sample results nest and streamed evaluations match."""
+    while True:
+        yield torch.randn(SAMPLE_BLOCK, *shape, generator=generator, device=device)
+
+
 def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
     """Draw the inputs of ``problem`` on ``device``, deterministically from its seed (the CPU
     and a GPU draw different numbers from the same seed).
@@ -72,10 +83,10 @@ def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
     def randn(*shape, generator):
         return torch.randn(*shape, generator=generator, device=device)
 
-    def per_sample(shape, gen, block: int = 64):
-        # drawn in fixed blocks of samples, so a draw with fewer samples is a prefix of one with more
-        blocks = [randn(block, *shape, generator=gen) for _ in range(-(-k // block))]
-        return torch.cat(blocks)[:k].transpose(0, 1).contiguous()
+    def per_sample(shape, gen):
+        blocks = noise_blocks(shape, gen, device)
+        drawn = torch.cat([next(blocks) for _ in range(-(-k // SAMPLE_BLOCK))])
+        return drawn[:k].transpose(0, 1).contiguous()
 
     data = stream(0)
     # Pixels: a per-pixel "on" probability with a mean near MNIST's 13%.

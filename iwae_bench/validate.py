@@ -41,7 +41,7 @@ def gpu_grid() -> Grid:
                 reductions=list(REDUCTION_SHAPES["cuda"]))
 
 
-def run_kernel_tests(out: Path, log=print) -> tuple[bool, str]:
+def run_kernel_tests(out: Path) -> tuple[bool, str]:
     """The kernel and variant tests with the real compiler on the device; output to tests.txt."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS]
     env = {**os.environ, "TRITON_INTERPRET": "0", "IWAE_BENCH_AUTOTUNE": "0"}
@@ -63,7 +63,7 @@ def validate(device: torch.device, out: Path, with_tests: bool = True, resume: b
     if with_tests:
         start = time.perf_counter()
         log(f"[1/3] correctness suite compiled on {machine.device_name(device)} ...")
-        passed, summary = run_kernel_tests(out, log)
+        passed, summary = run_kernel_tests(out)
         log(f"      {summary} ({time.perf_counter() - start:.0f} s; output in {out / 'tests.txt'})")
     start = time.perf_counter()
     log("[2/3] copy bandwidth and the GPU sweep ...")
