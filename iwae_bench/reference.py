@@ -3,6 +3,10 @@
 Written straight from the math (DESIGN.md), not from the kernels' algebra: the Bernoulli term
 as x * logsigmoid(l) + (1 - x) * logsigmoid(-l), both Gaussians with their 2 pi constants.
 
+Infinite logits: log sigmoid(+inf) = 0, log sigmoid(-inf) = -inf and 0 * inf = 0, so a pixel
+adds 0 where its infinite logit sits on x's side (x = 1 for +inf, x = 0 for -inf) and -inf
+otherwise; a NaN logit gives NaN. Every stable variant follows the same rule.
+
     log w_i = log p(x|h_i) + log p(h_i) - log q(h_i|x)
     ELBO    L_1 = mean_i log w_i
     IWAE    L_k = logsumexp_i log w_i - log k
@@ -22,7 +26,11 @@ def log_bernoulli(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log p(x|h) summed over D; x [B, D] broadcast against logits [B, k, D] -> [B, k]."""
     x = x.double().unsqueeze(1)
     logits = logits.double()
-    return (x * F.logsigmoid(logits) + (1.0 - x) * F.logsigmoid(-logits)).sum(-1)
+    # where x's weight is 0 the log-probability it multiplies may be -inf: 0 * inf = 0, taken
+    # before the product so neither the value nor its gradient sees a NaN
+    on = torch.where((x == 0) & (logits == -math.inf), 0.0, F.logsigmoid(logits))
+    off = torch.where((x == 1) & (logits == math.inf), 0.0, F.logsigmoid(-logits))
+    return (x * on + (1.0 - x) * off).sum(-1)
 
 
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:

@@ -14,16 +14,18 @@ import os as _os
 
 import torch as _torch
 
+from ._common import interpreted  # noqa: E402  (imports torch only, not triton)
+
 if "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
     _os.environ["TRITON_INTERPRET"] = "1"
-if _os.environ.get("TRITON_INTERPRET") == "1":
+if interpreted():
     import warnings as _warnings
 
     # The interpreter evaluates masked lanes and all -inf rows in numpy (log(0), exp(-inf)
     # - (-inf)) and discards them by design; numpy's warnings about it are noise.
     _warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
-from ._common import check_bound_inputs, interpreted  # noqa: E402
+from ._common import check_bound_inputs  # noqa: E402
 from .fused_bound import fused_iwae_bound  # noqa: E402
 from .logw import log_weights  # noqa: E402
 from .lse import iwae_bound, logsumexp  # noqa: E402

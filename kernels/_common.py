@@ -1,12 +1,16 @@
-"""Shared host-side helpers for the kernels: interpreter switch, launch sizing, input checks.
+"""Host-side helpers shared by every kernel: the interpreter switch, input checks, the tiling
+policy (autotuned, default or interpreter tiles) and the split-k plan with its workspace.
 
-Input checks live here, once, so the Triton entry points and the PyTorch variants in
-``iwae_bench`` reject bad input with the same messages.
+Input checks live here, once, so the Triton entry points and the PyTorch code in ``iwae_bench``
+reject bad input with the same messages.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -14,8 +18,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def interpreted() -> bool:
-    """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET`` set to a
+    true value). The one place the variable is parsed."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def next_pow2(n: int) -> int:
@@ -40,7 +45,7 @@ def target_programs(device: torch.device) -> int:
 # --------------------------------------------------------------------------- input checks
 
 
-def _shape(t: torch.Tensor) -> str:
+def shape_str(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
@@ -53,61 +58,91 @@ def check_float_tensor(name: str, t, ndim: int | None = None, layout: str = "") 
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
         )
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got shape {_shape(t)}")
+        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got shape {shape_str(t)}")
 
 
-def check_bound_inputs(x, logits, z, mu, logvar) -> tuple[int, int, int, int]:
+def check_devices(tensors: dict[str, torch.Tensor], for_kernel: bool) -> None:
+    """One real device for all; for a Triton kernel, CUDA (or any device under the interpreter)."""
+    for name, t in tensors.items():
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on the {t.device.type} device; the bound needs real data "
+                             "on a cpu or cuda device")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        listed = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
+        raise ValueError(f"all inputs must be on one device, got {listed}")
+    if for_kernel and not interpreted():
+        name, t = next(iter(tensors.items()))
+        if t.device.type != "cuda":
+            raise ValueError(f"{name} is on {t.device}: the Triton kernels run on CUDA tensors "
+                             "(or on CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")
+
+
+# layout of each bound input, in the order the kernels take them
+BOUND_LAYOUT = {"x": ("B", "D"), "logits": ("B", "k", "D"), "z": ("B", "k", "d"),
+                "mu": ("B", "d"), "logvar": ("B", "d")}
+# who sets a size when the arguments disagree: the majority, ties broken in this order
+SIZE_PRIORITY = {"B": ("logits", "x", "z", "mu", "logvar"), "k": ("logits", "z"),
+                 "D": ("logits", "x"), "d": ("mu", "logvar", "z")}
+# checked in this order, so the argument outvoted by the others is named before a tie's loser
+CHECK_ORDER = ("mu", "logvar", "z", "x", "logits")
+
+
+def check_shapes(tensors: dict[str, torch.Tensor], layout: dict[str, tuple],
+                 priority: dict[str, tuple], order: tuple) -> dict[str, int]:
+    """Read each named size from every argument that carries it; where they disagree the
+    majority sets it (ties: ``priority``), and the first argument (in ``order``) whose shape
+    does not match is named with the shape it should have. Returns the sizes."""
+    sizes = {}
+    for size, carriers in priority.items():
+        votes = Counter(tensors[n].shape[layout[n].index(size)] for n in carriers)
+        best = max(votes.values())
+        sizes[size] = next(tensors[n].shape[layout[n].index(size)] for n in carriers
+                           if votes[tensors[n].shape[layout[n].index(size)]] == best)
+    for name in order:
+        want = [sizes[s] for s in layout[name]]
+        if list(tensors[name].shape) != want:
+            others = [f"{n} {shape_str(t)}" for n, t in tensors.items() if n != name]
+            raise ValueError(
+                f"{name} must have shape [{', '.join(map(str, want))}] ({', '.join(layout[name])}) "
+                f"to match {', '.join(others[:-1])} and {others[-1]}; got {shape_str(tensors[name])}")
+    return sizes
+
+
+def check_bound_inputs(x, logits, z, mu, logvar, *, for_kernel: bool = False) -> tuple[int, int, int, int]:
     """Validate the five bound inputs; return (B, k, D, d).
 
     x [B, D], logits [B, k, D], z [B, k, d], mu [B, d], logvar [B, d]; floating dtypes (they
     may differ: float16/bfloat16 logits beside float32 latents is the usual mix); one device.
     """
-    check_float_tensor("x", x, 2, "[B, D]")
-    check_float_tensor("logits", logits, 3, "[B, k, D]")
-    check_float_tensor("z", z, 3, "[B, k, d]")
-    check_float_tensor("mu", mu, 2, "[B, d]")
-    check_float_tensor("logvar", logvar, 2, "[B, d]")
-    B, k, D = logits.shape
-    d = z.shape[2]
-    if k < 1:
-        raise ValueError(f"k must be >= 1: logits has shape {_shape(logits)} (k = {k})")
-    if D < 1:
-        raise ValueError(f"logits must have D >= 1, got shape {_shape(logits)}")
-    if d < 1:
-        raise ValueError(f"z must have a latent width d >= 1, got shape {_shape(z)}")
-    expected = {
-        "x": (B, D),
-        "z": (B, k, d),
-        "mu": (B, d),
-        "logvar": (B, d),
-    }
-    given = {"x": x, "z": z, "mu": mu, "logvar": logvar}
-    for name, want in expected.items():
-        if tuple(given[name].shape) != want:
-            raise ValueError(
-                f"{name} must have shape [{', '.join(map(str, want))}] to match "
-                f"logits {_shape(logits)} and z {_shape(z)}, got {_shape(given[name])}"
-            )
-    devices = {name: t.device for name, t in
-               (("x", x), ("logits", logits), ("z", z), ("mu", mu), ("logvar", logvar))}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{n} on {dev}" for n, dev in devices.items())
-        raise ValueError(f"all inputs must be on one device, got {listed}")
-    return B, k, D, d
+    tensors = {"x": x, "logits": logits, "z": z, "mu": mu, "logvar": logvar}
+    for name, t in tensors.items():
+        dims = BOUND_LAYOUT[name]
+        check_float_tensor(name, t, len(dims), "[" + ", ".join(dims) + "]")
+    sizes = check_shapes(tensors, BOUND_LAYOUT, SIZE_PRIORITY, CHECK_ORDER)
+    if sizes["k"] < 1:
+        raise ValueError(f"k must be >= 1: logits has shape {shape_str(logits)} (k = {sizes['k']})")
+    if sizes["D"] < 1:
+        raise ValueError(f"logits must have D >= 1, got shape {shape_str(logits)}")
+    if sizes["d"] < 1:
+        raise ValueError(f"z must have a latent width d >= 1, got shape {shape_str(z)}")
+    check_devices(tensors, for_kernel)
+    return sizes["B"], sizes["k"], sizes["D"], sizes["d"]
 
 
-def check_log_weights(name: str, t, allow_empty: bool = False) -> int:
+def check_log_weights(name: str, t, allow_empty: bool = False, for_kernel: bool = False) -> int:
     """``t`` is a floating [..., k] tensor with k >= 1 (or k = 0 if ``allow_empty``); return k."""
     check_float_tensor(name, t)
     if t.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension [..., k], got a 0-d tensor")
     k = t.shape[-1]
     if k < 1 and not allow_empty:
-        raise ValueError(f"k must be >= 1: {name} has shape {_shape(t)} (k = {k})")
+        raise ValueError(f"k must be >= 1: {name} has shape {shape_str(t)} (k = {k})")
+    check_devices({name: t}, for_kernel)
     return k
 
 
-# --------------------------------------------------------------------------- launching
+# --------------------------------------------------------------------------- tiling
 
 
 def autotune_enabled() -> bool:
@@ -116,25 +151,103 @@ def autotune_enabled() -> bool:
     return os.environ.get("IWAE_BENCH_AUTOTUNE", "1") != "0"
 
 
-class Tunable:
-    """A Triton kernel autotuned on a GPU, or launched with one fixed config.
+@dataclass(frozen=True)
+class Tiling:
+    """Where one kernel's block sizes come from, in one place:
 
-    The fixed config serves under the CPU interpreter (where timing configs would measure
-    numpy) and when autotuning is switched off; the host function passes block sizes for both.
+    - on a GPU, autotuned over ``configs`` (keyed on the argument names ``key``, pruned by
+      ``prune(configs, named_args)``);
+    - on a GPU with IWAE_BENCH_AUTOTUNE=0, ``default(**sizes)``;
+    - under the CPU interpreter, ``interpreter(**sizes)``: large tiles, since the interpreter
+      pays per operation, not per element.
+
+    ``sizes`` are the few problem sizes the tile depends on (e.g. k and D), given at launch.
     """
 
-    def __init__(self, fn, configs, key, prune=None):
+    configs: list
+    key: list[str]
+    default: Callable[..., dict]
+    interpreter: Callable[..., dict]
+    prune: Callable | None = None
+
+
+class Tunable:
+    """A Triton kernel launched with the block sizes its ``Tiling`` gives."""
+
+    def __init__(self, fn, tiling: Tiling):
         import triton
 
         self.fn = fn
+        self.tiling = tiling
         self.tuned = None
         if not interpreted():
-            prune_by = {"early_config_prune": prune} if prune is not None else None
-            self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by=prune_by)(fn)
+            prune_by = {"early_config_prune": tiling.prune} if tiling.prune is not None else None
+            self.tuned = triton.autotune(configs=tiling.configs, key=tiling.key,
+                                         prune_configs_by=prune_by)(fn)
 
-    def launch(self, grid, *args, interpreter_meta: dict, default_meta: dict, **kwargs):
+    def meta(self, sizes: dict) -> dict | None:
+        """The block sizes a launch with these sizes gets, or None when the autotuner picks."""
         if self.tuned is None:
-            return self.fn[grid](*args, **kwargs, **interpreter_meta)
+            return self.tiling.interpreter(**sizes)
         if not autotune_enabled():
-            return self.fn[grid](*args, **kwargs, **default_meta)
-        return self.tuned[grid](*args, **kwargs)
+            return self.tiling.default(**sizes)
+        return None
+
+    def launch(self, grid, *args, sizes: dict, **kwargs):
+        """``grid`` is a function of the block sizes (a dict), as Triton's autotuner calls it."""
+        meta = self.meta(sizes)
+        if meta is None:
+            return self.tuned[grid](*args, **kwargs)
+        return self.fn[grid](*args, **kwargs, **meta)
+
+
+# --------------------------------------------------------------------------- split-k
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a launch walks k: ``splits`` programs per row, each over ``per_split`` samples."""
+
+    per_split: int
+    splits: int
+
+    @property
+    def is_split(self) -> bool:
+        return self.splits > 1
+
+
+def split_plan(rows: int, k: int, device: torch.device, quantum: int,
+               splits: int | None = None) -> SplitPlan:
+    """Split k only when there are too few rows to fill the device: enough programs for
+    ``target_programs``, each over a multiple of ``quantum`` samples (so any tile up to the
+    quantum covers a split without a ragged block in the middle) and at least two quanta
+    long. ``splits`` forces a number of splits (tests walk the split path with it)."""
+    if splits is not None:
+        per_split = cdiv(k, max(1, splits))
+        return SplitPlan(per_split, cdiv(k, per_split))
+    wanted = cdiv(target_programs(device), max(1, rows))
+    if wanted <= 1 or k < 2 * quantum:
+        return SplitPlan(k, 1)
+    per_split = quantum * cdiv(cdiv(k, quantum), wanted)
+    return SplitPlan(per_split, cdiv(k, per_split))
+
+
+@dataclass
+class SplitWorkspace:
+    """What a split launch combines its partials in: ``partial`` [rows, splits] float32 and one
+    ``ticket`` counter per row group (int32). The kernel leaves every ticket at 0, so a
+    workspace can serve launch after launch (the autotuner reruns one launch many times)."""
+
+    partial: torch.Tensor
+    ticket: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, plan: SplitPlan, device: torch.device) -> "SplitWorkspace":
+        return cls(torch.empty((rows, plan.splits), device=device, dtype=torch.float32),
+                   torch.zeros(rows, device=device, dtype=torch.int32))
+
+    def check(self, rows: int, plan: SplitPlan) -> None:
+        if tuple(self.partial.shape) != (rows, plan.splits) or self.ticket.numel() < rows:
+            raise ValueError(f"workspace holds partials {shape_str(self.partial)} and "
+                             f"{self.ticket.numel()} tickets; this launch needs [{rows}, {plan.splits}] "
+                             f"and {rows}")

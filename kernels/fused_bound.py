@@ -22,12 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tunable, cdiv, check_bound_inputs, next_pow2, target_programs
-from .logw import (DEFAULT_BLOCKS, PROD_GROUP, _log_weight_block, block_configs, input_strides,
-                   interpreter_blocks, latent_block, log_weights_backward, prune_block_configs)
+from ._common import (SplitWorkspace, Tunable, check_bound_inputs, next_pow2, split_plan)
+from .logw import (PROD_GROUP, SPLIT_QUANTUM, _log_weight_block, block_tiling, input_strides,
+                   latent_block, log_weights_backward)
 from .lse import _combine_split_partials, _lse_combine, _lse_finalize
-
-SPLIT_QUANTUM = 256  # samples per split are a multiple of this, so any BLOCK_K <= 256 tiles it
 
 
 @triton.jit
@@ -36,7 +34,7 @@ def _fused_iwae_forward_kernel(
     bound_ptr, lse_ptr, log_w_ptr, partial_ptr, ticket_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-    k, D, d, k_per_split, SPLITS, log_k,
+    B, k, D, d, k_per_split, SPLITS, log_k,
     SAVE_LOG_W: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -70,47 +68,35 @@ def _fused_iwae_forward_kernel(
     tl.store(bound_ptr + b + one, lse - log_k, mask=store_mask)
 
 
-_fused_forward = Tunable(_fused_iwae_forward_kernel, block_configs(), key=["k", "D", "d", "SPLITS"],
-                         prune=prune_block_configs)
+_fused_forward = Tunable(_fused_iwae_forward_kernel, block_tiling("SPLITS", "SAVE_LOG_W"))
 
 
-def split_plan(B: int, k: int, device: torch.device) -> tuple[int, int]:
-    """(k_per_split, splits): enough programs to fill the device, splits a multiple of 256."""
-    wanted = max(1, cdiv(target_programs(device), B))
-    if wanted == 1 or k <= SPLIT_QUANTUM:
-        return k, 1
-    k_per_split = SPLIT_QUANTUM * cdiv(cdiv(k, SPLIT_QUANTUM), wanted)
-    return k_per_split, cdiv(k, k_per_split)
-
-
-def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None):
+def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None,
+                       workspace: SplitWorkspace | None = None):
     """Return (bound [B], lse [B], log_w [B, k] or None), all float32 (inputs already checked).
 
-    ``splits`` overrides the split plan (tests use it to walk the multi-split path).
+    ``splits`` overrides the split plan and ``workspace`` supplies the split's partials and
+    tickets (tests use them to walk the multi-split path and to reuse one ticket buffer).
     """
     B, k, D = logits.shape
     d = z.shape[2]
     device = logits.device
-    if splits is None:
-        k_per_split, n_splits = split_plan(B, k, device)
-    else:
-        k_per_split = SPLIT_QUANTUM * cdiv(cdiv(k, splits), SPLIT_QUANTUM) if splits > 1 else k
-        n_splits = cdiv(k, k_per_split)
+    plan = split_plan(B, k, device, SPLIT_QUANTUM, splits)
     bound = torch.empty(B, device=device, dtype=torch.float32)
     lse = torch.empty(B, device=device, dtype=torch.float32)
     log_w = torch.empty((B, k), device=device, dtype=torch.float32) if save_log_w else bound
-    split_k = n_splits > 1
-    # the [B, splits] partials and one ticket per example, only when k is split
-    partial = torch.empty((B, n_splits), device=device, dtype=torch.float32) if split_k else bound
-    ticket = torch.zeros(B, device=device, dtype=torch.int32) if split_k else bound
+    if plan.is_split:  # the [B, splits] partials and one ticket per example
+        workspace = workspace or SplitWorkspace.allocate(B, plan, device)
+        workspace.check(B, plan)
+    else:
+        workspace = SplitWorkspace(bound, bound)  # never read: SPLIT_K is off
     _fused_forward.launch(
-        lambda meta: (B, n_splits),
-        x, logits, z, mu, logvar, bound, lse, log_w, partial, ticket,
+        lambda meta: (B, plan.splits),
+        x, logits, z, mu, logvar, bound, lse, log_w, workspace.partial, workspace.ticket,
         *input_strides(x, logits, z, mu, logvar),
-        k, D, d, k_per_split, n_splits, math.log(k),
-        SAVE_LOG_W=save_log_w, SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
-        BLOCK_S=next_pow2(n_splits),
-        interpreter_meta=interpreter_blocks(min(k, k_per_split), D), default_meta=DEFAULT_BLOCKS,
+        B, k, D, d, plan.per_split, plan.splits, math.log(k),
+        SAVE_LOG_W=save_log_w, SPLIT_K=plan.is_split, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
+        BLOCK_S=next_pow2(plan.splits), sizes={"k": min(k, plan.per_split), "D": D},
     )
     return bound, lse, (log_w if save_log_w else None)
 
@@ -142,7 +128,7 @@ def fused_iwae_bound(x, logits, z, mu, logvar) -> torch.Tensor:
     Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory
     (O(B*k) when a gradient is needed). Differentiable (backward in Triton).
     """
-    B = check_bound_inputs(x, logits, z, mu, logvar)[0]
+    B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[0]
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
     return FusedIWAEBoundFunction.apply(x, logits, z, mu, logvar)

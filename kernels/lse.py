@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tunable, cdiv, check_log_weights, interpreted, next_pow2, target_programs
+from ._common import SplitWorkspace, Tiling, Tunable, cdiv, check_log_weights, next_pow2, split_plan
 
 
 @triton.jit
@@ -150,23 +150,28 @@ def _default_blocks(K: int) -> dict:
     return {"BLOCK_R": max(1, 1024 // block_k), "BLOCK_K": block_k, "num_warps": 4}
 
 
-def _prune_lse(configs, named_args, **kwargs):
-    # A tile wider than a split's columns wastes lanes; keep those no wider (at least the
-    # narrowest). With a split K, keep single-row tiles: the split is for few, long rows.
-    K = min(named_args["K"], named_args["k_per_split"])
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= next_pow2(K)
-            and (named_args["SPLITS"] == 1 or c.kwargs["BLOCK_R"] <= 4)]
-    return kept or configs[-1:]
-
-
-_lse_forward = Tunable(_logsumexp_forward_kernel, _lse_configs(), key=["R", "K", "SPLITS"],
-                       prune=_prune_lse)
-
-
 def _interpreter_blocks(K: int) -> dict:
     # Large tiles: the interpreter pays per operation, not per element.
     block_k = min(next_pow2(K), 1024)
     return {"BLOCK_R": max(1, min(64, 4096 // block_k)), "BLOCK_K": block_k}
+
+
+def _prune_by_width(configs, K: int, few_rows: bool):
+    # A tile wider than the columns a program walks wastes lanes; keep those no wider (at least
+    # the narrowest). With a split K, keep single-row tiles: the split is for few, long rows.
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= next_pow2(K)
+            and (not few_rows or c.kwargs["BLOCK_R"] <= 4)]
+    return kept or configs[-1:]
+
+
+# The columns a program walks: its split's share of K in the forward, one tile in the backward.
+_lse_forward = Tunable(_logsumexp_forward_kernel, Tiling(
+    _lse_configs(), key=["R", "K", "SPLITS"], default=_default_blocks, interpreter=_interpreter_blocks,
+    prune=lambda configs, named_args, **_: _prune_by_width(
+        configs, min(named_args["K"], named_args["k_per_split"]), named_args["SPLITS"] > 1)))
+_lse_backward = Tunable(_logsumexp_backward_kernel, Tiling(
+    _lse_configs(), key=["R", "K"], default=_default_blocks, interpreter=_interpreter_blocks,
+    prune=lambda configs, named_args, **_: _prune_by_width(configs, named_args["K"], False)))
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -181,19 +186,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 SPLIT_QUANTUM = 4096  # columns per split are a multiple of the widest tile
 
 
-def split_plan(R: int, K: int, device: torch.device) -> tuple[int, int]:
-    """(k_per_split, splits): split K only when there are too few rows to fill the device."""
-    wanted = cdiv(target_programs(device), R)
-    if wanted <= 1 or K < 2 * SPLIT_QUANTUM:
-        return K, 1
-    k_per_split = SPLIT_QUANTUM * cdiv(cdiv(K, SPLIT_QUANTUM), wanted)
-    return k_per_split, cdiv(K, k_per_split)
-
-
-def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None = None):
+def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None = None,
+                      workspace: SplitWorkspace | None = None):
     """Return (out, lse): out = logsumexp(t, -1) - offset in float32, lse the raw row values.
 
-    ``splits`` overrides the split plan (tests use it to walk the split-k path).
+    ``splits`` overrides the split plan and ``workspace`` supplies the split's partials and
+    tickets (tests use them to walk the split-k path and to reuse one ticket buffer).
     """
     rows = _as_rows(t)
     R, K = rows.shape
@@ -201,21 +199,17 @@ def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None =
     out = torch.empty(R, device=t.device, dtype=torch.float32)
     if R == 0:
         return out.view(t.shape[:-1]), lse
-    if splits is None:
-        k_per_split, n_splits = split_plan(R, K, t.device)
+    plan = split_plan(R, K, t.device, SPLIT_QUANTUM, splits)
+    if plan.is_split:  # the [R, splits] partials and one ticket per row block (at most R)
+        workspace = workspace or SplitWorkspace.allocate(R, plan, t.device)
+        workspace.check(R, plan)
     else:
-        k_per_split = cdiv(K, splits)
-        n_splits = cdiv(K, k_per_split)
-    split_k = n_splits > 1
-    # the [R, splits] partials and one ticket per row block (at most R), only when split
-    partial = torch.empty((R, n_splits), device=t.device, dtype=torch.float32) if split_k else lse
-    ticket = torch.zeros(R, device=t.device, dtype=torch.int32) if split_k else lse
-    meta = _interpreter_blocks(min(K, k_per_split))
+        workspace = SplitWorkspace(lse, lse)  # never read: SPLIT_K is off
     _lse_forward.launch(
-        lambda m: (cdiv(R, m["BLOCK_R"]), n_splits),
-        rows, lse, out, partial, ticket, R, K, rows.stride(0), rows.stride(1), float(offset),
-        k_per_split, n_splits, SPLIT_K=split_k, BLOCK_S=next_pow2(n_splits),
-        interpreter_meta=meta, default_meta=_default_blocks(min(K, k_per_split)),
+        lambda m: (cdiv(R, m["BLOCK_R"]), plan.splits),
+        rows, lse, out, workspace.partial, workspace.ticket, R, K, rows.stride(0), rows.stride(1),
+        float(offset), plan.per_split, plan.splits, SPLIT_K=plan.is_split,
+        BLOCK_S=next_pow2(plan.splits), sizes={"K": min(K, plan.per_split)},
     )
     return out.view(t.shape[:-1]), lse
 
@@ -226,12 +220,10 @@ def logsumexp_backward(t: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tenso
     R, K = rows.shape
     grad = torch.empty((R, K), device=t.device, dtype=t.dtype)
     if R > 0 and K > 0:
-        blocks = ({"BLOCK_R": 16, "BLOCK_K": 256} if not interpreted()
-                  else _interpreter_blocks(K))
-        grid = (cdiv(R, blocks["BLOCK_R"]), cdiv(K, blocks["BLOCK_K"]))
-        _logsumexp_backward_kernel[grid](
-            rows, lse, grad_out.reshape(R).contiguous(), grad,
-            R, K, rows.stride(0), rows.stride(1), **blocks,
+        _lse_backward.launch(
+            lambda m: (cdiv(R, m["BLOCK_R"]), cdiv(K, m["BLOCK_K"])),
+            rows, lse, grad_out.reshape(R).contiguous(), grad, R, K, rows.stride(0), rows.stride(1),
+            sizes={"K": K},
         )
     return grad.view(t.shape)
 
@@ -251,12 +243,12 @@ class LogSumExpFunction(torch.autograd.Function):
 
 def logsumexp(t: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dimension of ``t`` [..., K] -> [...] in float32."""
-    if check_log_weights("t", t, allow_empty=True) == 0:  # an empty sum: -inf, as torch.logsumexp gives
-        return torch.full(t.shape[:-1], float("-inf"), device=t.device, dtype=torch.float32)
+    if check_log_weights("t", t, allow_empty=True, for_kernel=True) == 0:
+        return torch.full(t.shape[:-1], float("-inf"), device=t.device, dtype=torch.float32)  # as torch
     return LogSumExpFunction.apply(t, 0.0)
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     """IWAE bound from log-weights [..., k] -> [...]: logsumexp over k minus log k, float32."""
-    k = check_log_weights("log_w", log_w)
+    k = check_log_weights("log_w", log_w, for_kernel=True)
     return LogSumExpFunction.apply(log_w, math.log(k))
