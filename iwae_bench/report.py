@@ -1,15 +1,14 @@
-"""Plots and a comparison report, rendered from a sweep's CSV alone (plus its machine.json).
+"""Plots and a comparison report, rendered from a results CSV alone (plus its machine.json).
 
-Nothing in the report is typed by hand: every number is a cell of ``results.csv`` or a field of
-``machine.json``, and every plot is drawn from the table printed under it.
+Nothing in the report is typed by hand: every number is a cell of ``results.csv`` (read through
+the table's contract: malformed lines are listed and skipped, never drawn) or a field of
+``machine.json``, and every plot is drawn from the table printed under it. The Markdown is the
+report; the HTML is rendered from it by markdown-it-py.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -19,50 +18,73 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
-VARIANT_ORDER = ["naive", "torch", "compile", "triton", "fused"]
-STYLE = {"naive": ("tab:gray", "x"), "torch": ("tab:blue", "o"), "compile": ("tab:orange", "s"),
-         "triton": ("tab:green", "^"), "fused": ("tab:red", "D")}
-NUMERIC = ["k", "batch", "latent", "data_dim", "time_ms", "time_ms_p20", "time_ms_p80",
-           "samples_per_s", "bytes", "gbps", "copy_gbps", "bw_fraction", "peak_mem_bytes",
-           "bound_mean", "elbo_mean", "max_abs_err", "grad_max_abs_err", "finite_fraction",
-           "iwae_elbo_gap", "compile_ms", "threads"]
+from .files import read_json, save_figure, write_text  # noqa: E402
+from .harness.table import COLUMNS, IDENTITY, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
+from .harness.timing import NOISE_LIMIT  # noqa: E402
+
+VARIANT_ORDER = ["naive", "blog", "torch", "compile", "triton", "fused"]
+# colour, marker and marker size: sizes shrink along the order and later variants draw on top,
+# so series that coincide (triton under fused) stay visible as rings around dots
+STYLE = {"naive": ("tab:gray", "x", 9), "blog": ("tab:brown", "v", 9), "torch": ("tab:blue", "o", 8),
+         "compile": ("tab:orange", "s", 7), "triton": ("tab:green", "^", 8), "fused": ("tab:red", "D", 4)}
+NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS]
+NATS = "nats"
 
 
-def load(csv_path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
+def load(csv_path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The CSV's valid rows as a frame, and one line per malformed line that was skipped."""
+    table = read_table(csv_path)
+    if not table.rows:
+        detail = f" ({'; '.join(table.problems[:3])})" if table.problems else ""
+        raise TableError(f"{csv_path} holds no valid rows{detail}")
+    frame = pd.DataFrame(table.rows, columns=COLUMNS)
     for column in NUMERIC:
-        if column in frame:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    frame["status"] = frame["status"].fillna("")
-    frame["message"] = frame["message"].fillna("")
-    return frame
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    for column in TEXT_COLUMNS:
+        frame[column] = frame[column].fillna("")
+    return frame, table.problems
+
+
+def _ordered(variants) -> list[str]:
+    present = set(variants)
+    return [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER))
 
 
 # --------------------------------------------------------------------------- plots
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+def _log_x(ax) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def _facet_grid(frame: pd.DataFrame, draw, ylabel: str, title: str, path: Path) -> None:
-    """One panel per (batch, latent) of ``frame``; ``draw(ax, panel_rows)`` fills each panel."""
-    batches = sorted(frame["batch"].unique())
-    latents = sorted(frame["latent"].unique())
-    fig, axes = plt.subplots(len(batches), len(latents), squeeze=False, sharex=True,
-                             figsize=(4.2 * len(latents) + 1, 3.2 * len(batches) + 0.6))
-    for i, batch in enumerate(batches):
-        for j, latent in enumerate(latents):
+def _panel_title(keys: tuple[str, ...], values: tuple) -> str:
+    names = {"batch": "B", "latent": "d", "k": "k"}
+    return ", ".join(f"{names.get(key, key)}={value}" for key, value in zip(keys, values))
+
+
+def _facet_grid(frame: pd.DataFrame, draw, ylabel: str, title: str, path: Path,
+                panels: tuple[str, ...] = ("batch", "latent"), xlabel: str = "k (samples per example)") -> None:
+    """One panel per value of ``panels`` (rows: the first key, columns: the second, if any);
+    ``draw(ax, panel_rows)`` fills each panel."""
+    row_key, col_key = panels[0], (panels[1] if len(panels) > 1 else None)
+    row_values = sorted(frame[row_key].unique())
+    col_values = sorted(frame[col_key].unique()) if col_key else [None]
+    fig, axes = plt.subplots(len(row_values), len(col_values), squeeze=False, sharex=True,
+                             figsize=(4.2 * len(col_values) + 1, 3.2 * len(row_values) + 0.6))
+    for i, row_value in enumerate(row_values):
+        for j, col_value in enumerate(col_values):
             ax = axes[i][j]
-            draw(ax, frame[(frame["batch"] == batch) & (frame["latent"] == latent)])
+            part = frame[frame[row_key] == row_value]
+            if col_key:
+                part = part[part[col_key] == col_value]
+            draw(ax, part)
             _log_x(ax)
-            ax.set_title(f"B={batch}, d={latent}", fontsize=9)
+            keys = (row_key, col_key) if col_key else (row_key,)
+            ax.set_title(_panel_title(keys, (row_value, col_value)), fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            if i == len(batches) - 1:
-                ax.set_xlabel("k (samples per example)")
+            if i == len(row_values) - 1:
+                ax.set_xlabel(xlabel)
             if j == 0:
                 ax.set_ylabel(ylabel)
     legend = {}
@@ -72,23 +94,42 @@ def _facet_grid(frame: pd.DataFrame, draw, ylabel: str, title: str, path: Path) 
     if legend:
         axes[0][-1].legend(legend.values(), legend.keys(), fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def _draw_series(ax, part: pd.DataFrame, x: str, metric: str, bars: tuple[str, str] | None = None) -> None:
+    """One line per variant; noisy cells as hollow markers; p20-p80 bars where given."""
+    for variant in _ordered(part["variant"]):
+        line = part[part["variant"] == variant].sort_values(x)
+        color, marker, size = STYLE.get(variant, (None, ".", 6))
+        z = 2 + VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else 10
+        ax.plot(line[x], line[metric], color=color, lw=1, alpha=0.85, zorder=z)
+        steady = line[line["status"] != "noisy"]
+        ax.plot(steady[x], steady[metric], ls="none", marker=marker, ms=size, color=color,
+                label=variant, zorder=z)
+        noisy = line[line["status"] == "noisy"]
+        if not noisy.empty:
+            ax.plot(noisy[x], noisy[metric], ls="none", marker=marker, ms=size + 2, mfc="none",
+                    color=color, zorder=z)
+            ax.plot([], [], ls="none", marker="o", mfc="none", color="black",
+                    label=f"noisy (p80/p20 > {NOISE_LIMIT})")
+        if bars is not None:
+            low, high = line[bars[0]], line[bars[1]]
+            ax.errorbar(line[x], line[metric], yerr=[line[metric] - low, high - line[metric]],
+                        fmt="none", ecolor=color, elinewidth=0.8, capsize=2, zorder=z)
 
 
 def facet_plot(frame: pd.DataFrame, metric: str, ylabel: str, title: str, path: Path,
                logy: bool = True, reference_line: float | None = None,
-               non_finite_at: float | None = None) -> bool:
-    """``metric`` against k, one line per variant, one panel per (batch, latent)."""
+               non_finite_at: float | None = None, bars: tuple[str, str] | None = None,
+               panels: tuple[str, ...] = ("batch", "latent")) -> bool:
+    """``metric`` against k, one line per variant, one panel per ``panels`` value."""
     frame = frame.dropna(subset=[metric])
     if frame.empty:
         return False
 
     def draw(ax, panel):
-        present = set(panel["variant"])
-        for variant in [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER)):
-            line = panel[panel["variant"] == variant].sort_values("k")
-            color, marker = STYLE.get(variant, (None, "."))
-            ax.plot(line["k"], line[metric], marker=marker, color=color, label=variant)
+        _draw_series(ax, panel, "k", metric, bars)
         if reference_line is not None:
             ax.axhline(reference_line, color="black", lw=0.8, ls="--")
         if non_finite_at is not None:
@@ -96,14 +137,24 @@ def facet_plot(frame: pd.DataFrame, metric: str, ylabel: str, title: str, path: 
         if logy:
             ax.set_yscale("log")
 
-    _facet_grid(frame, draw, ylabel, title, path)
+    _facet_grid(frame, draw, ylabel, title, path, panels)
     return True
 
 
+def _with_throughput_bars(frame: pd.DataFrame) -> pd.DataFrame:
+    """samples/s at the p80 and p20 times: the throughput's p20-p80 band."""
+    frame = frame.copy()
+    samples = frame["batch"] * frame["k"]
+    frame["samples_per_s_low"] = samples / (frame["time_ms_p80"] * 1e-3)
+    frame["samples_per_s_high"] = samples / (frame["time_ms_p20"] * 1e-3)
+    return frame
+
+
 def bounds_plot(frame: pd.DataFrame, path: Path) -> bool:
-    """L_k (the IWAE bound, from the torch variant, or any ok one) and the ELBO against k."""
-    rows = frame[(frame["mode"] == "forward") & frame["bound_mean"].notna()
-                 & frame["status"].isin(["ok", "interpreted"])]
+    """L_k (the IWAE bound, from the torch variant, or any finite one) and the ELBO against k."""
+    rows = frame[(frame["family"] == "bound") & (frame["mode"] == "forward")
+                 & (frame["regime"] == "realistic") & frame["bound_mean"].notna()
+                 & (frame["finite_fraction"] == 1.0)]
     if rows.empty:
         return False
     rows = rows[rows["variant"] == ("torch" if "torch" in set(rows["variant"]) else rows["variant"].iloc[0])]
@@ -115,14 +166,32 @@ def bounds_plot(frame: pd.DataFrame, path: Path) -> bool:
         ax.plot(panel["k"], panel["elbo_mean"], marker="s", label="ELBO (mean of log w)")
         ax.fill_between(panel["k"], panel["elbo_mean"], panel["bound_mean"], alpha=0.15)
 
-    _facet_grid(rows, draw, "nats per example",
+    _facet_grid(rows, draw, f"{NATS} per example",
                 f"IWAE bound vs ELBO on the same samples ({rows['dtype'].iloc[0]} logits)", path)
     return True
 
 
+def latent_plot(part: pd.DataFrame, path: Path, title: str) -> pd.DataFrame | None:
+    """Throughput against the latent width d at each (B, k) that the grid ran at several d."""
+    groups = part.groupby(["batch", "k"])["latent"].nunique()
+    shapes = groups[groups > 1].index
+    if len(shapes) == 0:
+        return None
+    rows = part.set_index(["batch", "k"]).loc[list(shapes)].reset_index()
+
+    def draw(ax, panel):
+        _draw_series(ax, panel, "latent", "samples_per_s")
+        ax.set_yscale("log")
+
+    _facet_grid(rows, draw, "samples / s", title, path, panels=("batch", "k"),
+                xlabel="latent width d")
+    return rows.pivot_table(index=["batch", "k", "latent"], columns="variant", values="time_ms",
+                            aggfunc="first")
+
+
 def error_frame(frame: pd.DataFrame, column: str = "max_abs_err") -> tuple[pd.DataFrame, float]:
     """Errors with inf replaced by a marker value two decades above the finite ones, so a
-    non-finite result shows on the plot (on a dashed line labelled as such); returns the marker."""
+    non-finite result shows on the plot (on a dotted line labelled as such); returns the marker."""
     rows = frame[frame[column].notna()].copy()
     finite = rows.loc[rows[column].apply(math.isfinite), column]
     top = 10.0 ** (math.ceil(math.log10(max(finite.max(), 1e-12))) + 2) if not finite.empty else 1.0
@@ -136,42 +205,36 @@ def _mark_non_finite(ax, top: float) -> None:
             fontsize=7, color="gray")
 
 
-def _log_x(ax) -> None:
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-
-
 def headline_plot(frame: pd.DataFrame, path: Path) -> bool:
     """Throughput and error against k for the forward bound at the largest batch."""
-    forward = frame[(frame["mode"] == "forward")]
+    forward = frame[(frame["family"] == "bound") & (frame["mode"] == "forward")
+                    & (frame["regime"] == "realistic")]
     if forward.empty:
         return False
     dtype = "float32" if "float32" in set(forward["dtype"]) else forward["dtype"].iloc[0]
-    forward = forward[(forward["dtype"] == dtype)]
-    batch, latent = forward["batch"].max(), sorted(forward["latent"].unique())[len(forward["latent"].unique()) // 2]
-    panel = forward[(forward["batch"] == batch) & (forward["latent"] == latent)]
+    forward = forward[forward["dtype"] == dtype]
+    batch = forward["batch"].max()
+    at_batch = forward[forward["batch"] == batch]
+    latent = at_batch.groupby("latent")["k"].nunique().idxmax()  # the d with the most k
+    panel = at_batch[at_batch["latent"] == latent]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    speed = panel[panel["status"] == "ok"]
+    speed = _with_throughput_bars(panel[panel["status"].isin(TIMED)])
     errors, top = error_frame(panel)
-    for variant in VARIANT_ORDER:
-        color, marker = STYLE[variant]
-        line = speed[speed["variant"] == variant].sort_values("k")
-        if not line.empty:
-            left.plot(line["k"], line["samples_per_s"], marker=marker, color=color, label=variant)
-        line = errors[errors["variant"] == variant].sort_values("k")
-        if not line.empty:
-            right.plot(line["k"], line["max_abs_err"], marker=marker, color=color, label=variant)
+    if not speed.empty:
+        _draw_series(left, speed, "k", "samples_per_s", ("samples_per_s_low", "samples_per_s_high"))
+    _draw_series(right, errors, "k", "max_abs_err")
     device = panel["device"].iloc[0]
     left.set(yscale="log", xlabel="k", ylabel="samples (B*k) per second",
              title=f"throughput, {device}, B={batch}, d={latent}, {dtype}")
-    right.set(yscale="log", xlabel="k", ylabel="max |bound - float64 reference|",
+    right.set(yscale="log", xlabel="k", ylabel=f"max |bound - float64 reference| ({NATS})",
               title="error against the float64 reference")
     _mark_non_finite(right, top)
     for ax in (left, right):
         _log_x(ax)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    _save(fig, path)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    save_figure(fig, path)
     return True
 
 
@@ -187,14 +250,12 @@ def with_speedup(part: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return ratio
 
 
-def pivot(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+def pivot(frame: pd.DataFrame, metric: str, index=("batch", "latent", "k")) -> pd.DataFrame:
     rows = frame.dropna(subset=[metric])
     if rows.empty:
         return rows
-    table = rows.pivot_table(index=["batch", "latent", "k"], columns="variant", values=metric,
-                             aggfunc="first")
-    return table[[v for v in VARIANT_ORDER if v in table.columns]
-                 + [v for v in table.columns if v not in VARIANT_ORDER]]
+    table = rows.pivot_table(index=list(index), columns="variant", values=metric, aggfunc="first")
+    return table[_ordered(table.columns)]
 
 
 def _fmt(value) -> str:
@@ -204,13 +265,13 @@ def _fmt(value) -> str:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         return f"{value:.4g}"
-    return str(value)
+    return str(value).replace("|", "\\|")
 
 
 def markdown_table(table: pd.DataFrame) -> str:
     if table.empty:
         return "_no rows_\n"
-    flat = table.reset_index()
+    flat = table.reset_index() if not isinstance(table.index, pd.RangeIndex) else table
     head = "| " + " | ".join(map(str, flat.columns)) + " |"
     rule = "|" + "---|" * len(flat.columns)
     body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in flat.itertuples(index=False)]
@@ -220,87 +281,196 @@ def markdown_table(table: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- the report
 
 
-def render(out: Path, csv_path: Path | None = None) -> Path:
-    """Write plots, report.md and report.html into ``out`` from its CSV; return report.md."""
+class Report:
+    """Sections in order: (title, image or None, text, table or None)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.plots = out / "plots"
+        self.plots.mkdir(parents=True, exist_ok=True)
+        self.sections: list[tuple[str, str | None, str, pd.DataFrame | None]] = []
+
+    def add(self, title: str, text: str, table: pd.DataFrame | None = None, image: str | None = None):
+        self.sections.append((title, f"plots/{image}" if image else None, text, table))
+
+
+def _speed_sections(report: Report, frame: pd.DataFrame) -> None:
+    timed = frame[frame["status"].isin(TIMED)]
+    bound = timed[(timed["family"] == "bound") & (timed["regime"] == "realistic")]
+    for (mode, dtype), part in sorted(bound.groupby(["mode", "dtype"])):
+        _speed_group(report, part, f"{mode}_{dtype}", f"{mode}, {dtype} logits", ("batch", "latent"))
+        table = latent_plot(part, report.plots / f"latent_{mode}_{dtype}.png",
+                            f"throughput against the latent width d, {mode}, {dtype} logits")
+        if table is not None:
+            report.add(f"Latent width: {mode}, {dtype}", "Samples (B*k) per second against the "
+                       "latent width d at the (B, k) the grid ran at several d. Table: median time "
+                       "of one call, ms.", table, f"latent_{mode}_{dtype}.png")
+    reduction = timed[timed["family"] == "reduction"]
+    for dtype, part in sorted(reduction.groupby("dtype")):
+        _speed_group(report, part, f"reduction_{dtype}", f"the reduction alone on [B, k] {dtype} "
+                     "log-weights", ("batch",))
+
+
+def _speed_group(report: Report, part: pd.DataFrame, tag: str, what: str, panels: tuple) -> None:
+    index = ["batch", "k"] if panels == ("batch",) else ["batch", "latent", "k"]
+    bars = _with_throughput_bars(part)
+    if facet_plot(bars, "samples_per_s", "samples / s", f"throughput, {what}", report.plots / f"throughput_{tag}.png",
+                  bars=("samples_per_s_low", "samples_per_s_high"), panels=panels):
+        report.add(f"Throughput: {what}", "Samples (B*k) per second against k; bars span the "
+                   "20th to 80th percentile of the timing samples, hollow markers are noisy cells. "
+                   "Table: median time of one call, ms.", pivot(part, "time_ms", index),
+                   f"throughput_{tag}.png")
+    if "torch" in set(part["variant"]):
+        ratio = with_speedup(part, "torch")
+        if facet_plot(ratio, "speedup_vs_torch", "speedup over torch", f"speedup over eager torch, {what}",
+                      report.plots / f"speedup_{tag}.png", reference_line=1.0, panels=panels):
+            report.add(f"Speedup over torch: {what}", "Time of the torch variant divided by each "
+                       "variant's time, per cell.", pivot(ratio, "speedup_vs_torch", index), f"speedup_{tag}.png")
+    if facet_plot(part, "bw_fraction", "fraction of copy bandwidth", f"fraction of measured copy bandwidth, {what}",
+                  report.plots / f"bandwidth_{tag}.png", logy=False, reference_line=1.0, panels=panels):
+        report.add(f"Fraction of copy bandwidth: {what}", "Fewest bytes the cell must move over its "
+                   "median time, divided by the copy bandwidth measured in the same run.",
+                   pivot(part, "bw_fraction", index), f"bandwidth_{tag}.png")
+    if facet_plot(part, "peak_mem_bytes", "peak extra bytes", f"peak memory, {what}",
+                  report.plots / f"memory_{tag}.png", panels=panels):
+        report.add(f"Peak memory: {what}", "Bytes allocated at the peak of one call beyond what was "
+                   "allocated before it.", pivot(part, "peak_mem_bytes", index), f"memory_{tag}.png")
+
+
+def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
+    if bounds_plot(frame, report.plots / "bounds.png"):
+        forward = frame[(frame["family"] == "bound") & (frame["mode"] == "forward")
+                        & (frame["regime"] == "realistic")]
+        report.add("IWAE bound and ELBO", "Mean L_k and mean ELBO (float64) of each cell's inputs "
+                   f"against k: the gap the importance weights close. Table: the IWAE-ELBO gap in {NATS} "
+                   "(each variant's mean bound minus the float64 ELBO of the same inputs).",
+                   pivot(forward, "iwae_elbo_gap"), "bounds.png")
+    for (family, regime, mode), part in sorted(frame.groupby(["family", "regime", "mode"])):
+        panels = ("batch",) if family == "reduction" else ("batch", "latent")
+        index = ["batch", "k"] if family == "reduction" else ["batch", "latent", "k"]
+        what = "the reduction alone" if family == "reduction" else f"{mode}, {regime} inputs"
+        tag = f"{family}_{regime}_{mode}"
+        errors, top = error_frame(part)
+        if facet_plot(errors, "max_abs_err", f"max |err| ({NATS})", f"bound error against the float64 reference, {what}",
+                      report.plots / f"error_{tag}.png", non_finite_at=top, panels=panels):
+            report.add(f"Bound error: {what}", f"Largest |bound - float64 bound| per cell, in {NATS} "
+                       "(all dtypes); points on the dotted top line are non-finite results (a -inf "
+                       "or NaN bound where the reference is finite).", pivot(part, "max_abs_err", index),
+                       f"error_{tag}.png")
+        if part["grad_max_abs_err"].notna().any():
+            errors, top = error_frame(part, "grad_max_abs_err")
+            if facet_plot(errors, "grad_max_abs_err", "max |grad err|", f"gradient error against float64 autograd, {what}",
+                          report.plots / f"grad_error_{tag}.png", non_finite_at=top, panels=panels):
+                report.add(f"Gradient error: {what}", "Largest |gradient - float64 autograd gradient| "
+                           "over logits, z, mu and logvar (nats per unit of the input).",
+                           pivot(part, "grad_max_abs_err", index), f"grad_error_{tag}.png")
+    saturated = frame[frame["regime"] == "saturated"]
+    if not saturated.empty:
+        table = pd.DataFrame({
+            f"{metric} ({mode})": part.groupby("variant")[metric].max()
+            for mode, part in sorted(saturated.groupby("mode"))
+            for metric in ("max_abs_err", "grad_max_abs_err") if part[metric].notna().any()})
+        report.add("Saturated logits: where code on probabilities breaks",
+                   "Inputs where 2% of pixels get logits of 20-40 nats on the wrong side, so "
+                   "sigmoid rounds to exactly 0 or 1 in float32. Code that works from probabilities "
+                   "(naive, blog: BCE on sigmoid(l), whose log torch clamps at -100) gets -100 where "
+                   "the log-probability is -l, and a zero gradient where it is -1; code that works "
+                   "from logits does not. Largest error over the saturated cells, per variant.",
+                   table.loc[_ordered(table.index)])
+
+
+def _status_sections(report: Report, frame: pd.DataFrame) -> None:
+    columns = ["family", "variant", "mode", "dtype", "regime", "batch", "latent", "k"]
+    noisy = frame[frame["status"] == "noisy"]
+    if not noisy.empty:
+        report.add("Noisy cells", f"Timed twice and still spread: p80/p20 > {NOISE_LIMIT}. Their "
+                   "times are measurements, drawn hollow; another process on the same cores is the "
+                   "usual cause. Rerun them with --resume after deleting their rows, or on a quiet "
+                   "machine.", noisy[columns + ["time_spread", "time_samples", "time_ms"]].set_index(columns))
+    rows = frame[~frame["status"].isin(TIMED)]
+    report.add("Cells that are not speed measurements",
+               "`interpreted`: Triton kernels run by the CPU interpreter (checked for correctness, "
+               "their time is not a speed); `fallback`: torch.compile ran eager; `oom`, `error`, "
+               "`skipped`: no measurement, with the reason.",
+               rows[columns + ["status", "message"]].set_index(columns))
+
+
+def _comparison_section(report: Report, frame: pd.DataFrame, against: Path) -> None:
+    """This run beside another results folder (e.g. the committed reference run)."""
+    other, _ = load(against / "results.csv")
+    keys = [c for c in IDENTITY if c != "device"]
+    merged = frame.merge(other, on=keys, how="outer", suffixes=("", "_ref"), indicator=True)
+    both = merged[merged["_merge"] == "both"]
+    timed = both[both["status"].isin(TIMED) & both["status_ref"].isin(TIMED)].copy()
+    timed["time_ratio"] = timed["time_ms"] / timed["time_ms_ref"]
+    summary = pd.DataFrame({
+        "cells timed in both": timed.groupby("variant").size(),
+        "median time ratio (this / reference)": timed.groupby("variant")["time_ratio"].median(),
+        "largest |bound difference|": (both["bound_mean"] - both["bound_mean_ref"]).abs().groupby(both["variant"]).max(),
+    })
+    summary = summary.loc[_ordered(summary.index)] if not summary.empty else summary
+    ref_machine = read_json(against / "machine.json").get("machine", {})
+    status_changed = both[both["status"] != both["status_ref"]]
+    only_here = int((merged["_merge"] == "left_only").sum())
+    only_there = int((merged["_merge"] == "right_only").sum())
+    image = None
+    if not timed.empty:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for variant in _ordered(timed["variant"]):
+            part = timed[timed["variant"] == variant]
+            color, marker, size = STYLE.get(variant, (None, ".", 6))
+            ax.plot(part["time_ms_ref"], part["time_ms"], ls="none", marker=marker, ms=size,
+                    color=color, label=variant)
+        lo, hi = timed[["time_ms", "time_ms_ref"]].min().min(), timed[["time_ms", "time_ms_ref"]].max().max()
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="same time")
+        ax.set(xscale="log", yscale="log", xlabel="reference run: median ms", ylabel="this run: median ms",
+               title="each cell timed in both runs")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        save_figure(fig, report.plots / "against_reference.png")
+        image = "against_reference.png"
+    report.add(f"Against {against}",
+               f"The reference was made on {ref_machine.get('device_name', 'an unrecorded machine')} "
+               f"(torch {ref_machine.get('torch', '?')}, commit {ref_machine.get('commit', '?')}). "
+               f"{len(both)} cells in both runs, {only_here} only in this one, {only_there} only in "
+               f"the reference; {len(status_changed)} changed status. Time ratios above 1: this run "
+               "is slower.", summary, image)
+
+
+def render(out: Path, csv_path: Path | None = None, against: Path | None = None) -> Path:
+    """Write plots, report.md and (with markdown-it-py) report.html into ``out`` from its CSV;
+    ``against`` adds a comparison with another results folder. Returns report.md."""
     csv_path = csv_path or out / "results.csv"
-    if not csv_path.exists():
-        raise FileNotFoundError(f"no sweep CSV at {csv_path}")
-    frame = load(csv_path)
-    machine_path = csv_path.parent / "machine.json"
-    record = json.loads(machine_path.read_text()) if machine_path.exists() else {}
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    sections: list[tuple[str, str | None, str, pd.DataFrame | None]] = []  # title, image, text, table
+    frame, problems = load(csv_path)
+    record = read_json(csv_path.parent / "machine.json")
+    report = Report(out)
 
     if (frame["device"] == "cuda").any():
         from .targets import targets_table
 
         table = targets_table(frame)
         met = int((table["met"] == "yes").sum())
-        sections.append(("GPU targets", None,
-                         f"{met} of {len(table)} targets met. Each row: a cell of the CSV, what it "
-                         "measured, and the goal (fraction of the copy bandwidth, speedup over "
-                         "torch.compile on the same inputs, or peak extra bytes).",
-                         table.set_index(["target", "cell"])))
-        measured = frame[(frame["device"] == "cuda") & (frame["status"] == "ok")]
-        for (mode, dtype), part in sorted(measured.groupby(["mode", "dtype"])):
-            if "compile" in set(part["variant"]):
-                sections.append((f"Every variant against torch.compile: {mode}, {dtype}", None,
-                                 "Speedup over torch.compile on the same cell (time of compile / "
-                                 "time of the variant); the fraction of copy bandwidth is in the "
-                                 "bandwidth section.", pivot(with_speedup(part, "compile"), "speedup_vs_compile")))
-    if headline_plot(frame, plots / "headline.png"):
-        sections.append(("Headline", "plots/headline.png",
-                         "Throughput of the forward bound (measured variants only) and each variant's "
-                         "error against the float64 reference, at the largest batch.", None))
-    speed = frame[frame["status"] == "ok"]
-    for (mode, dtype), part in sorted(speed.groupby(["mode", "dtype"])):
-        tag = f"{mode}_{dtype}"
-        if facet_plot(part, "samples_per_s", "samples / s", f"throughput, {mode}, {dtype} logits",
-                      plots / f"throughput_{tag}.png"):
-            sections.append((f"Throughput: {mode}, {dtype}", f"plots/throughput_{tag}.png",
-                             "Samples (B*k) per second against k. Table: median time of one call, ms.",
-                             pivot(part, "time_ms")))
-        if "torch" in set(part["variant"]):
-            ratio = with_speedup(part, "torch")
-            if facet_plot(ratio, "speedup_vs_torch", "speedup over torch", f"speedup over eager torch, {mode}, {dtype}",
-                          plots / f"speedup_{tag}.png", reference_line=1.0):
-                sections.append((f"Speedup over torch: {mode}, {dtype}", f"plots/speedup_{tag}.png",
-                                 "Time of the torch variant divided by each variant's time.",
-                                 pivot(ratio, "speedup_vs_torch")))
-        if facet_plot(part, "bw_fraction", "fraction of copy bandwidth", f"fraction of measured copy bandwidth, {mode}, {dtype}",
-                      plots / f"bandwidth_{tag}.png", logy=False, reference_line=1.0):
-            sections.append((f"Fraction of copy bandwidth: {mode}, {dtype}", f"plots/bandwidth_{tag}.png",
-                             "Fewest bytes the cell must move over its time, divided by the copy bandwidth "
-                             "measured in the same run.", pivot(part, "bw_fraction")))
-        if facet_plot(part, "peak_mem_bytes", "peak extra bytes", f"peak memory, {mode}, {dtype}",
-                      plots / f"memory_{tag}.png"):
-            sections.append((f"Peak memory: {mode}, {dtype}", f"plots/memory_{tag}.png",
-                             "Bytes allocated at the peak of one call beyond what was allocated before it.",
-                             pivot(part, "peak_mem_bytes")))
-    if speed["peak_mem_bytes"].dropna().empty:
-        sections.append(("Peak memory", None, "Not measured: the CPU has no allocator statistics that "
-                         "can be reset per call, so the column is empty rather than guessed.", None))
-    if bounds_plot(frame, plots / "bounds.png"):
-        sections.append(("IWAE bound and ELBO", "plots/bounds.png",
-                         "Mean L_k and mean ELBO (float64) of each cell's inputs against k: the gap "
-                         "the importance weights close.", pivot(frame[frame["mode"] == "forward"], "iwae_elbo_gap")))
-    for mode, part in sorted(frame.groupby("mode")):
-        errors, top = error_frame(part)
-        if facet_plot(errors, "max_abs_err", "max |err|", f"error against the float64 reference, {mode}",
-                      plots / f"error_{mode}.png", non_finite_at=top):
-            sections.append((f"Error against the reference: {mode}", f"plots/error_{mode}.png",
-                             "Largest |bound - float64 bound| per cell (all dtypes); points on the top "
-                             "row are infinite errors (a -inf bound where the reference is finite).",
-                             pivot(part, "max_abs_err")))
-        if part["grad_max_abs_err"].notna().any():
-            sections.append((f"Gradient error: {mode}", None,
-                             "Largest |gradient - float64 autograd gradient| over logits, z, mu, logvar.",
-                             pivot(part, "grad_max_abs_err")))
+        report.add("GPU targets", f"{met} of {len(table)} targets met. Each row: a cell of the CSV, "
+                   "what it measured, and the goal (fraction of the copy bandwidth, speedup over "
+                   "torch.compile on the same inputs, or peak extra bytes).", table.set_index(["target", "cell"]))
+    if headline_plot(frame, report.plots / "headline.png"):
+        report.add("Headline", "Throughput of the forward bound (timed variants only, p20-p80 bars) "
+                   f"and each variant's error against the float64 reference in {NATS}, at the largest batch.",
+                   image="headline.png")
+    _speed_sections(report, frame)
+    if frame.loc[frame["status"].isin(TIMED), "peak_mem_bytes"].dropna().empty:
+        report.add("Peak memory", "Not measured: the CPU has no allocator statistics that can be "
+                   "reset per call, so the column is empty rather than guessed.")
+    _accuracy_sections(report, frame)
+    _status_sections(report, frame)
+    if against is not None:
+        _comparison_section(report, frame, against)
 
-    report_md = _markdown(frame, record, sections)
-    _write_atomic(out / "report.md", report_md)
-    _write_atomic(out / "report.html", _html(frame, record, sections))
+    markdown = _markdown(frame, record, report.sections, problems)
+    write_text(out / "report.md", markdown)
+    html = _html(markdown)
+    if html is not None:
+        write_text(out / "report.html", html)
     return out / "report.md"
 
 
@@ -308,57 +478,44 @@ def _machine_lines(record: dict) -> list[tuple[str, str]]:
     info = record.get("machine", {})
     lines = [(key, str(value)) for key, value in info.items()]
     for i, run in enumerate(record.get("runs", []), 1):
+        copy = run.get("copy_bandwidth_gbps")
         lines.append((f"run {i}", f"`{run.get('command')}` started {run.get('started')}, finished "
-                                   f"{run.get('finished') or 'not (interrupted)'}, copy bandwidth "
-                                   f"{run.get('copy_bandwidth_gbps', float('nan')):.1f} GB/s"))
+                                   f"{run.get('finished') or 'not (interrupted)'}"
+                                   + (f", copy bandwidth {copy:.1f} GB/s" if copy else "")))
     return lines
 
 
-def _status_table(frame: pd.DataFrame) -> pd.DataFrame:
-    rows = frame[frame["status"] != "ok"]
-    return rows[["variant", "mode", "dtype", "batch", "latent", "k", "status", "message"]].set_index(
-        ["variant", "mode", "dtype", "batch", "latent", "k"])
-
-
-def _markdown(frame, record, sections) -> str:
-    parts = ["# iwae-bench sweep report\n\n",
-             f"{len(frame)} cells from `results.csv`. Rendered by `python -m iwae_bench report`; "
-             "every number below is a cell of that CSV or a field of `machine.json`.\n\n",
-             "## Machine\n\n", "| field | value |\n|---|---|\n" +
-             "".join(f"| {k} | {v} |\n" for k, v in _machine_lines(record))]
+def _markdown(frame, record, sections, problems) -> str:
+    timed = frame[frame["status"].isin(TIMED)]
+    noisy = int((frame["status"] == "noisy").sum())
+    parts = ["# iwae-bench report\n\n",
+             f"{len(frame)} cells from `results.csv`; {noisy} of {len(timed)} timed cells are noisy "
+             f"(p80/p20 > {NOISE_LIMIT} after a second measurement){': see Noisy cells' if noisy else ''}. "
+             "Rendered by `python -m iwae_bench report`: every number below is a cell of that CSV or "
+             "a field of `machine.json`.\n\n"]
+    if problems:
+        parts.append(f"{len(problems)} malformed lines of the CSV were skipped: "
+                     + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else "") + "\n\n")
+    parts += ["## Machine\n\n", "| field | value |\n|---|---|\n"
+              + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in _machine_lines(record))]
     for title, image, text, table in sections:
         parts.append(f"\n## {title}\n\n{text}\n")
         if image:
             parts.append(f"\n![{title}]({image})\n")
         if table is not None:
             parts.append("\n" + markdown_table(table))
-    status = _status_table(frame)
-    parts.append("\n## Cells that are not speed measurements\n\n"
-                 "`interpreted`: Triton kernels run by the CPU interpreter (checked for correctness, "
-                 "their time is not a speed); `fallback`: torch.compile ran eager; `oom`, `error`, "
-                 "`skipped`: no measurement, with the reason.\n\n" + markdown_table(status))
     return "".join(parts)
 
 
-def _html(frame, record, sections) -> str:
-    body = [f"<h1>iwae-bench sweep report</h1><p>{len(frame)} cells from results.csv.</p>",
-            "<h2>Machine</h2><table>" + "".join(
-                f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                for k, v in _machine_lines(record)) + "</table>"]
-    for title, image, text, table in sections:
-        body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>")
-        if image:
-            body.append(f'<img src="{image}" style="max-width:100%">')
-        if table is not None and not table.empty:
-            body.append(table.to_html(float_format=_fmt, na_rep=""))
-    body.append("<h2>Cells that are not speed measurements</h2>" + _status_table(frame).to_html())
+def _html(markdown: str) -> str | None:
+    """The report as HTML, rendered from its Markdown; None where markdown-it-py is missing
+    (a bare GPU image): report.md is the report, the HTML a convenience."""
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        return None
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>iwae-bench report</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
-            "collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>"
-            + "".join(body) + "</body></html>\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+            "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+            "</style></head><body>\n" + body + "</body></html>\n")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .harness.table import TIMED
+
 BIG = 5e7  # B*k*D from which the bandwidth targets apply
 
 # (mode, dtype) -> (fraction of copy bandwidth, speedup over torch.compile) for the fused bound
@@ -24,16 +26,16 @@ PEAK_SLACK = 1 << 20
 
 
 def _cell(row) -> str:
-    if row["mode"] == "reduction":
+    if row["family"] == "reduction":
         return f"reduction B={row['batch']} k={row['k']}"
     return f"{row['mode']} {row['dtype']} B={row['batch']} k={row['k']} d={row['latent']}"
 
 
 def targets_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (target, cell) that the CSV can speak to, with the measurement and 'met'."""
-    frame = frame[frame["device"] == "cuda"]
-    keys = ["mode", "dtype", "batch", "k", "latent", "data_dim"]
-    times = frame[frame["status"] == "ok"].set_index(keys + ["variant"])["time_ms"]
+    frame = frame[(frame["device"] == "cuda") & (frame["regime"] == "realistic")]
+    keys = ["family", "mode", "dtype", "batch", "k", "latent", "data_dim"]
+    times = frame[frame["status"].isin(TIMED)].set_index(keys + ["variant"])["time_ms"]
     out = []
 
     def add(target, row, measured, goal, met, unit=""):
@@ -42,15 +44,15 @@ def targets_table(frame: pd.DataFrame) -> pd.DataFrame:
 
     def compile_speedup(row):
         key = tuple(row[c] for c in keys)
-        if key + ("compile",) in times.index and row["status"] == "ok":
+        if key + ("compile",) in times.index and row["status"] in TIMED:
             return times[key + ("compile",)] / row["time_ms"]
         return None
 
-    for _, row in frame[frame["variant"] == "fused"].iterrows():
+    for _, row in frame[(frame["variant"] == "fused") & (frame["family"] == "bound")].iterrows():
         goals = FUSED_TARGETS.get((row["mode"], row["dtype"]))
         if goals is None:
             continue
-        if row["status"] != "ok":
+        if row["status"] not in TIMED:
             add("fused runs", row, row["status"], "ok", False)
             continue
         if row["batch"] * row["k"] * row["data_dim"] >= BIG:
@@ -63,8 +65,8 @@ def targets_table(frame: pd.DataFrame) -> pd.DataFrame:
             limit = PEAK_BYTES_PER_SAMPLE * row["batch"] * row["k"] + PEAK_SLACK
             add("fused: peak extra memory O(B*k)", row, row["peak_mem_bytes"], limit,
                 row["peak_mem_bytes"] <= limit, "bytes")
-    for _, row in frame[(frame["variant"] == "triton") & (frame["mode"] == "reduction")].iterrows():
-        if row["status"] != "ok":
+    for _, row in frame[(frame["variant"] == "triton") & (frame["family"] == "reduction")].iterrows():
+        if row["status"] not in TIMED:
             add("iwae_bound runs", row, row["status"], "ok", False)
             continue
         speedup = compile_speedup(row)

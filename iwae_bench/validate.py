@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from . import machine
+from .harness import machine
+from .harness.sweep import Block, Grid, run_sweep
 from .pytest_bench import REDUCTION_SHAPES
 from .report import render
-from .sweep import Grid, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests that exercise kernels and variants on the device. They need only torch, triton and
@@ -36,8 +36,8 @@ KERNEL_TESTS = ["tests/test_logsumexp.py", "tests/test_log_weights.py", "tests/t
 def gpu_grid() -> Grid:
     """The targets' shapes at D = 784, d = 50: (1024, 64) and (20, 5000) as measured when the
     targets were set, (256, 256) between them, and (8, 100000) which must stream."""
-    return Grid(k=[], batch=[], latent=[50], data_dim=[784], dtype=["float32", "bfloat16"],
-                mode=["forward", "backward"], shapes=[(1024, 64), (20, 5000), (256, 256), (8, 100_000)],
+    shapes = [(1024, 64), (20, 5000), (256, 256), (8, 100_000)]
+    return Grid([Block(k=[k], batch=[b], dtype=["float32", "bfloat16"]) for b, k in shapes],
                 reductions=list(REDUCTION_SHAPES["cuda"]))
 
 

@@ -1,8 +1,19 @@
-"""The five ways to compute the IWAE bound, behind one registry and one calling convention.
+"""The ways to compute the IWAE bound, behind one registry and one calling convention.
 
-Every variant is ``fn(x, logits, z, mu, logvar) -> [B] float32`` (shapes as in
-``kernels.log_weights``) and checks its inputs with the same function as the kernels, so bad
-input reads the same whichever variant meets it. Adding a variant is one decorated function.
+Two families share the registry and its flags:
+
+- ``bound``: ``fn(x, logits, z, mu, logvar) -> [B] float32`` (shapes as in
+  ``kernels.log_weights``), from the five inputs;
+- ``reduction``: ``fn(log_w [B, k]) -> [B] float32``, the last step alone (the logsumexp over k).
+
+Every variant checks its inputs with the same function as the kernels, so bad input reads
+the same whichever variant meets it. The harness reads a variant's flags (``uses_triton``:
+interpreted, so not a speed, on a CPU; ``compiles``: compiled afresh per cell), never its
+name. Adding a variant is one decorated function.
+
+The stable variants call the training math (``training.bounds``); ``naive`` and ``blog`` are
+kept as written in the code they stand for, mistakes included, so a reader sees what that
+code costs and where it is wrong.
 """
 
 from __future__ import annotations
@@ -16,78 +27,60 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import check_bound_inputs
+from kernels._common import check_log_weights
+
+from .training import bounds
+
+FAMILIES = ("bound", "reduction")
+INPUTS = {"bound": ("x", "logits", "z", "mu", "logvar"), "reduction": ("log_w",)}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
+    family: str
     fn: Callable[..., torch.Tensor]
     description: str
-    uses_triton: bool = False     # runs Triton kernels (interpreted, so not timed as speed, on CPU)
-    differentiable: bool = True
+    uses_triton: bool = False   # runs Triton kernels (interpreted, so not timed as speed, on CPU)
+    compiles: bool = False      # torch.compile: compiled afresh for every cell
 
-    def __call__(self, x, logits, z, mu, logvar) -> torch.Tensor:
-        check_bound_inputs(x, logits, z, mu, logvar)
-        return self.fn(x, logits, z, mu, logvar)
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        names = INPUTS[self.family]
+        given = {**dict(zip(names, args)), **kwargs}
+        if len(args) > len(names) or set(given) != set(names):
+            raise TypeError(f"a {self.family} variant takes ({', '.join(names)}), got "
+                            f"{len(args)} positional and {sorted(kwargs)} keyword arguments")
+        inputs = [given[name] for name in names]
+        if self.family == "bound":
+            check_bound_inputs(*inputs, for_kernel=self.uses_triton)
+        else:
+            check_log_weights("log_w", *inputs, for_kernel=self.uses_triton)
+        return self.fn(*inputs)
 
 
-VARIANTS: dict[str, Variant] = {}
+REGISTRY: dict[str, dict[str, Variant]] = {family: {} for family in FAMILIES}
+VARIANTS = REGISTRY["bound"]
+REDUCTIONS = REGISTRY["reduction"]
 
 
-def register(name: str, description: str, **flags):
+def register(family: str, name: str, description: str, **flags):
     def wrap(fn):
-        VARIANTS[name] = Variant(name, fn, description, **flags)
+        REGISTRY[family][name] = Variant(name, family, fn, description, **flags)
         return fn
     return wrap
 
 
-def get(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+def get(name: str, family: str = "bound") -> Variant:
+    if family not in REGISTRY:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if name not in REGISTRY[family]:
+        raise ValueError(f"unknown {family} variant {name!r}; choose from {', '.join(REGISTRY[family])}")
+    return REGISTRY[family][name]
 
 
-@register("naive", "textbook: inputs repeated to [B*k, ...], BCE on sigmoid probabilities, "
-                   "log(mean(exp(log_w))) with no max shift")
-def naive_bound(x, logits, z, mu, logvar):
-    B, k, D = logits.shape
-    d = z.shape[2]
-    # What the textbook code does: flatten the samples and repeat the per-example inputs.
-    x_rep = x.float().repeat_interleave(k, dim=0)                   # [B*k, D]
-    mu_rep = mu.float().repeat_interleave(k, dim=0)                 # [B*k, d]
-    logvar_rep = logvar.float().repeat_interleave(k, dim=0)
-    h = z.float().reshape(B * k, d)
-    probs = torch.sigmoid(logits.float().reshape(B * k, D))
-    log_px = -F.binary_cross_entropy(probs, x_rep, reduction="none").sum(dim=1)
-    log_2pi = math.log(2.0 * math.pi)
-    log_ph = -0.5 * (h ** 2).sum(dim=1) - 0.5 * d * log_2pi
-    log_qh = -0.5 * ((h - mu_rep) ** 2 / torch.exp(logvar_rep) + logvar_rep).sum(dim=1) - 0.5 * d * log_2pi
-    log_w = (log_px + log_ph - log_qh).view(B, k)
-    return torch.log(torch.mean(torch.exp(log_w), dim=1))
+# --------------------------------------------------------------------------- torch.compile
 
-
-def torch_log_weights(x, logits, z, mu, logvar):
-    """log w [B, k] in float32 with broadcasting over k (no repeats) and BCE with logits."""
-    logits = logits.float()
-    log_px = -F.binary_cross_entropy_with_logits(
-        logits, x.float().unsqueeze(1).expand_as(logits), reduction="none").sum(-1)
-    z = z.float()
-    mu = mu.float().unsqueeze(1)
-    logvar = logvar.float().unsqueeze(1)
-    log_ph_minus_log_qh = 0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar - z * z).sum(-1)
-    return log_px + log_ph_minus_log_qh
-
-
-def torch_bound(x, logits, z, mu, logvar):
-    """Stable PyTorch: broadcasting over k, BCE with logits, torch.logsumexp."""
-    log_w = torch_log_weights(x, logits, z, mu, logvar)
-    return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
-
-
-register("torch", "stable PyTorch: broadcasting instead of repeats, BCE with logits, "
-                  "torch.logsumexp")(torch_bound)
-
-_compiled: dict[str, Callable] = {}
+_compiled: dict[Callable, Callable] = {}
 
 
 def reset_compiled() -> None:
@@ -97,47 +90,88 @@ def reset_compiled() -> None:
     torch._dynamo.utils.counters.clear()  # so a later count of captured graphs is this cell's
 
 
-@register("compile", "torch.compile of the torch variant (default settings, static shapes)")
-def compiled_bound(x, logits, z, mu, logvar):
-    if "bound" not in _compiled:
-        _compiled["bound"] = torch.compile(torch_bound, dynamic=False)
-    return _compiled["bound"](x, logits, z, mu, logvar)
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` (default settings, static shapes), compiled on first use."""
+
+    def call(*inputs):
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=False)
+        return _compiled[fn](*inputs)
+
+    return call
 
 
-@register("triton", "two Triton kernels: batched log-weights, then the logsumexp over k",
+# --------------------------------------------------------------------------- the bound
+
+
+def textbook_log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
+    """log w [B, k] as the textbook and blog code compute it: the per-example inputs repeated
+    to [B*k, ...], BCE on sigmoid probabilities (torch clamps each log at -100), and
+    hand-written Gaussian log-densities with their 2 pi terms."""
+    B, k, D = logits.shape
+    d = z.shape[2]
+    x_rep = x.float().repeat_interleave(k, dim=0)                   # [B*k, D]
+    mu_rep = mu.float().repeat_interleave(k, dim=0)                 # [B*k, d]
+    logvar_rep = logvar.float().repeat_interleave(k, dim=0)
+    h = z.float().reshape(B * k, d)
+    probs = torch.sigmoid(logits.float().reshape(B * k, D))
+    log_px = -F.binary_cross_entropy(probs, x_rep, reduction="none").sum(dim=1)
+    log_2pi = math.log(2.0 * math.pi)
+    log_ph = -0.5 * (h ** 2).sum(dim=1) - 0.5 * d * log_2pi
+    log_qh = -0.5 * ((h - mu_rep) ** 2 / torch.exp(logvar_rep) + logvar_rep).sum(dim=1) - 0.5 * d * log_2pi
+    return (log_px + log_ph - log_qh).view(B, k)
+
+
+@register("bound", "naive", "textbook: inputs repeated to [B*k, ...], BCE on sigmoid probabilities, "
+                            "log(mean(exp(log_w))) with no max shift")
+def naive_bound(x, logits, z, mu, logvar):
+    return torch.log(torch.mean(torch.exp(textbook_log_weights(x, logits, z, mu, logvar)), dim=1))
+
+
+@register("bound", "blog", "the blog code's IWAE loss as written: inputs repeated to [B*k, ...], "
+                           "BCE on sigmoid probabilities (log clamped at -100), then torch.logsumexp")
+def blog_bound(x, logits, z, mu, logvar):
+    log_w = textbook_log_weights(x, logits, z, mu, logvar)
+    return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
+
+
+def torch_bound(x, logits, z, mu, logvar):
+    return bounds.iwae_bound(x, logits, z, mu, logvar, backend="torch")
+
+
+register("bound", "torch", "stable PyTorch: broadcasting instead of repeats, BCE with logits, "
+                           "torch.logsumexp")(torch_bound)
+register("bound", "compile", "torch.compile of the torch variant (default settings, static shapes)",
+         compiles=True)(compiled(torch_bound))
+
+
+@register("bound", "triton", "two Triton kernels: batched log-weights, then the logsumexp over k",
           uses_triton=True)
 def triton_bound(x, logits, z, mu, logvar):
     return kernels.iwae_bound(kernels.log_weights(x, logits, z, mu, logvar))
 
 
-@register("fused", "one Triton kernel from (x, logits, z, mu, logvar) to the bound",
+@register("bound", "fused", "one Triton kernel from (x, logits, z, mu, logvar) to the bound",
           uses_triton=True)
 def fused_bound(x, logits, z, mu, logvar):
-    return kernels.fused_iwae_bound(x, logits, z, mu, logvar)
+    return bounds.iwae_bound(x, logits, z, mu, logvar, backend="fused")
 
 
 # --------------------------------------------------------------------------- the reduction alone
-# The same variants for the last step only, iwae_bound(log_w [B, k]) -> [B], for benchmarks of
-# the logsumexp over k by itself ("fused" has nothing to fuse there).
+# iwae_bound(log_w [B, k]) -> [B] by itself ("fused" has nothing to fuse there).
 
 
-def _naive_reduction(log_w):
+@register("reduction", "naive", "log(mean(exp(log_w))) with no max shift")
+def naive_reduction(log_w):
     return torch.log(torch.mean(torch.exp(log_w.float()), dim=-1))
 
 
-def _torch_reduction(log_w):
+def torch_reduction(log_w):
     return torch.logsumexp(log_w.float(), dim=-1) - math.log(log_w.shape[-1])
 
 
-def _compiled_reduction(log_w):
-    if "reduction" not in _compiled:
-        _compiled["reduction"] = torch.compile(_torch_reduction, dynamic=False)
-    return _compiled["reduction"](log_w)
-
-
-REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "naive": _naive_reduction,
-    "torch": _torch_reduction,
-    "compile": _compiled_reduction,
-    "triton": kernels.iwae_bound,
-}
+register("reduction", "torch", "torch.logsumexp minus log k")(torch_reduction)
+register("reduction", "compile", "torch.compile of the torch reduction", compiles=True)(
+    compiled(torch_reduction))
+register("reduction", "triton", "the streaming Triton logsumexp (kernels.iwae_bound)",
+         uses_triton=True)(kernels.iwae_bound)

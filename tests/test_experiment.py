@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import kernels
-from iwae_bench.data import binarize, load_mnist
-from iwae_bench.experiment import (RUNS, Schedule, active_units, run_experiment,
+from iwae_bench.experiments.data import binarize, load_mnist
+from iwae_bench.experiments.mnist import (RUNS, Schedule, active_units, run_experiment,
                                    streamed_log_weights)
-from iwae_bench.model import BernoulliVAE
+from iwae_bench.training import BernoulliVAE
 
 from .helpers import assert_close
 

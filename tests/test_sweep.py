@@ -1,4 +1,4 @@
-"""`python -m iwae_bench sweep` and `report`: the CSV, the plots, the report, resume, bad flags."""
+"""`python -m iwae_bench sweep`: the CSV, the report, where runs go, resume, bad flags."""
 
 import csv
 import json
@@ -10,21 +10,24 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib.image
 import pytest
+import torch
 
 from iwae_bench import reference
+from iwae_bench.harness.cell import bound_bytes
+from iwae_bench.harness.sweep import Grid, ResumeError, check_resume
+from iwae_bench.harness.table import COLUMNS, IDENTITY
 from iwae_bench.problems import Problem, make_inputs
-from iwae_bench.sweep import COLUMNS, KEY, min_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--device", "cpu", "--data-dim", "20", "--min-time", "0.01", "--no-progress"]
 
 
-def _cli(*args, **kwargs):
+def _cli(*args, cwd=ROOT, **kwargs):
     # these sweeps run on the CPU, where Triton is interpreted (on a GPU machine too)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-m", "iwae_bench", *args], capture_output=True,
-                          text=True, env=env, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+                          text=True, env=env, cwd=cwd, **kwargs)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -32,21 +35,38 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _key(row) -> tuple:
+    return tuple(row[c] for c in IDENTITY)
+
+
 def test_help_explains_every_flag():
     done = _cli("sweep", "--help")
     assert done.returncode == 0
     for flag in ["--preset", "--k", "--batch", "--latent", "--data-dim", "--variants", "--dtype",
-                 "--mode", "--device", "--out", "--resume"]:
+                 "--mode", "--regime", "--device", "--out", "--against", "--resume", "--seed",
+                 "--min-time", "--no-progress"]:
         assert flag in done.stdout
     assert "results.csv" in done.stdout and "machine.json" in done.stdout
+    assert "results/runs/<device>" in done.stdout and "promote" in done.stdout
+
+
+def test_quick_preset_varies_k_batch_and_latent_width():
+    grid = Grid.preset("quick", torch.device("cpu"))
+    problems = [p for p, _ in grid.problems()]
+    assert {p.latent for p in problems} == {16, 50, 200}
+    assert len({p.k for p in problems}) >= 4 and len({p.batch for p in problems}) >= 2
+    assert {p.regime for p in problems} == {"realistic", "saturated"}
+    assert grid.reductions and len(grid.identities(torch.device("cpu"))) == grid.size()
+    one = Grid.preset("quick", torch.device("cpu"), k=[3], latent=[7])
+    assert [(p.k, p.latent, p.batch) for p, _ in one.problems()] == [(3, 7, 4), (3, 7, 32)]
+    assert one.reductions == []
 
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    done = _cli("sweep", "--device", "cpu", "--k", "1", "3", "--batch", "2", "--latent", "4",
-                "--data-dim", "20", "--mode", "forward", "backward", "--min-time", "0.01",
-                "--out", str(out))
+    done = _cli("sweep", *TINY, "--k", "1", "3", "--batch", "2", "--latent", "4",
+                "--mode", "forward", "backward", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     return out
 
@@ -54,20 +74,20 @@ def tiny_sweep(tmp_path_factory):
 def test_tiny_sweep_writes_every_column_and_variant(tiny_sweep):
     rows = _rows(tiny_sweep / "results.csv")
     assert list(rows[0]) == COLUMNS
-    assert len(rows) == 5 * 2 * 2  # variants x k x modes
-    assert {r["variant"] for r in rows} == {"naive", "torch", "compile", "triton", "fused"}
-    by_key = {tuple(r[c] for c in KEY): r for r in rows}
-    assert len(by_key) == len(rows)
+    assert len(rows) == 6 * 2 * 2  # variants x k x modes
+    assert {r["variant"] for r in rows} == {"naive", "blog", "torch", "compile", "triton", "fused"}
+    assert len({_key(r) for r in rows}) == len(rows)
     for r in rows:
+        assert r["family"] == "bound" and r["seed"] == "0" and r["regime"] == "realistic"
         if r["variant"] in ("triton", "fused"):
             assert r["status"] == "interpreted" and r["gbps"] == "" and float(r["time_ms"]) > 0
         else:
-            assert r["status"] == "ok", r["message"]
+            assert r["status"] in ("ok", "noisy"), r["message"]
             assert float(r["samples_per_s"]) > 0 and float(r["bw_fraction"]) > 0
+            assert int(r["time_samples"]) >= 5 and float(r["time_spread"]) >= 1.0
         if r["mode"] == "backward":
             assert r["grad_max_abs_err"] != ""
-    compile_rows = [r for r in rows if r["variant"] == "compile"]
-    assert all(float(r["compile_ms"]) > 0 for r in compile_rows)
+    assert all(float(r["compile_ms"]) > 0 for r in rows if r["variant"] == "compile")
 
 
 def test_tiny_sweep_numbers_match_the_reference(tiny_sweep):
@@ -76,7 +96,7 @@ def test_tiny_sweep_numbers_match_the_reference(tiny_sweep):
         problem = Problem(int(r["batch"]), int(r["k"]), int(r["latent"]), int(r["data_dim"]), r["dtype"])
         inputs = make_inputs(problem)
         log_w = reference.log_weights(*inputs)
-        assert int(r["bytes"]) == min_bytes(inputs, r["mode"])
+        assert int(r["bytes"]) == bound_bytes(inputs, r["mode"])
         assert math.isclose(float(r["elbo_mean"]), reference.elbo(log_w).mean().item(), rel_tol=1e-12)
         if r["variant"] != "naive":
             assert math.isclose(float(r["bound_mean"]), reference.iwae_bound(log_w).mean().item(),
@@ -86,89 +106,146 @@ def test_tiny_sweep_numbers_match_the_reference(tiny_sweep):
                                 (reference.iwae_bound(log_w) - reference.elbo(log_w)).mean().item(), abs_tol=1e-3)
 
 
-def test_tiny_sweep_writes_plots_report_and_machine(tiny_sweep):
-    pngs = sorted((tiny_sweep / "plots").glob("*.png"))
-    names = {p.stem for p in pngs}
-    assert {"headline", "bounds", "error_forward", "error_backward", "throughput_forward_float32",
-            "speedup_backward_float32", "bandwidth_forward_float32"} <= names
-    for png in pngs:
-        image = matplotlib.image.imread(png)
-        assert image.shape[0] > 100 and image.shape[1] > 100
+def test_tiny_sweep_writes_report_and_machine(tiny_sweep):
     report = (tiny_sweep / "report.md").read_text()
-    for heading in ["## Machine", "## Throughput: forward, float32", "## IWAE bound and ELBO",
-                    "## Error against the reference: backward", "## Cells that are not speed measurements"]:
+    for heading in ["## Machine", "## Throughput: forward, float32 logits", "## IWAE bound and ELBO",
+                    "## Gradient error: backward, realistic inputs", "## Cells that are not speed measurements"]:
         assert heading in report
-    assert "interpreted" in report
-    assert (tiny_sweep / "report.html").read_text().startswith("<!doctype html>")
     record = json.loads((tiny_sweep / "machine.json").read_text())
     assert record["machine"]["device"] == "cpu" and record["machine"]["torch"]
-    assert record["runs"][0]["copy_bandwidth_gbps"] > 0 and record["runs"][0]["finished"]
-    assert not list(tiny_sweep.glob("*.tmp"))
+    assert record["machine"]["triton_interpreted"] is True
+    run = record["runs"][0]
+    assert run["copy_bandwidth_gbps"] > 0 and run["finished"] and run["grid"]["seed"] == 0
+    assert not [p for p in tiny_sweep.rglob("*") if p.name.startswith(".")]
 
 
-def test_report_renders_from_the_csv_alone(tiny_sweep, tmp_path):
-    (tmp_path / "results.csv").write_bytes((tiny_sweep / "results.csv").read_bytes())
-    done = _cli("report", str(tmp_path))
+def test_runs_go_to_their_own_folder_and_meet_the_reference(tmp_path):
+    """Without --out a run lands in results/runs/cpu, never in a committed reference; promote
+    makes it the reference, and the next run's report compares itself with it."""
+    args = ["sweep", *TINY, "--k", "2", "--batch", "2", "--latent", "3", "--variants", "torch",
+            "--mode", "forward"]
+    done = _cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "plots" / "headline.png").exists()
-    report = (tmp_path / "report.md").read_text()
-    assert "## Throughput: forward, float32" in report
+    run = tmp_path / "results" / "runs" / "cpu"
+    assert (run / "results.csv").exists() and not (tmp_path / "results" / "reference").exists()
+    done = _cli("promote", "results/runs/cpu", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    ref = tmp_path / "results" / "reference" / "cpu"
+    assert _rows(ref / "results.csv") == _rows(run / "results.csv")
+    assert "## Against" not in (ref / "report.md").read_text()
+    done = _cli("promote", "results/runs/cpu", cwd=tmp_path)
+    assert done.returncode == 2 and "exists; pass --replace" in done.stderr
+    done = _cli(*args, cwd=tmp_path)
+    assert done.returncode == 0 and "compared with results/reference/cpu" in done.stdout
+    assert "## Against results/reference/cpu" in (run / "report.md").read_text()
+    assert _rows(ref / "results.csv")[0]["time_ms"] != ""  # the reference untouched
+
+
+KILL_ARGS = ["sweep", *TINY, "--k", "1", "2", "3", "--batch", "2", "--latent", "3", "5",
+             "--dtype", "float32", "bfloat16", "--variants", "naive", "torch", "fused",
+             "--mode", "forward"]
 
 
 def test_killed_sweep_resumes_with_each_cell_once(tmp_path):
-    args = ["sweep", "--device", "cpu", "--k", "1", "2", "3", "4", "5", "6", "--batch", "2",
-            "--latent", "3", "--data-dim", "10", "--variants", "naive", "torch", "fused",
-            "--mode", "forward", "--min-time", "0.3", "--out", str(tmp_path)]
+    """A SIGKILL mid-sweep over a multi-latent, multi-dtype grid; --resume runs only what is
+    missing: every cell of the grid exactly once, finished rows kept as they were."""
+    args = [*KILL_ARGS, "--out", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "iwae_bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     csv_path = tmp_path / "results.csv"
     deadline = time.time() + 120
     while time.time() < deadline:
-        if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 4:  # header + 3 rows
+        if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 9:  # header + 8 rows
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _rows(csv_path)
-    assert 3 <= len(before) < 18, "the kill should land mid-sweep"
+    total = 3 * 2 * 2 * 3  # k x latent x dtype x variants
+    assert 8 <= len(before) < total, "the kill should land mid-sweep"
 
     done = _cli(*args, "--resume")
     assert done.returncode == 0, done.stderr
+    assert f"{total} cells, {len(before)} already done, {total - len(before)} to run" in done.stdout
     rows = _rows(csv_path)
-    keys = [tuple(r[c] for c in KEY) for r in rows]
-    assert len(rows) == 18 and len(set(keys)) == 18
+    keys = [_key(r) for r in rows]
+    assert len(rows) == total and len(set(keys)) == total
+    assert {(r["latent"], r["dtype"]) for r in rows} == {(d, t) for d in ("3", "5") for t in ("float32", "bfloat16")}
     assert rows[:len(before)] == before  # finished rows kept as they were
     runs = json.loads((tmp_path / "machine.json").read_text())["runs"]
     assert len(runs) == 2 and runs[0]["finished"] is None and runs[1]["finished"]
 
 
-def test_resume_drops_a_row_cut_off_mid_write(tmp_path):
-    from iwae_bench.sweep import read_done
+def test_resume_with_another_grid_counts_only_its_cells(tmp_path):
+    base = ["sweep", *TINY, "--batch", "2", "--latent", "3", "--variants", "torch", "--mode",
+            "forward", "--out", str(tmp_path)]
+    assert _cli(*base, "--k", "1", "2", "3").returncode == 0
+    first = _rows(tmp_path / "results.csv")
+    done = _cli(*base, "--k", "2", "4", "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "2 cells, 1 already done, 1 to run" in done.stdout
+    rows = _rows(tmp_path / "results.csv")
+    assert rows[:3] == first and [r["k"] for r in rows] == ["1", "2", "3", "4"]
 
-    path = tmp_path / "results.csv"
-    path.write_text(",".join(COLUMNS) + "\n" + "torch,cpu,float32,1,2,3,10,forward," + "1," * 5 + "\nnaive,cpu,flo")
-    done = read_done(path)
-    assert done == {("torch", "cpu", "float32", "1", "2", "3", "10", "forward")}
-    assert path.read_text().endswith("\n")
+
+def test_resume_refuses_to_mix_seeds(tmp_path):
+    base = ["sweep", *TINY, "--k", "1", "--batch", "2", "--latent", "3", "--variants", "torch",
+            "--mode", "forward", "--out", str(tmp_path)]
+    assert _cli(*base).returncode == 0
+    before = (tmp_path / "results.csv").read_text()
+    done = _cli(*base, "--resume", "--seed", "7")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--resume would mix settings in one results.csv: seed 0 there, 7 now" in done.stderr
+    assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_check_resume_names_every_clash():
+    rows = [{"seed": 0, "threads": 2, "device": "cpu"}]
+    check_resume(rows, {"torch": "2.13"}, {"seed": 0, "threads": 2, "device": "cpu", "device_name": "x",
+                                           "torch": "2.13", "triton": "3"})
+    with pytest.raises(ResumeError, match="threads 2 there, 1 now; torch '2.12' there, '2.13' now"):
+        check_resume(rows, {"torch": "2.12"}, {"seed": 0, "threads": 1, "device": "cpu",
+                                               "device_name": "x", "torch": "2.13", "triton": "3"})
 
 
 @pytest.mark.parametrize("args, message", [
     (["--k", "0"], "argument --k: must be an integer >= 1, got 0"),
     (["--variants", "nope"], "argument --variants: invalid choice: 'nope'"),
     (["--batch", "two"], "argument --batch: expected an integer, got 'two'"),
+    (["--min-time", "0"], "argument --min-time: must be a finite number > 0, got 0"),
+    (["--min-time", "-1"], "argument --min-time: must be a finite number > 0, got -1"),
+    (["--regime", "wild"], "argument --regime: invalid choice: 'wild'"),
     (["--out", "{file}/sub"], "is not writable"),
-], ids=["k=0", "unknown-variant", "batch-not-int", "unwritable-out"])
+    (["--against", "{file}"], "--against {file}: no such folder"),
+], ids=["k=0", "unknown-variant", "batch-not-int", "min-time-0", "min-time-negative",
+        "unknown-regime", "unwritable-out", "against-missing"])
 def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    done = _cli("sweep", *[a.format(file=blocker) for a in args])
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
+    done = _cli("sweep", *[a.format(file=blocker) for a in args], *out)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert len(lines) == 1 and message.format(file=blocker) in lines[0], done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_report_of_a_missing_csv_is_one_line(tmp_path):
-    done = _cli("report", str(tmp_path / "nowhere"))
-    assert done.returncode == 2 and "no sweep CSV" in done.stderr and "Traceback" not in done.stderr
+def test_compare_prints_inf_for_a_non_finite_bound():
+    done = _cli("compare", "--batch", "2", "--k", "4", "--variants", "naive", "torch")
+    assert done.returncode == 0, done.stderr
+    naive = next(line for line in done.stdout.splitlines() if line.startswith("naive"))
+    torch_line = next(line for line in done.stdout.splitlines() if line.startswith("torch"))
+    assert naive.split()[1:] == ["-inf", "inf", "0%"]
+    assert float(torch_line.split()[2]) < 1e-3 and torch_line.split()[3] == "100%"
+
+
+def test_every_flag_of_every_command_has_help():
+    from iwae_bench.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from iwae_bench import validate as validate_module
-from iwae_bench.sweep import Grid
+from iwae_bench.harness.sweep import Block, Grid
 from iwae_bench.targets import targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,21 +43,23 @@ def test_kernel_tests_need_nothing_a_bare_gpu_image_lacks():
 
 
 def test_validate_phases_write_the_results_folder(tmp_path):
-    grid = Grid(k=[], batch=[], latent=[3], data_dim=[12], dtype=["float32"], mode=["forward"],
-                variants=["torch", "fused"], shapes=[(2, 5)], reductions=[(4, 300)])
+    grid = Grid([Block(k=[5], batch=[2], latent=[3], data_dim=[12], mode=["forward"])],
+                variants=["torch", "fused"], reductions=[(4, 300)])
     status = validate_module.validate(torch.device("cpu"), tmp_path, with_tests=False, grid=grid,
                                       progress=False, log=lambda *a: None)
     assert status == 0
     rows = pd.read_csv(tmp_path / "results.csv")
     # two variants of the bound; the reduction only for torch ("fused" has nothing to fuse there)
-    assert set(rows["mode"]) == {"forward", "reduction"} and len(rows) == 2 + 1
+    assert set(rows["family"]) == {"bound", "reduction"} and len(rows) == 2 + 1
     assert (tmp_path / "report.md").exists() and (tmp_path / "plots" / "headline.png").exists()
     assert "GPU targets" not in (tmp_path / "report.md").read_text()  # a CPU run claims none
 
 
 def _row(variant, mode, dtype, batch, k, time_ms, bw=None, status="ok", peak=None):
-    return {"variant": variant, "device": "cuda", "mode": mode, "dtype": dtype, "batch": batch,
-            "k": k, "latent": 0 if mode == "reduction" else 50, "data_dim": 0 if mode == "reduction" else 784,
+    reduction = mode == "reduction"
+    return {"family": "reduction" if reduction else "bound", "variant": variant, "device": "cuda",
+            "mode": "forward" if reduction else mode, "regime": "realistic", "dtype": dtype,
+            "batch": batch, "k": k, "latent": 0 if reduction else 50, "data_dim": 0 if reduction else 784,
             "time_ms": time_ms, "bw_fraction": bw, "status": status, "peak_mem_bytes": peak}
 
 

@@ -1,4 +1,6 @@
-"""The five registered variants against the float64 reference, and bad input everywhere."""
+"""The registered variants against the float64 reference, and bad input everywhere."""
+
+import math
 
 import pytest
 import torch
@@ -6,23 +8,32 @@ import torch
 import kernels
 from iwae_bench import reference, variants
 from iwae_bench.problems import Problem, make_inputs
+from iwae_bench.training import IWAELoss
 
 from .helpers import assert_close, make_case
 
 STABLE = ["torch", "compile", "triton", "fused"]
 
 
-def test_registry_holds_the_five_variants():
-    assert list(variants.VARIANTS) == ["naive", "torch", "compile", "triton", "fused"]
-    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+def test_registry_holds_both_families_with_their_flags():
+    assert list(variants.VARIANTS) == ["naive", "blog", "torch", "compile", "triton", "fused"]
+    assert list(variants.REDUCTIONS) == ["naive", "torch", "compile", "triton"]
+    for family in variants.REGISTRY.values():
+        for v in family.values():
+            assert v.compiles == (v.name == "compile")
+            assert v.uses_triton == (v.name in ("triton", "fused"))
+    with pytest.raises(ValueError, match="unknown bound variant 'nope'"):
         variants.get("nope")
+    with pytest.raises(ValueError, match="unknown reduction variant 'fused'"):
+        variants.get("fused", "reduction")
 
 
 @pytest.mark.parametrize("name", STABLE)
 @pytest.mark.parametrize("problem", [
     Problem(batch=4, k=16, latent=8),
     Problem(batch=3, k=7, latent=50, dtype="bfloat16"),
-], ids=["realistic-f32", "realistic-bf16"])
+    Problem(batch=3, k=5, latent=6, regime="saturated"),
+], ids=["realistic-f32", "realistic-bf16", "saturated"])
 def test_stable_variants_match_reference(name, problem, device):
     inputs = make_inputs(problem, device)
     got = variants.get(name)(*inputs)
@@ -37,21 +48,105 @@ def test_stable_variants_on_adversarial_inputs(name, device):
         assert_close(variants.get(name)(*inputs), reference.bound(*inputs), what=f"{name} {options}")
 
 
-def test_naive_equals_reference_where_finite(device):
+@pytest.mark.parametrize("name", variants.REDUCTIONS)
+def test_reductions_match_reference(name, device):
+    log_w = torch.randn(5, 37, device=device) * 3 - 2  # mild: naive is fine here too
+    assert_close(variants.get(name, "reduction")(log_w), reference.iwae_bound(log_w), what=name)
+
+
+def test_naive_and_blog_equal_reference_where_finite(device):
     # small D and mild logits: the weights stay inside float32's range and BCE's clamp
     inputs = make_case(4, 10, 8, 3, logit_scale=2.0, device=device)
-    got = variants.get("naive")(*inputs)
-    assert torch.isfinite(got).all()
-    assert_close(got, reference.bound(*inputs), what="naive")
+    for name in ("naive", "blog"):
+        got = variants.get(name)(*inputs)
+        assert torch.isfinite(got).all()
+        assert_close(got, reference.bound(*inputs), what=name)
 
 
-def test_naive_underflows_at_realistic_scale(device):
+def test_naive_underflows_at_realistic_scale_and_blog_does_not(device):
     inputs = make_inputs(Problem(batch=4, k=16, latent=50), device)
     want = reference.bound(*inputs)
     assert torch.isfinite(want).all() and (want < -110).all()  # exp(-110) < float32's tiniest
-    got = variants.get("naive")(*inputs)
-    assert (got == float("-inf")).all()
-    assert torch.isfinite(variants.get("torch")(*inputs)).all()
+    assert (variants.get("naive")(*inputs) == float("-inf")).all()
+    assert_close(variants.get("blog")(*inputs), want, what="blog")
+
+
+def test_blog_is_wrong_where_sigmoid_saturates(device):
+    """x = 0 and a logit of 30: float32 sigmoid is exactly 1, BCE's clamp gives -100 where the
+    log-probability is -30, and the gradient through the saturated sigmoid is 0, not -1."""
+    x = torch.zeros(1, 3, device=device)
+    logits = torch.tensor([[[30.0, -2.0, 1.0]]], device=device)
+    z, mu, logvar = torch.zeros(1, 1, 2, device=device), torch.zeros(1, 2, device=device), torch.zeros(1, 2, device=device)
+    want = reference.bound(x, logits, z, mu, logvar).item()
+    blog_value = variants.get("blog")(x, logits, z, mu, logvar).item()
+    assert math.isclose(blog_value - want, -100 + 30, abs_tol=1e-3)
+    for name in ("blog", "torch", "fused"):
+        leaf = logits.clone().requires_grad_()
+        variants.get(name)(x, leaf, z, mu, logvar).sum().backward()
+        expected = -torch.sigmoid(logits.double())[0, 0, 0].item()  # d/dl log(1 - sigmoid(l))
+        got = leaf.grad[0, 0, 0].item()
+        if name == "blog":
+            assert got == 0.0
+        else:
+            assert math.isclose(got, expected, rel_tol=1e-5)
+
+
+# --------------------------------------------------------------------------- infinite logits
+
+INF = float("inf")
+# (x, logit) -> that pixel's log-likelihood under the rule (log sigmoid(+inf) = 0, 0 * inf = 0)
+RULE = [(1.0, INF, 0.0), (0.0, -INF, 0.0), (0.0, INF, -INF), (1.0, -INF, -INF),
+        (0.5, INF, -INF), (0.5, -INF, -INF)]
+
+
+def _one_infinite_logit(x_value, logit, device):
+    """Three samples of one example; sample 1 has one infinite logit, the others are finite."""
+    x, logits, z, mu, logvar = make_case(1, 3, 6, 2, device=device)
+    x[0, 0] = x_value
+    logits[0, 1, 0] = logit
+    return x, logits, z, mu, logvar
+
+
+@pytest.mark.parametrize("x_value, logit, pixel", RULE, ids=lambda v: str(v))
+def test_infinite_logits_follow_one_rule(x_value, logit, pixel, device):
+    inputs = _one_infinite_logit(x_value, logit, device)
+    x, logits, z, mu, logvar = inputs
+    finite = logits.clone()
+    finite[0, 1, 0] = 0.0
+    # the reference: the sample with that pixel at logit 0 (log 1/2 whatever x), less log 1/2,
+    # plus the rule's value for the pixel
+    expected = reference.log_weights(x, finite, z, mu, logvar)[0, 1].item() - math.log(0.5) + pixel
+    want_w = reference.log_weights(*inputs)
+    assert not torch.isnan(want_w).any()
+    assert math.isclose(want_w[0, 1].item(), expected, rel_tol=1e-12) or want_w[0, 1].item() == expected
+    assert_close(kernels.log_weights(*inputs), want_w, what="kernels.log_weights")
+    want = reference.bound(*inputs)
+    for name in STABLE:
+        assert_close(variants.get(name)(*inputs), want, what=name)
+
+
+@pytest.mark.parametrize("x_value, logit, pixel", RULE, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", ["torch", "fused", "triton"])
+def test_infinite_logits_gradients_are_finite_and_match(name, x_value, logit, pixel, device):
+    """Gradients with respect to logits, z, mu and logvar: finite, zero for a sample of
+    weight zero, equal to float64 autograd of the reference. (The gradient with respect to x
+    is left out: at an infinite logit the log-likelihood is not continuous in x.)"""
+    x, *rest = _one_infinite_logit(x_value, logit, device)
+    ours = [t.clone().requires_grad_() for t in rest]
+    variants.get(name)(x, *ours).sum().backward()
+    ref = [t.double().requires_grad_() for t in rest]
+    reference.bound(x, *ref).sum().backward()
+    for label, got, want in zip(["logits", "z", "mu", "logvar"], ours, ref):
+        assert torch.isfinite(got.grad).all(), f"d/d{label} not finite"
+        assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4, what=f"{name} d/d{label}")
+    if pixel == -INF:
+        assert (ours[0].grad[0, 1] == 0).all() and (ours[1].grad[0, 1] == 0).all()
+
+
+def test_nan_logit_still_gives_nan(device):
+    inputs = _one_infinite_logit(1.0, float("nan"), device)
+    for name in STABLE:
+        assert torch.isnan(variants.get(name)(*inputs)).all(), name
 
 
 # --------------------------------------------------------------------------- bad input
@@ -73,18 +168,27 @@ def _with(**changes):
     return inputs
 
 
+def _swapped():
+    good = _good()
+    good["logits"], good["z"] = good["z"], good["logits"]
+    return good
+
+
 BAD_INPUTS = [
     pytest.param(_with(logits=torch.zeros(3, 10)), ValueError, r"logits must have shape \[B, k, D\] \(3 dims\), got shape \[3, 10\]", id="logits-2d"),
-    pytest.param(_with(x=torch.zeros(4, 10)), ValueError, r"x must have shape \[3, 10\] .* got \[4, 10\]", id="x-batch"),
-    pytest.param(_with(x=torch.zeros(3, 11)), ValueError, r"x must have shape \[3, 10\] .* got \[3, 11\]", id="x-data-dim"),
-    pytest.param(_with(z=torch.zeros(3, 5, 2)), ValueError, r"z must have shape \[3, 4, 2\] .* got \[3, 5, 2\]", id="z-k"),
-    pytest.param(_with(mu=torch.zeros(3, 3)), ValueError, r"mu must have shape \[3, 2\] .* got \[3, 3\]", id="mu-latent"),
+    pytest.param(_with(x=torch.zeros(4, 10)), ValueError, r"^x must have shape \[3, 10\] \(B, D\) to match .*; got \[4, 10\]$", id="x-batch"),
+    pytest.param(_with(x=torch.zeros(3, 11)), ValueError, r"^x must have shape \[3, 10\] .*; got \[3, 11\]$", id="x-data-dim"),
+    pytest.param(_with(z=torch.zeros(3, 5, 2)), ValueError, r"^z must have shape \[3, 4, 2\] \(B, k, d\) to match x \[3, 10\], logits \[3, 4, 10\], mu \[3, 2\] and logvar \[3, 2\]; got \[3, 5, 2\]$", id="z-k"),
+    pytest.param(_with(z=torch.zeros(3, 2, 2)), ValueError, r"^z must have shape \[3, 4, 2\] .*; got \[3, 2, 2\]$", id="z-k-equal-to-d"),
+    pytest.param(_swapped(), ValueError, r"^z must have shape \[3, 4, 2\] .*; got \[3, 4, 10\]$", id="z-logits-swapped"),
+    pytest.param(_with(mu=torch.zeros(3, 3)), ValueError, r"^mu must have shape \[3, 2\] .*; got \[3, 3\]$", id="mu-latent"),
     pytest.param(_with(logvar=torch.zeros(2)), ValueError, r"logvar must have shape \[B, d\] \(2 dims\), got shape \[2\]", id="logvar-1d"),
     pytest.param(_with(logits=torch.zeros(3, 4, 10, dtype=torch.int64)), TypeError, r"logits must be a floating tensor .* got torch.int64", id="logits-int"),
     pytest.param(_with(x=torch.zeros(3, 10, dtype=torch.bool)), TypeError, r"x must be a floating tensor .* got torch.bool", id="x-bool"),
     pytest.param(_with(mu=[[0.0, 0.0]] * 3), TypeError, r"mu must be a torch.Tensor, got list", id="mu-list"),
     pytest.param(_with(logits=torch.zeros(3, 0, 10), z=torch.zeros(3, 0, 2)), ValueError, r"k must be >= 1: logits has shape \[3, 0, 10\]", id="k-0"),
-    pytest.param(_with(z=torch.zeros(3, 4, 2, device="meta")), ValueError, r"all inputs must be on one device, got .*z on meta", id="device-mismatch"),
+    pytest.param(_with(z=torch.zeros(3, 4, 2, device="meta")), ValueError, r"z is on the meta device; the bound needs real data", id="one-on-meta"),
+    pytest.param({n: t.to("meta") for n, t in _good().items()}, ValueError, r"x is on the meta device", id="all-on-meta"),
 ]
 
 
@@ -102,3 +206,13 @@ def test_bad_log_weights_for_the_reduction():
         kernels.iwae_bound(torch.zeros(4, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"t must have at least one dimension"):
         kernels.logsumexp(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"log_w is on the meta device"):
+        variants.get("torch", "reduction")(torch.zeros(4, 3, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_loss_refuses_an_empty_batch(backend):
+    inputs = make_case(1, 3, 5, 2)
+    empty = [t[:0] for t in inputs]
+    with pytest.raises(ValueError, match=r"IWAELoss needs a batch of at least one example: x has shape \[0, 5\]"):
+        IWAELoss("iwae", backend)(*empty)

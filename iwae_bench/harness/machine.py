@@ -1,5 +1,9 @@
 """Which machine made a run: device, CPU, versions, commit, and its measured copy bandwidth.
 
+``machine.json`` beside every results folder is built here and only here (``MachineRecord``):
+``{"machine": describe(device), "runs": [{"command", "started", "finished", ...}, ...]}``,
+one run entry per command that wrote into the folder (a resumed sweep adds one).
+
 The copy bandwidth is the yardstick for every GB/s figure: a device-to-device copy of a large
 buffer (counting the bytes read and the bytes written), timed the same way as the variants.
 """
@@ -7,7 +11,6 @@ buffer (counting the bytes read and the bytes written), timed the same way as th
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import re
@@ -16,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from ..files import read_json, write_json
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,7 +66,7 @@ def git_commit() -> str | None:
         # "-dirty" speaks of the code: results/ being rewritten by the run itself does not count
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
                                 ".", ":(exclude)results"], capture_output=True, text=True,
-                               timeout=10, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                               timeout=10, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -70,6 +75,9 @@ def git_commit() -> str | None:
 def describe(device: torch.device) -> dict:
     """Everything a reader needs to know which machine and software produced the numbers."""
     import triton
+
+    from kernels import interpreted
+    from kernels._common import autotune_enabled
 
     info = {
         "device": device.type,
@@ -81,7 +89,8 @@ def describe(device: torch.device) -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "triton_interpreted": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpreted": interpreted(),
+        "triton_autotune": device.type == "cuda" and not interpreted() and autotune_enabled(),
         "commit": git_commit(),
     }
     if device.type == "cuda":
@@ -125,7 +134,35 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name, "-m", "iwae_bench", *sys.argv[1:]])
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+class MachineRecord:
+    """machine.json of one results folder: the machine, and one entry per run written into it."""
+
+    def __init__(self, path: Path, machine: dict, runs: list[dict] | None = None,
+                 earlier_machine: dict | None = None):
+        self.path = Path(path)
+        self.machine = machine
+        self.runs = list(runs or [])
+        self.earlier_machine = earlier_machine or {}  # what a resumed folder's record said
+
+    @classmethod
+    def open(cls, path: Path, device: torch.device, resume: bool = False) -> "MachineRecord":
+        """This machine's record; a resumed folder keeps the earlier runs' entries."""
+        earlier = read_json(path) if resume else {}
+        return cls(path, describe(device), earlier.get("runs", []), earlier.get("machine", {}))
+
+    def start_run(self, command: str | None = None, **fields) -> dict:
+        """Add a run entry (command line and start time, ``finished`` None until ``finish``)."""
+        run = {"command": command or command_line(), "started": now(), "finished": None, **fields}
+        self.runs.append(run)
+        self.write()
+        return run
+
+    def finish(self, run: dict, **fields) -> None:
+        run.update(fields, finished=now())
+        self.write()
+
+    def as_dict(self) -> dict:
+        return {"machine": self.machine, "runs": self.runs}
+
+    def write(self) -> None:
+        write_json(self.path, self.as_dict())

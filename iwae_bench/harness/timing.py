@@ -1,8 +1,12 @@
-"""Timing and peak memory of one call, with the well-kept tools.
+"""Timing and peak memory of one call, with the well-kept tools, and how noisy a timing is.
 
-CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before each run, device events,
-quantiles 0.5/0.2/0.8). CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` at the
-current torch thread count, quantiles over its measured blocks.
+CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before each run, device events), every
+sample kept. CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` at the current torch
+thread count, topped up to at least ``MIN_SAMPLES`` blocks when the calls are slow.
+
+A timing reports its median and its 20th/80th percentiles over the samples; their ratio
+``spread`` = p80 / p20 is the noise measure. On a quiet machine it stays near 1; another
+process on the same cores stretches some samples and not others, and the ratio shows it.
 """
 
 from __future__ import annotations
@@ -12,28 +16,48 @@ from typing import Callable
 
 import torch
 
+MIN_SAMPLES = 5      # samples (CPU: blocks of calls) a timing takes at least
+NOISE_LIMIT = 1.5    # p80 / p20 above this is a noisy timing
+
 
 @dataclass(frozen=True)
 class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    samples: int
+
+    @property
+    def spread(self) -> float:
+        """p80 / p20: 1 for perfectly repeatable samples."""
+        return self.p80_ms / self.p20_ms if self.p20_ms > 0 else float("inf")
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISE_LIMIT
+
+    @classmethod
+    def from_samples(cls, samples_ms) -> "Timing":
+        import numpy as np
+
+        times = np.asarray(samples_ms, dtype=float)
+        return cls(float(np.median(times)), float(np.percentile(times, 20)),
+                   float(np.percentile(times, 80)), int(times.size))
 
 
 def time_call(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> Timing:
     if device.type == "cuda":
         import triton.testing
 
-        p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return Timing(p50, p20, p80)
-    import numpy as np
+        return Timing.from_samples(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all"))
     import torch.utils.benchmark as benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    times_ms = np.asarray(measurement.times) * 1e3
-    return Timing(float(np.median(times_ms)), float(np.percentile(times_ms, 20)),
-                  float(np.percentile(times_ms, 80)))
+    times = list(measurement.times)  # seconds per call, one per block
+    while len(times) < MIN_SAMPLES:  # slow calls: a single block would hide any noise
+        times += timer.timeit(measurement.number_per_run).times
+    return Timing.from_samples([t * 1e3 for t in times])
 
 
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | None:

@@ -1,0 +1,260 @@
+"""One cell: a variant on one problem in one mode, measured into one results row.
+
+    problem -> inputs -> variant -> (bound, time, memory) -> row
+
+The harness, not the variants, owns all of it: the first call (which compiles) is checked
+against the float64 reference for the accuracy columns; then the call is timed (and timed
+again once if the samples were noisy), its peak memory taken, and the speed columns computed
+from the fewest bytes the cell must move. A failure becomes the row's status, never an
+exception, so one bad cell cannot stop a sweep. The sweep, the pytest-benchmark runs and
+validate all build their rows here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+import torch
+
+import kernels
+
+from .. import reference
+from ..problems import Problem
+from ..variants import Variant, reset_compiled
+from .timing import Timing, peak_extra_memory, time_call
+
+# --------------------------------------------------------------------------- bytes
+
+
+def bound_bytes(inputs, mode: str) -> int:
+    """The fewest bytes a bound cell must move: every input read once and the [B] float32
+    bound written once; forward + backward also reads the incoming [B] gradient and writes the
+    gradients of logits, z, mu and logvar once (x is data: no gradient)."""
+    x, logits, z, mu, logvar = inputs
+    read = sum(t.numel() * t.element_size() for t in inputs)
+    out = x.shape[0] * 4
+    if mode == "forward":
+        return read + out
+    grads = sum(t.numel() * t.element_size() for t in (logits, z, mu, logvar))
+    return read + 2 * out + grads
+
+
+def reduction_bytes(log_w: torch.Tensor) -> int:
+    """The fewest bytes of the reduction alone: log_w read once, the [B] float32 bound written once."""
+    return log_w.numel() * log_w.element_size() + log_w.shape[0] * 4
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def max_abs_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| where want is finite; inf if got is not finite there (nan when
+    want has no finite value to compare with)."""
+    want = want.to(got.device)
+    finite = torch.isfinite(want)
+    if not finite.any():
+        return float("nan")
+    diff = (got.detach().double()[finite] - want[finite]).abs()
+    return float("inf") if not torch.isfinite(diff).all() else diff.max().item()
+
+
+class Reference:
+    """float64 values for one problem's inputs, shared by all its variants and modes.
+
+    Computed over slices of the batch (each example's bound depends on its own row only), so
+    a float64 copy of the largest cells' logits never has to exist whole.
+    """
+
+    CHUNK_ELEMENTS = 1 << 25  # float64 logits elements per slice
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+        log_w = torch.cat([reference.log_weights(*part) for part in self._slices()])
+        self.bound = reference.iwae_bound(log_w)
+        self.elbo = reference.elbo(log_w)
+
+    def _slices(self) -> Iterator[tuple]:
+        B, k, D = self.inputs.logits.shape
+        rows = max(1, self.CHUNK_ELEMENTS // (k * D))
+        for start in range(0, B, rows):
+            yield tuple(t[start:start + rows] for t in self.inputs)
+
+    def grad_max_abs_err(self, grads) -> float:
+        """Largest error of d sum(L_k) / d (logits, z, mu, logvar) against float64 autograd."""
+        worst, start = 0.0, 0
+        for x, *rest in self._slices():
+            leaves = [t.detach().double().requires_grad_() for t in rest]
+            want = torch.autograd.grad(reference.bound(x, *leaves).sum(), leaves)
+            stop = start + x.shape[0]
+            worst = max(worst, *(max_abs_err(g[start:stop], w) for g, w in zip(grads, want)))
+            start = stop
+        return worst
+
+
+def bound_accuracy(bound: torch.Tensor, ref: Reference) -> dict:
+    """The accuracy columns of a bound row: its mean, the float64 ELBO, the largest error,
+    the finite fraction and the IWAE-ELBO gap (this bound minus the float64 L_1)."""
+    bound = bound.detach()
+    return {
+        "bound_mean": bound.double().mean().item(),
+        "elbo_mean": ref.elbo.mean().item(),
+        "max_abs_err": max_abs_err(bound, ref.bound),
+        "finite_fraction": torch.isfinite(bound).double().mean().item(),
+        "iwae_elbo_gap": (bound.double().cpu() - ref.elbo.cpu()).mean().item(),
+    }
+
+
+def reduction_accuracy(bound: torch.Tensor, want: torch.Tensor) -> dict:
+    """The accuracy columns of a reduction row, against the float64 iwae_bound ``want``."""
+    bound = bound.detach()
+    return {"bound_mean": bound.double().mean().item(), "max_abs_err": max_abs_err(bound, want),
+            "finite_fraction": torch.isfinite(bound).double().mean().item()}
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def bound_identity(variant: str, problem: Problem, mode: str, device: torch.device) -> dict:
+    """The identity columns of a bound cell (plus the thread count it runs with)."""
+    return {"family": "bound", "variant": variant, "device": device.type, "dtype": problem.dtype,
+            "k": problem.k, "batch": problem.batch, "latent": problem.latent,
+            "data_dim": problem.data_dim, "mode": mode, "regime": problem.regime,
+            "seed": problem.seed, "threads": torch.get_num_threads()}
+
+
+def reduction_identity(variant: str, batch: int, k: int, device: torch.device, seed: int) -> dict:
+    """The identity columns of a reduction cell: float32 log-weights, latent and data_dim 0."""
+    return {"family": "reduction", "variant": variant, "device": device.type, "dtype": "float32",
+            "k": k, "batch": batch, "latent": 0, "data_dim": 0, "mode": "forward",
+            "regime": "realistic", "seed": seed, "threads": torch.get_num_threads()}
+
+
+def reduction_log_weights(batch: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """[B, k] float32 log-weights at realistic scale (about -150 nats, spread of 10)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, k, generator=gen, device=device) * 10 - 150
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def speed_columns(samples: int, nbytes: int, seconds: float, copy_gbps: float | None) -> dict:
+    """samples_per_s, gbps and bw_fraction of a cell from its median time."""
+    gbps = nbytes / seconds / 1e9
+    return {"samples_per_s": samples / seconds, "gbps": gbps,
+            "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+
+
+def timing_columns(timing: Timing) -> dict:
+    return {"time_ms": timing.median_ms, "time_ms_p20": timing.p20_ms, "time_ms_p80": timing.p80_ms,
+            "time_samples": timing.samples, "time_spread": timing.spread}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def timed(call: Callable[[], object], device: torch.device, min_time: float) -> tuple[Timing, bool]:
+    """Time ``call``; a noisy timing is measured once more (a burst of other work may have
+    passed). Returns the timing kept and whether it was re-measured."""
+    timing = time_call(call, device, min_run_time=min_time)
+    if not timing.noisy:
+        return timing, False
+    return time_call(call, device, min_run_time=min_time), True
+
+
+def run_cell(row: dict, variant: Variant, call: Callable[[], object], check: Callable[[object], dict],
+             device: torch.device, *, samples: int, copy_gbps: float | None, min_time: float) -> dict:
+    """The harness's part of every cell, filling ``row``: one first call (compiles; ``check``
+    turns its output into the accuracy columns), then timing, peak memory and speed."""
+    try:
+        if variant.compiles:
+            reset_compiled()  # a fresh compile per cell: no recompile limit, no silent eager
+        start = time.perf_counter()
+        first = call()
+        _synchronize(device)
+        first_ms = (time.perf_counter() - start) * 1e3
+        status, notes = "ok", []
+        if variant.compiles:
+            row["compile_ms"] = round(first_ms, 3)
+            if _compiled_graphs() == 0:
+                status, notes = "fallback", ["torch.compile captured no graph: this ran eager"]
+        row.update(check(first))
+        if variant.uses_triton and kernels.interpreted():
+            timing = Timing(first_ms, first_ms, first_ms, 1)  # the one call above
+            status, notes = "interpreted", ["Triton interpreter on CPU: a correctness run, not a speed"]
+        else:
+            timing, again = timed(call, device, min_time)
+            row["peak_mem_bytes"] = peak_extra_memory(call, device)
+            if timing.noisy:
+                status = "noisy" if status == "ok" else status
+                notes.append(f"noisy timing: p80/p20 = {timing.spread:.2f} over {timing.samples} "
+                             f"samples{' after a second measurement' if again else ''}")
+        row.update(timing_columns(timing))
+        if status in ("ok", "noisy"):
+            row.update(speed_columns(samples, row["bytes"], timing.median_ms * 1e-3, copy_gbps))
+        row.update({"status": status, "message": "; ".join(notes)})
+    except Exception as error:  # one failing cell must not stop the sweep
+        row.update({"status": "oom" if _is_oom(error) else "error",
+                    "message": " ".join(f"{type(error).__name__}: {error}".split())[:300]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def bound_call(variant: Variant, inputs, mode: str) -> Callable[[], tuple]:
+    """What one call of a bound cell runs: the bound, and in backward mode its gradients with
+    respect to logits, z, mu and logvar. Returns (bound, grads or None)."""
+    if mode == "forward":
+        return lambda: (variant(*inputs), None)
+    x, *rest = inputs
+    leaves = [t.detach().requires_grad_() for t in rest]
+
+    def call():
+        bound = variant(x, *leaves)
+        return bound, torch.autograd.grad(bound.sum(), leaves)
+
+    return call
+
+
+def bound_check(ref: Reference) -> Callable[[tuple], dict]:
+    def check(first):
+        bound, grads = first
+        columns = bound_accuracy(bound, ref)
+        if grads is not None:
+            columns["grad_max_abs_err"] = ref.grad_max_abs_err(grads)
+        return columns
+
+    return check
+
+
+def measure_bound(variant: Variant, problem: Problem, inputs, ref: Reference, mode: str,
+                  device: torch.device, copy_gbps: float | None, min_time: float = 0.2) -> dict:
+    """Run one bound cell and return its row (failures included, as a status)."""
+    row = {**bound_identity(variant.name, problem, mode, device), "copy_gbps": copy_gbps,
+           "bytes": bound_bytes(inputs, mode)}
+    return run_cell(row, variant, bound_call(variant, inputs, mode), bound_check(ref), device,
+                    samples=problem.batch * problem.k, copy_gbps=copy_gbps, min_time=min_time)
+
+
+def measure_reduction(variant: Variant, log_w: torch.Tensor, device: torch.device,
+                      copy_gbps: float | None, min_time: float = 0.2, seed: int = 0) -> dict:
+    """One cell of the reduction alone, iwae_bound(log_w [B, k])."""
+    batch, k = log_w.shape
+    row = {**reduction_identity(variant.name, batch, k, device, seed), "copy_gbps": copy_gbps,
+           "bytes": reduction_bytes(log_w)}
+    want = reference.iwae_bound(log_w)
+    return run_cell(row, variant, lambda: variant(log_w), lambda bound: reduction_accuracy(bound, want),
+                    device, samples=batch * k, copy_gbps=copy_gbps, min_time=min_time)

@@ -1,0 +1,87 @@
+"""The bounds' math in one home, behind one ``backend=`` choice. Objectives, the experiments and
+the benchmark's variants all call these functions.
+
+    log w_i = log p(x|h_i) + log p(h_i) - log q(h_i|x)       log_weights      [B, k]
+    IWAE    L_k = logsumexp_i log w_i - log k                 iwae_bound       [B]
+    ELBOs   L_1 = log w (k = 1), mean_i log w_i (any k)       objective_bound  [B]
+
+``backend="torch"``: stable PyTorch with autograd (broadcasting over k, BCE with logits,
+``torch.logsumexp``). ``backend="fused"``: the Triton kernels (the fused bound for the IWAE,
+the log-weights kernel for the ELBOs), backward passes in Triton. Both return float32 and
+follow the same rule for infinite logits as the float64 reference (kernels/logw.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import check_bound_inputs
+
+BACKENDS = ("torch", "fused")
+OBJECTIVES = ("elbo", "multi_sample_elbo", "iwae")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def bernoulli_exact(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """sum_D x log sigmoid(l) + (1 - x) log sigmoid(-l) with 0 * inf = 0, float32, written so
+    that infinite logits give 0 or -inf (never NaN) and their gradients stay finite. x
+    broadcasts against logits. Slower than BCE with logits: used only where that gave NaN."""
+    on = torch.where(x == 0, 0.0, x * logits.clamp(max=0))
+    off = torch.where(x == 1, 0.0, (1 - x) * logits.clamp(min=0))
+    return (on - off - torch.log1p(torch.exp(-logits.abs()))).sum(-1)
+
+
+def torch_log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
+    """log w [B, k] in float32 with broadcasting over k (no repeats) and BCE with logits."""
+    logits = logits.float()
+    x = x.float().unsqueeze(1)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    # BCE with logits is NaN where an infinite logit meets x on its side (0 * inf); those rows
+    # only (never on finite logits) are summed again with the exact rule.
+    if torch.isnan(log_px).any():
+        log_px = torch.where(torch.isnan(log_px), bernoulli_exact(x, logits), log_px)
+    z = z.float()
+    mu = mu.float().unsqueeze(1)
+    logvar = logvar.float().unsqueeze(1)
+    log_ph_minus_log_qh = 0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar - z * z).sum(-1)
+    return log_px + log_ph_minus_log_qh
+
+
+def log_weights(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
+    """log w [B, k] float32 from the five inputs (shapes as in ``kernels.log_weights``)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "fused":
+        return kernels.log_weights(x, logits, z, mu, logvar)
+    check_bound_inputs(x, logits, z, mu, logvar)
+    return torch_log_weights(x, logits, z, mu, logvar)
+
+
+def iwae_bound(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
+    """L_k per example, [B] float32."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "fused":
+        return kernels.fused_iwae_bound(x, logits, z, mu, logvar)
+    log_w = log_weights(x, logits, z, mu, logvar, "torch")
+    return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
+
+
+def objective_bound(x, logits, z, mu, logvar, objective: str = "iwae",
+                    backend: str = "torch") -> torch.Tensor:
+    """The objective's lower bound per example, [B] float32 (to be maximized)."""
+    check_choice("objective", objective, OBJECTIVES)
+    check_choice("backend", backend, BACKENDS)
+    _, k, _, _ = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=backend == "fused")
+    if objective == "elbo" and k != 1:
+        raise ValueError(f"objective 'elbo' is the one-sample VAE bound and needs k = 1, got k = {k}; "
+                         "use 'multi_sample_elbo' for the average over k samples")
+    if objective == "iwae":
+        return iwae_bound(x, logits, z, mu, logvar, backend)
+    return log_weights(x, logits, z, mu, logvar, backend).mean(dim=1)

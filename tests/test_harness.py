@@ -1,0 +1,133 @@
+"""The harness's pieces: bytes per cell, noisy timings, the results table's writer and reader."""
+
+import torch
+
+from iwae_bench.harness import cell, table
+from iwae_bench.harness.timing import Timing
+from iwae_bench.problems import Problem, make_inputs
+from iwae_bench.variants import get
+
+# --------------------------------------------------------------------------- bytes
+
+
+def test_bound_bytes_by_hand():
+    """B=4, k=8, D=10, d=3: x 40, logits 320, z 96, mu 12, logvar 12 elements."""
+    f32 = make_inputs(Problem(4, 8, 3, 10, "float32"))
+    bf16 = make_inputs(Problem(4, 8, 3, 10, "bfloat16"))
+    # forward: every input once (4 bytes each, logits 2 in bf16) + the [4] float32 bound
+    assert cell.bound_bytes(f32, "forward") == (40 + 320 + 96 + 12 + 12) * 4 + 16 == 1936
+    assert cell.bound_bytes(bf16, "forward") == (40 + 96 + 12 + 12) * 4 + 320 * 2 + 16 == 1296
+    # backward: + the incoming [4] gradient, + gradients of logits, z, mu, logvar (in their dtypes)
+    assert cell.bound_bytes(f32, "backward") == 1936 + 16 + (320 + 96 + 12 + 12) * 4 == 3712
+    assert cell.bound_bytes(bf16, "backward") == 1296 + 16 + 320 * 2 + (96 + 12 + 12) * 4 == 2432
+
+
+def test_reduction_bytes_by_hand():
+    assert cell.reduction_bytes(torch.zeros(5, 7)) == 5 * 7 * 4 + 5 * 4 == 160
+    assert cell.reduction_bytes(torch.zeros(5, 7, dtype=torch.bfloat16)) == 5 * 7 * 2 + 5 * 4 == 90
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def _fake_timings(monkeypatch, timings):
+    calls = []
+
+    def fake(fn, device, min_run_time=0.2):
+        calls.append(min_run_time)
+        return timings[min(len(calls), len(timings)) - 1]
+
+    monkeypatch.setattr(cell, "time_call", fake)
+    return calls
+
+
+def _measure(min_time=0.05):
+    problem = Problem(2, 3, 2, 6)
+    inputs = make_inputs(problem)
+    return cell.measure_bound(get("torch"), problem, inputs, cell.Reference(inputs), "forward",
+                              torch.device("cpu"), copy_gbps=10.0, min_time=min_time)
+
+
+def test_steady_timing_is_measured_once(monkeypatch):
+    calls = _fake_timings(monkeypatch, [Timing(2.0, 1.9, 2.1, 9)])
+    row = _measure()
+    assert len(calls) == 1 and row["status"] == "ok" and row["message"] == ""
+    assert row["time_samples"] == 9 and abs(row["time_spread"] - 2.1 / 1.9) < 1e-12
+
+
+def test_noisy_timing_is_measured_again_and_kept_if_steady(monkeypatch):
+    calls = _fake_timings(monkeypatch, [Timing(5.0, 2.0, 20.0, 5), Timing(2.0, 1.9, 2.1, 7)])
+    row = _measure()
+    assert len(calls) == 2 and row["status"] == "ok" and row["time_ms"] == 2.0
+
+
+def test_still_noisy_timing_is_marked(monkeypatch):
+    calls = _fake_timings(monkeypatch, [Timing(5.0, 2.0, 20.0, 5), Timing(4.0, 2.0, 8.0, 6)])
+    row = _measure()
+    assert len(calls) == 2 and row["status"] == "noisy"
+    assert row["time_ms"] == 4.0 and row["time_spread"] == 4.0 and row["time_samples"] == 6
+    assert "p80/p20 = 4.00 over 6 samples after a second measurement" in row["message"]
+    assert row["samples_per_s"] == 2 * 3 / 4e-3  # noisy cells keep their speed columns
+
+
+def test_cpu_timing_takes_enough_samples_of_a_slow_call():
+    """A call slower than the whole time budget still gets MIN_SAMPLES samples."""
+    import time
+
+    from iwae_bench.harness.timing import MIN_SAMPLES, time_call
+
+    timing = time_call(lambda: time.sleep(0.02), torch.device("cpu"), min_run_time=0.01)
+    assert timing.samples >= MIN_SAMPLES and timing.median_ms >= 20.0
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _row(**changes):
+    problem = Problem(2, 3, 4, 5)
+    return {**cell.bound_identity("torch", problem, "forward", torch.device("cpu")),
+            "time_ms": 1.5, "status": "ok", "message": "", **changes}
+
+
+def test_rows_are_readable_before_the_writer_closes(tmp_path):
+    path = tmp_path / "results.csv"
+    writer = table.RowWriter(path)
+    writer.write(_row())
+    # another process (a report, a resumed sweep) reads the file while the writer is open
+    rows = table.read_table(path).rows
+    assert len(rows) == 1 and rows[0]["time_ms"] == 1.5 and rows[0]["k"] == 3
+    writer.write(_row(k=4))
+    assert [r["k"] for r in table.read_table(path).rows] == [3, 4]
+    writer.close()
+
+
+def test_reader_skips_malformed_lines_by_number(tmp_path):
+    path = tmp_path / "results.csv"
+    with table.RowWriter(path) as writer:
+        writer.write(_row())
+        writer.write(_row(k=5))
+    with open(path, "a") as f:
+        f.write("garbage,line\n")                                   # line 4: too few fields
+        f.write(",".join(["x"] * len(table.COLUMNS)) + "\n")        # line 5: family 'x'
+        good = path.read_text().splitlines()[1].split(",")
+        good[table.COLUMNS.index("k")] = "three"
+        f.write(",".join(good) + "\n")                              # line 6: k not an integer
+        good[table.COLUMNS.index("k")] = "3"
+        good[table.COLUMNS.index("status")] = ""
+        f.write(",".join(good) + "\n")                              # line 7: status empty
+    result = table.read_table(path)
+    assert [r["k"] for r in result.rows] == [3, 5]
+    assert [p.split(":")[0] for p in result.problems] == ["line 4", "line 5", "line 6", "line 7"]
+    assert "2 fields, expected" in result.problems[0]
+    assert "family 'x' is not one of bound, reduction" in result.problems[1]
+    assert "status is empty" in result.problems[3]
+
+
+def test_torn_tail_is_dropped(tmp_path):
+    path = tmp_path / "results.csv"
+    with table.RowWriter(path) as writer:
+        writer.write(_row())
+    with open(path, "a") as f:
+        f.write("bound,torch,cpu,flo")
+    table.drop_torn_tail(path)
+    assert path.read_text().endswith("\n") and len(table.read_table(path).rows) == 1

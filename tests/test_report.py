@@ -1,0 +1,136 @@
+"""The report from a results CSV alone: its sections and plots, noisy cells, bad CSVs, and the
+comparison with another results folder. The CSVs here are written by the table's writer from
+known rows, so every expectation is a known value."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from iwae_bench.harness.table import RowWriter
+from iwae_bench.report import render
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _row(variant, k, time_ms, *, mode="forward", latent=50, batch=4, regime="realistic",
+         status="ok", family="bound", err=1e-6, grad_err=None, spread=1.1, bound=-150.0):
+    return {"family": family, "variant": variant, "device": "cpu", "dtype": "float32", "k": k,
+            "batch": batch, "latent": 0 if family == "reduction" else latent,
+            "data_dim": 0 if family == "reduction" else 784, "mode": mode, "regime": regime,
+            "seed": 0, "time_ms": time_ms, "time_ms_p20": time_ms / spread ** 0.5,
+            "time_ms_p80": time_ms * spread ** 0.5, "time_samples": 7, "time_spread": spread,
+            "samples_per_s": batch * k / (time_ms * 1e-3), "bytes": 1000 * k, "gbps": 1.0,
+            "copy_gbps": 10.0, "bw_fraction": 0.1, "bound_mean": bound, "elbo_mean": bound - 2,
+            "max_abs_err": err, "grad_max_abs_err": grad_err, "finite_fraction": 1.0,
+            "iwae_elbo_gap": 2.0, "threads": 2, "status": status, "message": ""}
+
+
+def _rows():
+    rows = []
+    for variant, scale in (("naive", 3.0), ("blog", 2.5), ("torch", 2.0), ("compile", 1.0)):
+        for k in (1, 8, 64):
+            rows.append(_row(variant, k, scale * k, err=float("inf") if variant == "naive" else 1e-6))
+            rows.append(_row(variant, k, 2 * scale * k, mode="backward", grad_err=1e-5))
+    for variant in ("triton", "fused"):
+        for k in (1, 8, 64):
+            rows.append(_row(variant, k, 500.0, status="interpreted"))
+    rows.append(_row("torch", 64, 300.0, latent=16, batch=4))
+    rows.append(_row("torch", 64, 900.0, latent=200, batch=4, status="noisy", spread=3.0))
+    rows.append(_row("blog", 8, 10.0, regime="saturated", err=70.0, grad_err=1.0))
+    rows.append(_row("torch", 8, 10.0, regime="saturated", err=1e-5, grad_err=1e-6))
+    for k in (1, 64):
+        rows.append(_row("torch", k, 0.1 * k, family="reduction", batch=256))
+    return rows
+
+
+def _write(folder: Path, rows) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with RowWriter(folder / "results.csv") as writer:
+        for row in rows:
+            writer.write(row)
+    return folder
+
+
+def test_report_sections_plots_and_noisy_cells(tmp_path):
+    out = _write(tmp_path / "run", _rows())
+    text = render(out).read_text()
+    timed = sum(r["status"] in ("ok", "noisy") for r in _rows())
+    assert text.splitlines()[2].startswith(f"{len(_rows())} cells from `results.csv`; 1 of {timed} "
+                                           "timed cells are noisy")
+    for heading in ["## Machine", "## Headline", "## Throughput: forward, float32 logits",
+                    "## Latent width: forward, float32", "## IWAE bound and ELBO",
+                    "## Throughput: the reduction alone on [B, k] float32 log-weights",
+                    "## Bound error: forward, realistic inputs", "## Gradient error: backward, realistic inputs",
+                    "## Saturated logits: where code on probabilities breaks", "## Noisy cells",
+                    "## Cells that are not speed measurements"]:
+        assert heading in text, heading
+    assert "IWAE-ELBO gap in nats" in text and "d=0" not in text
+    # the latent table holds the three widths at B=4, k=64
+    latent_table = text.split("## Latent width: forward, float32")[1].split("##")[0]
+    assert all(f"| 4 | 64 | {d} |" in latent_table for d in (16, 50, 200))
+    # the saturated table: blog's errors beside torch's
+    saturated = text.split("## Saturated logits")[1].split("##")[0]
+    assert "| blog | 70 | 1 |" in saturated and "| torch | 1e-05 | 1e-06 |" in saturated
+    for name in ["headline", "throughput_forward_float32", "latent_forward_float32", "bounds",
+                 "error_bound_realistic_forward", "grad_error_bound_realistic_backward",
+                 "throughput_reduction_float32", "error_bound_saturated_forward"]:
+        image = matplotlib.image.imread(out / "plots" / f"{name}.png")
+        assert image.shape[0] > 100 and image.shape[1] > 100, name
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html and "<code>results.csv</code>" in html
+    assert "`" not in html  # every backtick became <code>
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
+
+
+def test_report_compares_with_another_run(tmp_path):
+    reference = _write(tmp_path / "reference", _rows())
+    faster = [dict(r, time_ms=r["time_ms"] / 2) for r in _rows()]
+    out = _write(tmp_path / "run", faster[:-1])  # one cell fewer
+    text = render(out, against=reference).read_text()
+    section = text.split(f"## Against {reference}")[1]
+    assert f"{len(_rows()) - 1} cells in both runs, 0 only in this one, 1 only in the reference" in section
+    assert "| torch |" in section and "| 0.5 |" in section  # median time ratio this / reference
+    assert (out / "plots" / "against_reference.png").exists()
+
+
+def _cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "iwae_bench", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty: no header line"),
+    (bytes(range(256)) * 4, "is not a text CSV"),
+    (b"a,b,c\n1,2,3\n", "is not a results CSV of this version: its header lacks family"),
+], ids=["empty", "random-bytes", "other-csv"])
+def test_report_on_a_bad_csv_is_one_line(tmp_path, content, message):
+    (tmp_path / "results.csv").write_bytes(content)
+    done = _cli("report", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_report_skips_garbage_and_torn_lines_and_says_so(tmp_path):
+    out = _write(tmp_path, _rows())
+    with open(out / "results.csv", "a") as f:
+        f.write("this is not,a row\n")
+        f.write("bound,torch,cpu,float32,3")  # a torn last row
+    done = _cli("report", str(out))
+    assert done.returncode == 0, done.stderr
+    text = (out / "report.md").read_text()
+    n = len(_rows())
+    assert f"2 malformed lines of the CSV were skipped: line {n + 2}: 2 fields" in text
+    assert f"line {n + 3}: 5 fields" in text
+    assert text.count("| this is not") == 0 and f"{n} cells from" in text
+
+
+def test_report_of_a_missing_folder_is_one_line_and_creates_nothing(tmp_path):
+    done = _cli("report", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "no such folder" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "nowhere").exists()
