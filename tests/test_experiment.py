@@ -12,8 +12,8 @@ import torch
 
 import kernels
 from iwae_bench.experiments.data import binarize, load_mnist
-from iwae_bench.experiments.mnist import (RUNS, Schedule, active_units, run_experiment,
-                                   streamed_log_weights)
+from iwae_bench.experiments.mnist import (RUNS, Schedule, active_units, evaluate, run_experiment,
+                                          streamed_log_weights)
 from iwae_bench.training import BernoulliVAE
 
 from .helpers import assert_close
@@ -54,6 +54,24 @@ def test_streamed_k5000_equals_the_unchunked_bound(backend, device):
         z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
         whole = kernels.fused_iwae_bound(x, model.decoder(z), z, mu, logvar)
     assert_close(lse_chunked - math.log(k), whole, what="streamed vs fused_iwae_bound")
+
+
+def test_evaluate_takes_log_k_over_all_samples_not_per_chunk():
+    """evaluate's test NLL against an independent logsumexp over the same streamed log-weights
+    (chunk 128 of k = 300, in batches of 3): a log-k taken per chunk would shift it by
+    log(300 / 128)."""
+    torch.manual_seed(0)
+    model = BernoulliVAE(data_dim=12, latent=2, hidden=8)
+    test = (torch.rand(7, 12, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    schedule = Schedule(stages=[(1, 1e-3)], eval_k=300, eval_chunk=128, k_curve=[1, 300])
+    result = evaluate(model, test, schedule, "torch", seed=5, batch=3)
+    bounds = []
+    for start in range(0, 7, 3):
+        log_w, _ = streamed_log_weights(model, test[start:start + 3], 300, 128, "torch", seed=5 + start)
+        bounds.append(torch.logsumexp(log_w.double(), dim=1) - math.log(300))
+    want = -torch.cat(bounds).mean().item()
+    assert math.isclose(result["test_nll"], want, rel_tol=1e-6)
+    assert math.isclose(result["curve"][300], -want, rel_tol=1e-6)
 
 
 class _KnownEncoder(torch.nn.Module):

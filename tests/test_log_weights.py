@@ -5,7 +5,9 @@ import torch
 
 import kernels
 from iwae_bench import reference
-from kernels.fused_bound import fused_iwae_forward
+from kernels._common import SplitWorkspace, split_plan
+from kernels.fused_bound import SPLIT_QUANTUM, fused_iwae_forward
+from kernels.logw import PROD_GROUP
 
 from .helpers import assert_close, make_case
 
@@ -40,16 +42,42 @@ def test_fused_bound_matches_reference(B, k, D, d, options, device):
 
 
 @pytest.mark.parametrize("splits", [2, 5])
-def test_fused_split_k_combines_partials(splits, device):
-    """k split over several programs, partials combined by the last ticket holder; run twice
-    to show the ticket counters are put back to zero."""
+def test_fused_split_k_reuses_one_ticket_buffer(splits, device):
+    """k split over several programs, partials combined by the last ticket holder. Two
+    launches on one workspace (as the autotuner reruns a launch): the tickets must be back at
+    zero after each, or the second launch combines too early and returns garbage."""
     inputs = make_case(3, 1200, 40, 8, device=device)
     want = reference.bound(*inputs)
+    plan = split_plan(3, 1200, torch.device(device), SPLIT_QUANTUM, splits)
+    workspace = SplitWorkspace.allocate(3, plan, torch.device(device))
     for _ in range(2):
-        bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=True, splits=splits)
+        bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=True, splits=splits,
+                                               workspace=workspace)
+        assert (workspace.ticket == 0).all()
         assert_close(bound, want, what="bound")
         assert_close(log_w, reference.log_weights(*inputs), what="saved log_w")
         assert_close(lse, want + torch.log(torch.tensor(1200.0, dtype=torch.float64)), what="lse")
+
+
+@pytest.mark.parametrize("entry", ["log_weights", "fused_iwae_bound"])
+def test_product_groups_flush_past_the_group_length(entry, device):
+    """D = 40 000: under the interpreter's 256-wide tiles a lane gathers 157 factors, more than
+    one group of PROD_GROUP. At logits 0 every factor is 2, so a group left unflushed would
+    overflow float32 (2**157) and a partial product not reset after a flush would be counted
+    twice: log p(x|h) = -D log 2 exactly."""
+    D = 40_000
+    assert D // 256 > 2 * PROD_GROUP
+    x, logits, z, mu, logvar = make_case(1, 2, D, 3, device=device)
+    zeros = torch.zeros_like(logits)
+    got = getattr(kernels, entry)(x, zeros, z, mu, logvar)
+    latent = reference.log_standard_normal(z) - reference.log_diag_normal(z, mu, logvar)
+    want = -D * torch.log(torch.tensor(2.0, dtype=torch.float64)) + latent
+    if entry == "fused_iwae_bound":
+        want = reference.iwae_bound(want)
+    assert_close(got, want, rtol=1e-6, what=f"{entry} at logits 0")
+    assert_close(getattr(kernels, entry)(x, logits, z, mu, logvar),
+                 (reference.bound if entry == "fused_iwae_bound" else reference.log_weights)(x, logits, z, mu, logvar),
+                 what=f"{entry} at random logits")
 
 
 def test_non_finite_inputs(device):
