@@ -4,6 +4,8 @@
     iwae_bound(log_w)                         [..., k] -> [...]   logsumexp - log k
     log_weights(x, logits, z, mu, logvar)     -> [B, k]
     fused_iwae_bound(x, logits, z, mu, logvar) -> [B]             one kernel, no [B, k, D] temp
+    fused_iwae_bound_with_weights(...)   -> (bound, log_w, lse)   the same, and the weights' logs
+    reweight(g, log_w, lse)              -> g * exp(log_w - lse)  per sample (DReG's extra factor)
 
 All return float32 whatever the input float dtype. Without CUDA the kernels run under the
 Triton interpreter on CPU tensors: importing this package sets ``TRITON_INTERPRET=1`` when no
@@ -26,9 +28,10 @@ if interpreted():
     _warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
 from ._common import check_bound_inputs  # noqa: E402
-from .fused_bound import fused_iwae_bound  # noqa: E402
+from .fused_bound import fused_iwae_bound, fused_iwae_bound_with_weights  # noqa: E402
 from .logw import log_weights  # noqa: E402
 from .lse import iwae_bound, logsumexp  # noqa: E402
+from .reweight import reweight  # noqa: E402
 
 __all__ = ["logsumexp", "iwae_bound", "log_weights", "fused_iwae_bound",
-           "check_bound_inputs", "interpreted"]
+           "fused_iwae_bound_with_weights", "reweight", "check_bound_inputs", "interpreted"]

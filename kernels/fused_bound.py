@@ -104,22 +104,27 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
 class FusedIWAEBoundFunction(torch.autograd.Function):
     """Forward in one kernel. For a backward it keeps log_w [B, k] and lse [B] (O(B*k)) beside
     the inputs; the backward turns them into normalized importance weights and recomputes
-    sigmoid(logits) instead of storing anything of size [B, k, D]."""
+    sigmoid(logits) instead of storing anything of size [B, k, D]. With ``return_weights`` it
+    also hands out log_w and lse (not differentiable), from which the normalized importance
+    weights exp(log_w - lse) follow (DReG's reweighting uses them)."""
 
     @staticmethod
-    def forward(ctx, x, logits, z, mu, logvar):
+    def forward(ctx, x, logits, z, mu, logvar, return_weights: bool = False):
         inputs = (x, logits, z, mu, logvar)
         wants_grad = any(t.requires_grad for t in inputs)
-        bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=wants_grad)
+        bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=wants_grad or return_weights)
         if wants_grad:
             ctx.save_for_backward(*inputs, log_w, lse)
-        return bound
+        if not return_weights:
+            return bound
+        ctx.mark_non_differentiable(log_w, lse)
+        return bound, log_w, lse
 
     @staticmethod
-    def backward(ctx, grad_bound):
+    def backward(ctx, grad_bound, *_):
         *inputs, log_w, lse = ctx.saved_tensors
-        return log_weights_backward(*inputs, grad_bound, log_w=log_w, lse=lse,
-                                    need_dx=ctx.needs_input_grad[0])
+        return (*log_weights_backward(*inputs, grad_bound, log_w=log_w, lse=lse,
+                                      need_dx=ctx.needs_input_grad[0]), None)
 
 
 def fused_iwae_bound(x, logits, z, mu, logvar) -> torch.Tensor:
@@ -132,3 +137,12 @@ def fused_iwae_bound(x, logits, z, mu, logvar) -> torch.Tensor:
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
     return FusedIWAEBoundFunction.apply(x, logits, z, mu, logvar)
+
+
+def fused_iwae_bound_with_weights(x, logits, z, mu, logvar):
+    """(bound [B], log_w [B, k], lse [B]) from one kernel; only the bound is differentiable."""
+    B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[:2]
+    if B == 0:
+        empty = torch.empty(0, device=logits.device, dtype=torch.float32)
+        return empty, empty.view(0, k), empty
+    return FusedIWAEBoundFunction.apply(x, logits, z, mu, logvar, True)
