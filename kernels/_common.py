@@ -7,10 +7,11 @@ reject bad input with the same messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
@@ -37,6 +38,8 @@ def target_programs(device: torch.device) -> int:
     Under the interpreter programs run one after another, so a small number is as fast
     as any and still exercises the split paths.
     """
+    if _capture is not None:
+        return 4 * _capture.sm_count
     if device.type == "cuda" and not interpreted():
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -162,6 +165,10 @@ class Tiling:
       pays per operation, not per element.
 
     ``sizes`` are the few problem sizes the tile depends on (e.g. k and D), given at launch.
+
+    For the compiled-kernel profile, a tiling also says what one iteration of the kernel's hot
+    loop handles: ``tile(meta)`` elements of the tensor named by ``data_arg`` (the one that
+    sets the cost: logits, log-weights, a gradient).
     """
 
     configs: list
@@ -169,6 +176,8 @@ class Tiling:
     default: Callable[..., dict]
     interpreter: Callable[..., dict]
     prune: Callable | None = None
+    data_arg: str = ""
+    tile: Callable[[dict], int] | None = None
 
 
 class Tunable:
@@ -195,10 +204,49 @@ class Tunable:
 
     def launch(self, grid, *args, sizes: dict, **kwargs):
         """``grid`` is a function of the block sizes (a dict), as Triton's autotuner calls it."""
+        if _capture is not None:
+            _capture.launches.append(Launch(self, grid, args, kwargs, sizes))
+            return None
         meta = self.meta(sizes)
         if meta is None:
             return self.tuned[grid](*args, **kwargs)
         return self.fn[grid](*args, **kwargs, **meta)
+
+
+@dataclass
+class Launch:
+    """One launch as the host code made it: kernel, grid function, arguments, tile sizes."""
+
+    kernel: Tunable
+    grid: Callable
+    args: tuple
+    kwargs: dict
+    sizes: dict
+
+    def named_args(self) -> dict:
+        return {**dict(zip(self.kernel.fn.arg_names, self.args)), **self.kwargs}
+
+
+@dataclass
+class _Capture:
+    sm_count: int
+    launches: list = field(default_factory=list)
+
+
+_capture: _Capture | None = None
+
+
+@contextlib.contextmanager
+def capture_launches(sm_count: int) -> Iterator[list]:
+    """Record every launch the host code makes instead of running it, planning splits for a
+    GPU of ``sm_count`` SMs: the compiled-kernel profile replays the real host code (split
+    plan, tiling, arguments) on meta tensors and compiles what it would have launched."""
+    global _capture
+    previous, _capture = _capture, _Capture(sm_count)
+    try:
+        yield _capture.launches
+    finally:
+        _capture = previous
 
 
 # --------------------------------------------------------------------------- split-k

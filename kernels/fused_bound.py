@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SplitWorkspace, Tunable, check_bound_inputs, next_pow2, split_plan)
+from ._common import SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2, split_plan
 from .logw import (PROD_GROUP, SPLIT_QUANTUM, _log_weight_block, block_tiling, input_strides,
-                   latent_block, log_weights_backward)
+                   bound_coefficients, int32_tiles, latent_block, log_weights_backward)
 from .lse import _combine_split_partials, _lse_combine, _lse_finalize
 
 
@@ -37,7 +37,7 @@ def _fused_iwae_forward_kernel(
     B, k, D, d, k_per_split, SPLITS, log_k,
     SAVE_LOG_W: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    PROD_GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+    PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -49,10 +49,10 @@ def _fused_iwae_forward_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_stop
         log_w = _log_weight_block(
-            b, offs_k, mask_k, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+            b, k0, k_stop, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
             stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
             stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-            D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP,
+            D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST,
         )
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
@@ -96,6 +96,7 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
         *input_strides(x, logits, z, mu, logvar),
         B, k, D, d, plan.per_split, plan.splits, math.log(k),
         SAVE_LOG_W=save_log_w, SPLIT_K=plan.is_split, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
+        FAST=not interpreted(),
         BLOCK_S=next_pow2(plan.splits), sizes={"k": min(k, plan.per_split), "D": D},
     )
     return bound, lse, (log_w if save_log_w else None)
@@ -123,7 +124,7 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_bound, *_):
         *inputs, log_w, lse = ctx.saved_tensors
-        return (*log_weights_backward(*inputs, grad_bound, log_w=log_w, lse=lse,
+        return (*log_weights_backward(*inputs, bound_coefficients(grad_bound, log_w, lse),
                                       need_dx=ctx.needs_input_grad[0]), None)
 
 
@@ -136,7 +137,7 @@ def fused_iwae_bound(x, logits, z, mu, logvar) -> torch.Tensor:
     B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[0]
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
-    return FusedIWAEBoundFunction.apply(x, logits, z, mu, logvar)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar)
 
 
 def fused_iwae_bound_with_weights(x, logits, z, mu, logvar):
@@ -145,4 +146,4 @@ def fused_iwae_bound_with_weights(x, logits, z, mu, logvar):
     if B == 0:
         empty = torch.empty(0, device=logits.device, dtype=torch.float32)
         return empty, empty.view(0, k), empty
-    return FusedIWAEBoundFunction.apply(x, logits, z, mu, logvar, True)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, True)

@@ -14,7 +14,11 @@ equals x * l - softplus(l) for any finite l and any x, binary or in [0, 1], with
 The last term costs an exp and a log per element, and those, not the bytes, bound the kernel
 once the logits are 16-bit. Each factor 1 + exp(-|l|) lies in (1, 2], so a lane multiplies up
 to PROD_GROUP of them in float32 (at most 2**64) and takes one log per group: one exp per
-element instead of exp + log.
+element instead of exp + log. The D-loop is two nested loops for it: the inner one, the hot
+loop, streams PROD_GROUP full tiles with no log and no mask in it (rows past the last sample
+reread it, and the caller drops them); the outer one takes the group's log (one MUFU.LG2 per
+lane when compiled). The ragged last D-tile is done first, masked: its lanes past D load the
+logit -65504 (finite in every float dtype) and x = 0, adding exactly 0 and a factor of 1.
 
 Infinite logits follow one rule (the float64 reference and the torch backend follow it too):
 log sigmoid(+inf) = 0 and log sigmoid(-inf) = -inf, with 0 * inf = 0, so a pixel whose logit
@@ -29,7 +33,8 @@ tile and broadcast over the BLOCK_K rows (x, mu and logvar are never repeated ov
 sums live in a 2-D accumulator reduced once at the end, not once per tile.
 
 Backward, for c[b, i] = d loss / d log w[b, i] (given, or for the bound g[b] times the
-normalized importance weight exp(log w[b, i] - lse[b])):
+normalized importance weight exp(log w[b, i] - lse[b]), formed on the host from the log_w and
+lse the fused forward saved, so the kernel's loops take no exp for it):
 
     d/d logits[b, i] = c * (x - sigmoid(l))
     d/d z[b, i]      = c * ((z - mu) * exp(-logvar) - z)
@@ -51,10 +56,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, next_pow2,
+from ._common import (SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, interpreted, next_pow2,
                       split_plan)
+from ._math import LN2, exp_, log2_, sigmoid_
 
 PROD_GROUP = 64  # factors in (1, 2] multiplied before one log: product <= 2**64
+MASKED_LOGIT = tl.constexpr(-65504.0)  # adds 0 and a factor of 1 beside x = 0; finite in fp16, bf16 and fp32
 SPLIT_QUANTUM = 256  # samples per split are a multiple of this, so any BLOCK_K <= 256 tiles it
 
 
@@ -65,11 +72,11 @@ def _row_block(ptr, b64, stride_b, offs, stride_c, mask):
 
 
 @triton.jit
-def _sample_tile(ptr, b64, rows64, offs, stride_b, stride_k, stride_c, mask):
-    """The samples ``rows64`` of one example at columns ``offs`` (logits or z):
-    [BLOCK_K, BLOCK] float32, 0 where masked."""
-    return tl.load(ptr + b64 * stride_b + rows64[:, None] * stride_k + offs[None, :] * stride_c,
-                   mask=mask, other=0.0).to(tl.float32)
+def _tile_offsets(rows, cols, stride_r, stride_c):
+    """Offsets of a [rows, cols] tile from its first element, in int32: the same for every tile
+    a loop visits, so the loop adds one scalar base (int64) per iteration instead of 64-bit
+    arithmetic per element. The host keeps strides small enough (``int32_tiles``)."""
+    return rows[:, None] * stride_r + cols[None, :] * stride_c
 
 
 @triton.jit
@@ -86,60 +93,80 @@ def _bernoulli_exact(x_block, logit_block, mask):
 
 @triton.jit
 def _log_weight_block(
-    b, offs_k, mask_k,
+    b, k0, k_stop,
     x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     D, d,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    PROD_GROUP: tl.constexpr,
+    PROD_GROUP: tl.constexpr, FAST: tl.constexpr,
 ):
-    """log w for example ``b`` and the samples ``offs_k`` -> [BLOCK_K] float32 (masked rows: junk)."""
+    """log w for example ``b`` and its samples k0 .. k0 + BLOCK_K (those at or past ``k_stop``
+    masked) -> [BLOCK_K] float32 (masked rows: junk)."""
     b64 = b.to(tl.int64)
-    rows64 = offs_k.to(tl.int64)
+    k64 = tl.cast(k0, tl.int64)
+    rows = tl.arange(0, BLOCK_K)
+    mask_k = k0 + rows < k_stop
+    cols = tl.arange(0, BLOCK_D)
+    # Rows past k_stop read the last sample again instead of being masked: the hot loop's
+    # loads then need no mask (the caller drops those rows), and only the ragged last D-tile
+    # masks its columns.
+    logit_tile = _tile_offsets(tl.minimum(rows, k_stop - 1 - k0), cols, stride_lk, stride_ld)
+    logit_base = logits_ptr + b64 * stride_lb + k64 * stride_lk  # this block's first sample
+    x_base = x_ptr + b64 * stride_xb
 
-    # log p(x|h): acc holds x*l - max(l, 0) minus the logs of finished groups of
-    # (1 + exp(-|l|)) factors; tail_prod holds the factors of the group in progress.
+    # log p(x|h): acc holds, lane by lane, x*l - max(l, 0) less the logs of finished groups of
+    # factors (1 + exp(-|l|)); group_prod the factors of the group in progress. The ragged
+    # last tile goes first (masked lanes: logit MASKED_LOGIT, x = 0, factor 1), its factors
+    # starting the first group (at most 2**65).
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    tail_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
-    for i in range(0, tl.cdiv(D, BLOCK_D)):
-        offs_d = i * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        mask = mask_k[:, None] & mask_d[None, :]
-        x_block = _row_block(x_ptr, b64, stride_xb, offs_d, stride_xd, mask_d)
-        logit_block = _sample_tile(logits_ptr, b64, rows64, offs_d, stride_lb, stride_lk, stride_ld, mask)
+    group_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+    n_full = D // BLOCK_D
+    if n_full * BLOCK_D < D:
+        d0 = n_full * BLOCK_D
+        mask_d = d0 + cols < D
+        x_block = tl.load(x_base + (d0 + cols) * stride_xd, mask=mask_d, other=0.0).to(tl.float32)
+        logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile, mask=mask_d[None, :],
+                              other=MASKED_LOGIT).to(tl.float32)
         acc += x_block[None, :] * logit_block - tl.maximum(logit_block, 0.0)
-        # masked lanes multiply by exactly 1
-        tail_prod *= 1.0 + tl.where(mask, tl.exp(-tl.abs(logit_block)), 0.0)
-        if i % PROD_GROUP == PROD_GROUP - 1:
-            acc -= tl.log(tail_prod)
-            tail_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
-    acc -= tl.log(tail_prod)
+        group_prod += group_prod * exp_(-tl.abs(logit_block))
+    for g0 in range(0, n_full, PROD_GROUP):
+        for i in range(g0, tl.minimum(g0 + PROD_GROUP, n_full)):  # the hot loop: no masks
+            d0 = i * BLOCK_D
+            x_block = tl.load(x_base + (d0 + cols) * stride_xd).to(tl.float32)
+            logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile).to(tl.float32)
+            acc += x_block[None, :] * logit_block - tl.maximum(logit_block, 0.0)
+            group_prod += group_prod * exp_(-tl.abs(logit_block))  # *= 1 + exp(-|l|), one FMA
+        acc -= LN2 * log2_(group_prod, FAST)
+        group_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+    if n_full == 0:  # D < BLOCK_D: the ragged tile was all there was
+        acc -= LN2 * log2_(group_prod, FAST)
     log_px = tl.sum(acc, axis=1)
 
     # Infinite logits made 0 * inf = NaN above: sum those rows again with the exact rule.
     if tl.max(tl.where(log_px != log_px, 1, 0), axis=0) > 0:
         exact = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
+            mask_d = d0 + cols < D
             mask = mask_k[:, None] & mask_d[None, :]
-            exact += _bernoulli_exact(_row_block(x_ptr, b64, stride_xb, offs_d, stride_xd, mask_d),
-                                      _sample_tile(logits_ptr, b64, rows64, offs_d, stride_lb,
-                                                   stride_lk, stride_ld, mask), mask)
+            x_block = tl.load(x_base + (d0 + cols) * stride_xd, mask=mask_d, other=0.0).to(tl.float32)
+            logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
+            exact += _bernoulli_exact(x_block, logit_block, mask)
         log_px = tl.where(log_px != log_px, tl.sum(exact, axis=1), log_px)
 
     # log p(h) - log q(h|x): mu, logvar and exp(-logvar) once per latent block, broadcast
     # over the BLOCK_K samples; masked lanes load zeros and add exactly 0.
+    lcols = tl.arange(0, BLOCK_L)
+    z_tile = _tile_offsets(rows, lcols, stride_zk, stride_zd)
+    z_base = z_ptr + b64 * stride_zb + k64 * stride_zk
     latent = tl.zeros([BLOCK_K, BLOCK_L], tl.float32)
     for j0 in range(0, d, BLOCK_L):
-        offs_l = j0 + tl.arange(0, BLOCK_L)
-        mask_l = offs_l < d
-        mu_block = _row_block(mu_ptr, b64, stride_mb, offs_l, stride_md, mask_l)
-        logvar_block = _row_block(logvar_ptr, b64, stride_vb, offs_l, stride_vd, mask_l)
-        z_block = _sample_tile(z_ptr, b64, rows64, offs_l, stride_zb, stride_zk, stride_zd,
-                               mask_k[:, None] & mask_l[None, :])
-        inv_var = tl.exp(-logvar_block)
+        mask_l = j0 + lcols < d
+        mu_block = _row_block(mu_ptr, b64, stride_mb, j0 + lcols, stride_md, mask_l)
+        logvar_block = _row_block(logvar_ptr, b64, stride_vb, j0 + lcols, stride_vd, mask_l)
+        z_block = tl.load(z_base + j0 * stride_zd + z_tile, mask=mask_k[:, None] & mask_l[None, :],
+                          other=0.0).to(tl.float32)
+        inv_var = exp_(-logvar_block)
         diff = z_block - mu_block[None, :]
         latent += 0.5 * (diff * diff * inv_var[None, :] + logvar_block[None, :] - z_block * z_block)
     return log_px + tl.sum(latent, axis=1)
@@ -152,106 +179,94 @@ def _log_weights_forward_kernel(
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     B, k, D, d,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    PROD_GROUP: tl.constexpr,
+    PROD_GROUP: tl.constexpr, FAST: tl.constexpr,
 ):
-    # grid (B, cdiv(k, BLOCK_K)); writes log_w[b, offs_k] of a contiguous [B, k] float32.
-    # (B is an argument only so the autotuner's key can see it.)
+    # grid (B, cdiv(k, BLOCK_K)); writes log_w[b, k0 .. k0 + BLOCK_K] of a contiguous [B, k]
+    # float32. (B is an argument only so the autotuner's key can see it.)
     b = tl.program_id(0)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < k
+    k0 = tl.program_id(1) * BLOCK_K
     log_w = _log_weight_block(
-        b, offs_k, mask_k, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+        b, k0, k, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
         stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
         stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-        D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP,
+        D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST,
     )
-    tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
-
-
-@triton.jit
-def _sample_coef(b, offs_k, mask_k, grad_ptr, log_w_ptr, lse_ptr, k, FROM_BOUND: tl.constexpr):
-    """c[b, offs_k] = d loss / d log w: read as given, or g[b] * exp(log_w - lse[b]) for the bound.
-
-    A -inf log-weight gets weight 0; a row whose lse is -inf (all weights -inf) gets zeros.
-    """
-    offs = b.to(tl.int64) * k + offs_k
-    if FROM_BOUND:
-        g = tl.load(grad_ptr + b)
-        lse = tl.load(lse_ptr + b)
-        log_w = tl.load(log_w_ptr + offs, mask=mask_k, other=float("-inf"))
-        weight = tl.where(lse == float("-inf"), 0.0, tl.exp(log_w - lse))
-        coef = tl.where(mask_k, g * weight, 0.0)
-    else:
-        coef = tl.load(grad_ptr + offs, mask=mask_k, other=0.0)
-    return coef
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=offs_k < k)
 
 
 @triton.jit
 def _log_weights_backward_kernel(
-    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
-    grad_ptr, log_w_ptr, lse_ptr,
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, coef_ptr,
     grad_logits_ptr, grad_z_ptr, part_mu_ptr, part_logvar_ptr, part_x_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     B, k, D, d, k_per_split, SPLITS,
-    FROM_BOUND: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DX: tl.constexpr, FAST: tl.constexpr, TANH_SIGMOID: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # grid (B, SPLITS): example b, samples [k_start, k_stop). Logits and z are read once and
     # their gradients (contiguous [B, k, D] and [B, k, d]) written once; x, mu and logvar are
-    # loaded once per column block and broadcast over the samples.
+    # loaded once per column block and broadcast over the samples; c = d loss / d log w is a
+    # contiguous [B, k] float32 (0 for a sample of weight 0). Tiles are addressed as a scalar
+    # base per iteration plus loop-invariant int32 offsets.
     b = tl.program_id(0)
     split = tl.program_id(1)
     b64 = b.to(tl.int64)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, k)
     part_row = b64 * SPLITS + split  # this program's row of the [B, SPLITS, .] partials
+    rows = tl.arange(0, BLOCK_K)
+    coef_base = coef_ptr + b64 * k
 
+    cols = tl.arange(0, BLOCK_D)
+    logit_tile = _tile_offsets(rows, cols, stride_lk, stride_ld)
+    grad_tile = _tile_offsets(rows, cols, D, 1)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        x_block = _row_block(x_ptr, b64, stride_xb, offs_d, stride_xd, mask_d)
+        mask_d = d0 + cols < D
+        x_block = _row_block(x_ptr, b64, stride_xb, d0 + cols, stride_xd, mask_d)
         x_sum = tl.zeros([BLOCK_D], tl.float32)  # sum_i c_i l_i over this split's samples
         for k0 in range(k_start, k_stop, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_stop
-            rows64 = offs_k.to(tl.int64)
+            k64 = tl.cast(k0, tl.int64)
+            mask_k = k0 + rows < k_stop
             mask = mask_k[:, None] & mask_d[None, :]
-            coef = _sample_coef(b, offs_k, mask_k, grad_ptr, log_w_ptr, lse_ptr, k, FROM_BOUND)
-            logit_block = _sample_tile(logits_ptr, b64, rows64, offs_d, stride_lb, stride_lk,
-                                       stride_ld, mask)
-            grad_block = coef[:, None] * (x_block[None, :] - tl.sigmoid(logit_block))
-            tl.store(grad_logits_ptr + (b64 * k + rows64)[:, None] * D + offs_d[None, :],
+            coef = tl.load(coef_base + k0 + rows, mask=mask_k, other=0.0)
+            logit_block = tl.load(logits_ptr + b64 * stride_lb + k64 * stride_lk + d0 * stride_ld + logit_tile,
+                                  mask=mask, other=0.0).to(tl.float32)
+            grad_block = coef[:, None] * (x_block[None, :] - sigmoid_(logit_block, FAST, TANH_SIGMOID))
+            tl.store(grad_logits_ptr + (b64 * k + k64) * D + d0 + grad_tile,
                      grad_block.to(grad_logits_ptr.dtype.element_ty), mask=mask)
             if NEED_DX:
                 # a sample of weight 0 adds nothing, even where its logit is infinite
                 x_sum += tl.sum(tl.where(coef[:, None] == 0.0, 0.0, coef[:, None] * logit_block), axis=0)
         if NEED_DX:
-            tl.store(part_x_ptr + part_row * D + offs_d, x_sum, mask=mask_d)
+            tl.store(part_x_ptr + part_row * D + d0 + cols, x_sum, mask=mask_d)
 
+    lcols = tl.arange(0, BLOCK_L)
+    z_tile = _tile_offsets(rows, lcols, stride_zk, stride_zd)
+    grad_z_tile = _tile_offsets(rows, lcols, d, 1)
     for j0 in range(0, d, BLOCK_L):
-        offs_l = j0 + tl.arange(0, BLOCK_L)
-        mask_l = offs_l < d
-        mu_block = _row_block(mu_ptr, b64, stride_mb, offs_l, stride_md, mask_l)
-        logvar_block = _row_block(logvar_ptr, b64, stride_vb, offs_l, stride_vd, mask_l)
-        inv_var = tl.exp(-logvar_block)
+        mask_l = j0 + lcols < d
+        mu_block = _row_block(mu_ptr, b64, stride_mb, j0 + lcols, stride_md, mask_l)
+        logvar_block = _row_block(logvar_ptr, b64, stride_vb, j0 + lcols, stride_vd, mask_l)
+        inv_var = exp_(-logvar_block)
         mu_sum = tl.zeros([BLOCK_L], tl.float32)
         logvar_sum = tl.zeros([BLOCK_L], tl.float32)
         for k0 in range(k_start, k_stop, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_stop
-            rows64 = offs_k.to(tl.int64)
+            k64 = tl.cast(k0, tl.int64)
+            mask_k = k0 + rows < k_stop
             mask = mask_k[:, None] & mask_l[None, :]
-            coef = _sample_coef(b, offs_k, mask_k, grad_ptr, log_w_ptr, lse_ptr, k, FROM_BOUND)
-            z_block = _sample_tile(z_ptr, b64, rows64, offs_l, stride_zb, stride_zk, stride_zd, mask)
+            coef = tl.load(coef_base + k0 + rows, mask=mask_k, other=0.0)
+            z_block = tl.load(z_ptr + b64 * stride_zb + k64 * stride_zk + j0 * stride_zd + z_tile,
+                              mask=mask, other=0.0).to(tl.float32)
             diff = z_block - mu_block[None, :]
             scaled = diff * inv_var[None, :]  # (z - mu) / var
-            tl.store(grad_z_ptr + (b64 * k + rows64)[:, None] * d + offs_l[None, :],
+            tl.store(grad_z_ptr + (b64 * k + k64) * d + j0 + grad_z_tile,
                      (coef[:, None] * (scaled - z_block)).to(grad_z_ptr.dtype.element_ty), mask=mask)
             mu_sum -= tl.sum(coef[:, None] * scaled, axis=0)
             logvar_sum += tl.sum(coef[:, None] * 0.5 * (1.0 - diff * scaled), axis=0)
-        tl.store(part_mu_ptr + part_row * d + offs_l, mu_sum, mask=mask_l)
-        tl.store(part_logvar_ptr + part_row * d + offs_l, logvar_sum, mask=mask_l)
+        tl.store(part_mu_ptr + part_row * d + j0 + lcols, mu_sum, mask=mask_l)
+        tl.store(part_logvar_ptr + part_row * d + j0 + lcols, logvar_sum, mask=mask_l)
 
 
 # --------------------------------------------------------------------------- tiling
@@ -289,7 +304,8 @@ def block_tiling(*extra_key: str) -> Tiling:
     """The one tiling policy of the log-weight family; each kernel adds the flags that change
     its best tile to the autotune key."""
     return Tiling(_block_configs(), key=["B", "k", "D", "d", *extra_key], default=_default_blocks,
-                  interpreter=_interpreter_blocks, prune=_prune)
+                  interpreter=_interpreter_blocks, prune=_prune, data_arg="logits_ptr",
+                  tile=lambda meta: meta["BLOCK_K"] * meta["BLOCK_D"])
 
 
 def latent_block(d: int) -> int:
@@ -301,9 +317,20 @@ def input_strides(x, logits, z, mu, logvar) -> tuple:
     return (*x.stride(), *logits.stride(), *z.stride(), *mu.stride(), *logvar.stride())
 
 
+MAX_TILE = (64, 256)  # the largest (rows, columns) tile any config of the family uses
+
+
+def int32_tiles(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, k, C], copied contiguous in the rare case where a tile's offsets from its first
+    element (rows x sample stride + columns x column stride) would not fit in int32: the kernels
+    address tiles as a 64-bit scalar base plus int32 offsets (a view permuted from [k, B, C]
+    with B * C past 2**31 / 64, say)."""
+    reach = (MAX_TILE[0] - 1) * abs(t.stride(1)) + (MAX_TILE[1] - 1) * abs(t.stride(2))
+    return t if reach < 2**31 else t.contiguous()
+
+
 _log_weights_forward = Tunable(_log_weights_forward_kernel, block_tiling())
-_log_weights_backward = Tunable(_log_weights_backward_kernel,
-                                block_tiling("SPLITS", "FROM_BOUND", "NEED_DX"))
+_log_weights_backward = Tunable(_log_weights_backward_kernel, block_tiling("SPLITS", "NEED_DX"))
 
 
 def log_weights_forward(x, logits, z, mu, logvar) -> torch.Tensor:
@@ -314,22 +341,25 @@ def log_weights_forward(x, logits, z, mu, logvar) -> torch.Tensor:
     _log_weights_forward.launch(
         lambda meta: (B, cdiv(k, meta["BLOCK_K"])),
         x, logits, z, mu, logvar, log_w, *input_strides(x, logits, z, mu, logvar),
-        B, k, D, d, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, sizes={"k": k, "D": D},
+        B, k, D, d, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(),
+        sizes={"k": k, "D": D},
     )
     return log_w
 
 
-def log_weights_backward(x, logits, z, mu, logvar, grad, log_w=None, lse=None, need_dx=False,
-                         plan: SplitPlan | None = None):
-    """Gradients (dx or None, dlogits, dz, dmu, dlogvar), each in its input's dtype.
+def bound_coefficients(grad_bound, log_w, lse) -> torch.Tensor:
+    """d loss / d log w [B, k] of the bound: g[b] times the normalized importance weights
+    exp(log_w - lse), from what the fused forward saved; a row of lse -inf gets zeros."""
+    weights = torch.where(torch.isneginf(lse)[:, None], 0.0, torch.exp(log_w - lse[:, None]))
+    return grad_bound.to(torch.float32)[:, None] * weights
 
-    ``grad`` is d loss / d log w [B, k]; or, with ``log_w`` [B, k] and ``lse`` [B] saved by
-    the fused forward, d loss / d bound [B]. ``plan`` overrides the split over k (tests).
-    """
+
+def log_weights_backward(x, logits, z, mu, logvar, coef, need_dx=False, plan: SplitPlan | None = None):
+    """Gradients (dx or None, dlogits, dz, dmu, dlogvar), each in its input's dtype, for
+    ``coef`` = d loss / d log w [B, k]. ``plan`` overrides the split over k (tests)."""
     B, k, D = logits.shape
     d = z.shape[2]
     device = logits.device
-    from_bound = log_w is not None
     plan = plan or split_plan(B, k, device, SPLIT_QUANTUM)
     grad_logits = torch.empty((B, k, D), device=device, dtype=logits.dtype)
     grad_z = torch.empty((B, k, d), device=device, dtype=z.dtype)
@@ -337,15 +367,14 @@ def log_weights_backward(x, logits, z, mu, logvar, grad, log_w=None, lse=None, n
     part_logvar = torch.empty_like(part_mu)
     part_x = (torch.empty((B, plan.splits, D), device=device, dtype=torch.float32)
               if need_dx else part_mu)
-    grad = grad.to(torch.float32).contiguous()
+    coef = coef.to(torch.float32).contiguous()
+    fast = not interpreted()
     _log_weights_backward.launch(
         lambda meta: (B, plan.splits),
-        x, logits, z, mu, logvar, grad,
-        log_w if from_bound else grad, lse if from_bound else grad,
-        grad_logits, grad_z, part_mu, part_logvar, part_x,
+        x, logits, z, mu, logvar, coef, grad_logits, grad_z, part_mu, part_logvar, part_x,
         *input_strides(x, logits, z, mu, logvar), B, k, D, d, plan.per_split, plan.splits,
-        FROM_BOUND=from_bound, NEED_DX=need_dx, BLOCK_L=latent_block(d),
-        sizes={"k": min(k, plan.per_split), "D": D},
+        NEED_DX=need_dx, FAST=fast, TANH_SIGMOID=fast and logits.element_size() == 2,
+        BLOCK_L=latent_block(d), sizes={"k": min(k, plan.per_split), "D": D},
     )
     grad_x = part_x.sum(1).to(x.dtype) if need_dx else None
     return (grad_x, grad_logits, grad_z, part_mu.sum(1).to(mu.dtype),
@@ -373,4 +402,4 @@ def log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
     B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[0]
     if B == 0:
         return torch.empty((0, logits.shape[1]), device=logits.device, dtype=torch.float32)
-    return LogWeightsFunction.apply(x, logits, z, mu, logvar)
+    return LogWeightsFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import SplitWorkspace, Tiling, Tunable, cdiv, check_log_weights, next_pow2, split_plan
+from ._math import exp_
 
 
 @triton.jit
@@ -41,8 +42,8 @@ def _lse_combine(run_max, run_sum, tile):
     new_shift = _lse_shift(new_max)
     # Rescale the old sum to the new shift. A row that has seen only -inf has sum 0; give it
     # scale 0 outright so 0 * exp(huge) cannot make a NaN.
-    scale = tl.where(run_max == float("-inf"), 0.0, tl.exp(_lse_shift(run_max) - new_shift))
-    run_sum = run_sum * scale + tl.sum(tl.exp(tile - new_shift[:, None]), axis=1)
+    scale = tl.where(run_max == float("-inf"), 0.0, exp_(_lse_shift(run_max) - new_shift))
+    run_sum = run_sum * scale + tl.sum(exp_(tile - new_shift[:, None]), axis=1)
     return new_max, run_sum
 
 
@@ -131,16 +132,18 @@ def _logsumexp_backward_kernel(
                    mask=mask, other=float("-inf")).to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=mask_r, other=0.0)
     grad_out = tl.load(grad_out_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
-    weights = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(tile - lse[:, None]))
+    weights = tl.where(lse[:, None] == float("-inf"), 0.0, exp_(tile - lse[:, None]))
     grad = grad_out[:, None] * weights
     tl.store(grad_t_ptr + rows64[:, None] * K + offs_k[None, :],
              grad.to(grad_t_ptr.dtype.element_ty), mask=mask)
 
 
 def _lse_configs():
-    # Few rows of long K, or many rows of short K; tiles of 1-4K elements. Pruned by K below.
-    shapes = [(1, 4096, 8), (1, 2048, 8), (1, 1024, 4), (4, 256, 4), (16, 64, 4), (64, 16, 4),
-              (256, 4, 4), (1024, 1, 4)]
+    # Few rows of long K, or many rows of short K; tiles of 1-8K elements. Pruned by K below.
+    # A long row's per-tile rescale is one exp per thread: 8K-element tiles make it 1/32 of one
+    # per element.
+    shapes = [(1, 8192, 8), (1, 4096, 8), (1, 2048, 8), (1, 1024, 4), (4, 256, 4), (16, 64, 4),
+              (64, 16, 4), (256, 4, 4), (1024, 1, 4)]
     return [triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in shapes]
 
 
@@ -165,13 +168,19 @@ def _prune_by_width(configs, K: int, few_rows: bool):
 
 
 # The columns a program walks: its split's share of K in the forward, one tile in the backward.
+def _tile(meta: dict) -> int:
+    return meta["BLOCK_R"] * meta["BLOCK_K"]
+
+
 _lse_forward = Tunable(_logsumexp_forward_kernel, Tiling(
     _lse_configs(), key=["R", "K", "SPLITS"], default=_default_blocks, interpreter=_interpreter_blocks,
     prune=lambda configs, named_args, **_: _prune_by_width(
-        configs, min(named_args["K"], named_args["k_per_split"]), named_args["SPLITS"] > 1)))
+        configs, min(named_args["K"], named_args["k_per_split"]), named_args["SPLITS"] > 1),
+    data_arg="t_ptr", tile=_tile))
 _lse_backward = Tunable(_logsumexp_backward_kernel, Tiling(
     _lse_configs(), key=["R", "K"], default=_default_blocks, interpreter=_interpreter_blocks,
-    prune=lambda configs, named_args, **_: _prune_by_width(configs, named_args["K"], False)))
+    prune=lambda configs, named_args, **_: _prune_by_width(configs, named_args["K"], False),
+    data_arg="t_ptr", tile=_tile))
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -183,7 +192,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, K)
 
 
-SPLIT_QUANTUM = 4096  # columns per split are a multiple of the widest tile
+SPLIT_QUANTUM = 8192  # columns per split are a multiple of the widest tile
 
 
 def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None = None,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import Tiling, Tunable, cdiv, next_pow2
+from ._math import exp_
 
 
 @triton.jit
@@ -31,7 +32,7 @@ def _reweight_kernel(g_ptr, log_w_ptr, lse_ptr, out_ptr, k, d,
     mask_k = offs_k < k
     lse = tl.load(lse_ptr + b)
     log_w = tl.load(log_w_ptr + b * k + offs_k, mask=mask_k, other=float("-inf"))
-    weight = tl.where(lse == float("-inf"), 0.0, tl.exp(log_w - lse))
+    weight = tl.where(lse == float("-inf"), 0.0, exp_(log_w - lse))
     rows64 = offs_k.to(tl.int64)
     for j0 in range(0, d, BLOCK_L):
         offs_l = j0 + tl.arange(0, BLOCK_L)
@@ -49,7 +50,8 @@ def _blocks(k: int, d: int) -> dict:
 
 _reweight = Tunable(_reweight_kernel, Tiling(
     [triton.Config({"BLOCK_K": bk, "BLOCK_L": bl}, num_warps=4) for bk, bl in ((32, 64), (64, 32), (128, 16))],
-    key=["k", "d"], default=lambda k, d: {**_blocks(k, d), "num_warps": 4}, interpreter=_blocks))
+    key=["k", "d"], default=lambda k, d: {**_blocks(k, d), "num_warps": 4}, interpreter=_blocks,
+    data_arg="g_ptr", tile=lambda meta: meta["BLOCK_K"] * meta["BLOCK_L"]))
 
 
 def reweight(g: torch.Tensor, log_w: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
