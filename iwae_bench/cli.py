@@ -251,24 +251,69 @@ def _cmd_validate(args, parser) -> int:
         out = _writable_dir(args.out or RUNS_DIR / machine.device_slug(device))
     except ValueError as error:
         parser.error(str(error))
-    return validate(device, out, with_tests=not args.skip_tests, resume=args.resume,
-                    progress=False if args.no_progress else None)
+    phases = [p for p in args.phases if not (args.skip_tests and p == "tests")]
+    return validate(device, out, phases=phases, budget=args.budget, resume=args.resume,
+                    archive_to=args.archive, progress=False if args.no_progress else None)
 
 
 def _add_validate(sub) -> None:
+    from .validate import DEFAULT_BUDGET, PHASES
+
     p = sub.add_parser(
-        "validate", help="on a GPU: the compiled correctness suite, the GPU sweep and the targets",
+        "validate", help="on a GPU: the compiled correctness suite, the GPU sweep and the targets, in a time budget",
         description="One command for a GPU machine with torch and triton installed (run from the "
-                    "repository root): the kernel tests with the real compiler on the device, "
-                    "the copy bandwidth, the GPU sweep (forward and backward, float32 and "
+                    "repository root with python3): the kernel tests with the real compiler on the "
+                    "device, the copy bandwidth, the GPU sweep (forward and backward, float32 and "
                     "bfloat16, the targets' shapes, the reduction up to k = 10**6), and "
                     "results/runs/<device>/ with machine.json, results.csv, plots and a report that "
-                    "puts every target beside what was measured. Exits 2 without CUDA.")
+                    "puts every target beside what was measured. No new cell starts after the "
+                    "budget; --resume continues. Exits 2 without CUDA.",
+        epilog="Example for a 10-minute rental:\n  python3 -m iwae_bench validate --archive results/runs/gpu.tar.gz",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES),
+                   help="which phases to run, in order (default all: tests sweep report)")
+    p.add_argument("--budget", type=_positive_float, default=DEFAULT_BUDGET,
+                   help=f"seconds for the whole command; no new sweep cell starts after it less the "
+                        f"report's reserve (default {DEFAULT_BUDGET:.0f}: ends inside 9 minutes)")
+    p.add_argument("--archive", type=Path, metavar="PATH.tar.gz",
+                   help="pack the results folder into this one file at the end")
     p.add_argument("--out", type=Path, help="output folder (default results/runs/<device>)")
-    p.add_argument("--skip-tests", action="store_true", help="skip the correctness suite")
+    p.add_argument("--skip-tests", action="store_true", help="leave out the tests phase")
     p.add_argument("--resume", action="store_true", help="keep finished rows of an interrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(handler=_cmd_validate, parser=p)
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def _cmd_profile(args, parser) -> int:
+    from .profile import run
+
+    argv = ["--arch", str(args.arch), "--sms", str(args.sms), "--out", str(args.out)]
+    if args.kernel:
+        argv += ["--kernel", args.kernel]
+    if args.max_configs:
+        argv += ["--max-configs", str(args.max_configs)]
+    if kernels.interpreted():  # kernels decorated for the interpreter cannot be compiled
+        return run.run_subprocess(argv)
+    return run.main(argv)
+
+
+def _add_profile(sub) -> None:
+    from .profile import run
+
+    p = sub.add_parser(
+        "profile", help="compile every kernel for an H100 (no GPU needed) and tabulate its SASS",
+        description="Compile every Triton kernel of the package for sm_90 with Triton's compiler "
+                    "and bundled ptxas (on any machine: no GPU needed), with the specialization a "
+                    "real launch gets, for each autotune config kept at the validate shapes; read "
+                    "the SASS and write OUT/profile.csv and OUT/profile.md: registers, spills, "
+                    "instructions and MUFU ops per element in the hot loop, load widths, "
+                    "occupancy and bytes in flight, and which rows meet the static targets. A "
+                    "proxy from the compiler's output: only a GPU run measures speed.")
+    run.configure_parser(p)
+    p.set_defaults(handler=_cmd_profile, parser=p)
 
 
 # --------------------------------------------------------------------------- experiment
@@ -399,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_promote(sub)
     _add_compare(sub)
     _add_validate(sub)
+    _add_profile(sub)
     _add_experiment(sub)
     return parser
 

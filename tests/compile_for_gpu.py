@@ -1,60 +1,79 @@
-"""Compile every Triton kernel of the package for a Hopper GPU (sm_90) to PTX and cubin,
-without a GPU: Triton's own compiler and ptxas run on the CPU. The interpreter accepts code
-the compiler rejects (Python builtins, loop-carried types that change), so this is what proves,
-on a machine without a GPU, that the kernels the tests check will also build on one.
+"""Compile every Triton kernel of the package for a Hopper GPU (sm_90) the way a launch would,
+without a GPU: Triton's own compiler and ptxas run on the CPU. The interpreter accepts code the
+compiler rejects (Python builtins, non-constexpr globals, loop-carried types that change), so
+this is what proves, on a machine without a GPU, that the kernels the tests check will also
+build on one.
 
-Run as a script with TRITON_INTERPRET=0: ``python tests/compile_for_gpu.py``.
+The real host functions run on meta tensors under ``capture_launches`` (nothing executes), for
+shapes and dtypes that walk every flag combination they launch with (split or not, saving
+log_w or not, dx or not, 32- and 16-bit logits); each captured launch is compiled with its
+default tile and the specialization a launch gets (``iwae_bench.profile.kernels``).
+
+Run as a script with TRITON_INTERPRET=0: ``python tests/compile_for_gpu.py``; it prints one
+line per distinct compile: ``compiled <kernel> <data dtype> <flags>``.
 """
 
 import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch  # noqa: E402
 
-from kernels import fused_bound, logw, lse  # noqa: E402
+from iwae_bench.profile.kernels import specialization  # noqa: E402
+from iwae_bench.profile.sass import compile_for_target  # noqa: E402
+from kernels._common import capture_launches  # noqa: E402
+from kernels.fused_bound import fused_iwae_forward  # noqa: E402
+from kernels.logw import log_weights_backward, log_weights_forward  # noqa: E402
+from kernels.lse import logsumexp_backward, logsumexp_forward  # noqa: E402
+from kernels.reweight import reweight  # noqa: E402
 
-# Pointers that carry the dtype under test; everything else is float32 (or int32 counters).
-DATA_POINTERS = {"t_ptr", "grad_t_ptr", "logits_ptr", "grad_logits_ptr"}
-FLOAT_SCALARS = {"offset", "log_k"}
-BLOCKS = {"BLOCK_R": 4, "BLOCK_K": 16, "BLOCK_D": 128, "BLOCK_L": 64, "PROD_GROUP": 64,
-          "BLOCK_S": 32}
-KERNELS = {
-    lse._logsumexp_forward_kernel: {"SPLIT_K": True},
-    lse._logsumexp_backward_kernel: {},
-    logw._log_weights_forward_kernel: {},
-    logw._log_weights_backward_kernel: {"FROM_BOUND": True, "NEED_DX": True},
-    fused_bound._fused_iwae_forward_kernel: {"SAVE_LOG_W": True, "SPLIT_K": True},
-}
+FLAGS = ("SAVE_LOG_W", "SPLIT_K", "NEED_DX", "FAST", "TANH_SIGMOID")
 
 
-def signature(fn, data_dtype, constants):
-    sig, consts = {}, {}
-    for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            consts[p.name] = constants.get(p.name, BLOCKS.get(p.name))
-        elif p.name.endswith("_ptr"):
-            sig[p.name] = (f"*{data_dtype}" if p.name in DATA_POINTERS
-                           else "*i32" if p.name == "ticket_ptr" else "*fp32")
-        else:
-            sig[p.name] = "fp32" if p.name in FLOAT_SCALARS else "i32"
-    return sig, consts
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def launches():
+    """Every launch the host code makes over the flag combinations, captured, not run."""
+    D, d = 100, 5
+    with capture_launches(sm_count=132) as captured:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for B, k in ((2, 3000), (1024, 8)):  # k split over programs, and not
+                inputs = (meta(B, D), meta(B, k, D, dtype=dtype), meta(B, k, d), meta(B, d), meta(B, d))
+                for save in (False, True):
+                    fused_iwae_forward(*inputs, save_log_w=save)
+                log_weights_forward(*inputs)
+                for need_dx in (False, True):
+                    log_weights_backward(*inputs, meta(B, k), need_dx=need_dx)
+            for R, K in ((2, 50_000), (1024, 64)):
+                t = meta(R, K, dtype=dtype)
+                logsumexp_forward(t, 1.0)
+                logsumexp_backward(t, meta(R), meta(R))
+            reweight(meta(4, 9, d, dtype=dtype), meta(4, 9), meta(4))
+    return captured
 
 
 def main() -> int:
-    target = GPUTarget("cuda", 90, 32)
-    for fn, constants in KERNELS.items():
-        for data_dtype in ("fp32", "bf16"):
-            sig, consts = signature(fn, data_dtype, constants)
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
-            assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
-            print(f"compiled {fn.__name__} ({data_dtype}) for sm_90")
+    seen = set()
+    for launch in launches():
+        named = launch.named_args()
+        tile = launch.kernel.tiling.default(**launch.sizes)
+        blocks = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
+        signature, constexprs, aligned = specialization(launch.kernel.fn, named, blocks)
+        flags = " ".join(f"{f}={int(bool(constexprs[f]))}" for f in FLAGS if f in constexprs)
+        line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags}".strip()
+        key = (line, tuple(sorted(signature.items())), tuple(sorted(aligned)),
+               tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = compile_for_target(launch.kernel.fn, signature, constexprs, aligned=aligned,
+                                      num_warps=tile.get("num_warps", 4), num_stages=tile.get("num_stages", 3))
+        assert compiled.cubin, f"{line}: no cubin"
+        print(f"compiled {line} ({compiled.registers} registers, {compiled.spill_store_bytes} B spilled)")
     return 0
 
 

@@ -443,12 +443,15 @@ def _ptx_hot_loop_load_bits(ptx: str) -> int:
 
 
 def analyze(compiled_or_sass: Union[Compiled, str], ptx: Optional[str] = None,
-            function: Optional[str] = None) -> LoopProfile:
+            function: Optional[str] = None, rank=None) -> LoopProfile:
     """Counts for one iteration of the hot loop (see :func:`find_loops` and :func:`_hot`).
 
     Takes a :class:`Compiled` (its SASS and PTX are used) or a SASS listing, with the PTX
     optional (it only serves to tell the unroll factor). A kernel without a loop gives a
-    profile of the whole kernel with ``loop_found`` False."""
+    profile of the whole kernel with ``loop_found`` False. ``rank`` replaces the rule that
+    picks the hot loop: a key over each innermost loop's counts (the dict of ``_count``), the
+    largest wins; a caller who knows what its hot loop does (one exp per element, say) can
+    tell it from a setup loop that loads as much."""
     if isinstance(compiled_or_sass, Compiled):
         sass, ptx, function = compiled_or_sass.sass, compiled_or_sass.ptx, compiled_or_sass.name
     else:
@@ -463,7 +466,7 @@ def analyze(compiled_or_sass: Union[Compiled, str], ptx: Optional[str] = None,
                            instructions_outside=0, loops_found=0, unroll=1, **counts)
     bodies = [[ins for ins in code if loop.start <= ins.address <= loop.end] for loop in loops]
     counts = [_count(body) for body in bodies]
-    hot = _hot(loops, counts)
+    hot = _hot(loops, counts) if rank is None else max(range(len(loops)), key=lambda i: rank(counts[i]))
     unroll = None
     if ptx is not None and counts[hot]["global_loads"]:
         ptx_bits = _ptx_hot_loop_load_bits(ptx)

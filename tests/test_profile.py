@@ -1,0 +1,87 @@
+"""`python -m iwae_bench profile`: the columns on a real kernel, against values known by hand."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iwae_bench.profile.kernels import COLUMNS
+
+ROOT = Path(__file__).resolve().parent.parent
+ISSUE_COLUMNS = ["kernel", "dtype", "config", "num_warps", "num_stages", "registers", "spills",
+                 "shared_bytes", "loop_instructions_per_element", "mufu_per_element",
+                 "software_transcendentals_in_loop", "logits_load_bits", "resident_warps_per_sm",
+                 "shape", "input_bytes", "programs_per_sm", "bytes_in_flight_per_sm"]
+
+
+@pytest.fixture(scope="module")
+def fused_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}  # the CLI turns it off
+    done = subprocess.run([sys.executable, "-m", "iwae_bench", "profile", "--kernel", "fused forward",
+                           "--max-configs", "1", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    with open(out / "profile.csv", newline="") as f:
+        return out, list(csv.DictReader(f))
+
+
+def test_profile_has_the_columns_and_one_row_per_scenario(fused_profile):
+    out, rows = fused_profile
+    assert set(ISSUE_COLUMNS) <= set(COLUMNS) and list(rows[0]) == COLUMNS
+    # two scenarios (plain, saving log_w) x two dtypes x four validate shapes, one config each
+    assert len(rows) == 2 * 2 * 4
+    assert {r["shape"] for r in rows} == {"B=1024 k=64", "B=20 k=5000", "B=256 k=256", "B=8 k=100000"}
+    text = (out / "profile.md").read_text()
+    assert "A proxy read from the compiler's output, not a measurement" in text
+    assert "triton" in text and "sm_90" in text
+
+
+def test_profile_values_on_the_fused_forward(fused_profile):
+    _, rows = fused_profile
+    for r in rows:
+        assert int(r["registers"]) > 0 and int(r["num_warps"]) in (4, 8)
+        # one exp per logit, in one MUFU op, and no software log in the hot loop
+        assert r["mufu_kinds"] == "EX2:1.00" and float(r["mufu_per_element"]) == 1.0
+        assert int(r["software_transcendentals_in_loop"]) == 0
+        assert int(r["logits_load_bits"]) == 128  # the launch's alignment reaches the loads
+        assert 3.0 < float(r["loop_instructions_per_element"]) < 30.0
+    # (20, 5000) on 132 SMs: 528 programs wanted, 27 per example -> 256-sample splits -> 20 splits
+    row = next(r for r in rows if r["shape"] == "B=20 k=5000" and r["dtype"] == "float32")
+    assert int(row["programs"]) == 20 * 20 and float(row["programs_per_sm"]) == round(400 / 132, 2)
+    # x, logits, z, mu and logvar, by hand
+    assert int(row["input_bytes"]) == (20 * 784 + 20 * 5000 * 784 + 20 * 5000 * 50 + 2 * 20 * 50) * 4
+    bf16 = next(r for r in rows if r["shape"] == "B=20 k=5000" and r["dtype"] == "bfloat16")
+    assert int(bf16["input_bytes"]) == (20 * 784 + 20 * 5000 * 50 + 2 * 20 * 50) * 4 + 20 * 5000 * 784 * 2
+    # bytes in flight = resident programs x tile x element size
+    tile = 1
+    for part in row["config"].split():
+        tile *= int(part.split("=")[1])
+    resident = int(row["resident_warps_per_sm"]) // int(row["num_warps"])
+    assert int(row["bytes_in_flight_per_sm"]) == min(resident, 4) * tile * 4  # 400 programs: <= 4 per SM
+
+
+def test_specialization_of_a_launch():
+    """A launch's arguments -> what it compiles with: tensors aligned, 1 made a constant,
+    multiples of 16 marked, other integers plain."""
+    import torch
+
+    from iwae_bench.profile.kernels import specialization
+
+    class Param:
+        def __init__(self, name, constexpr=False):
+            self.name, self.is_constexpr = name, constexpr
+
+    class Fn:
+        params = [Param("x_ptr"), Param("n"), Param("stride"), Param("odd"), Param("scale"), Param("BLOCK", True)]
+        arg_names = [p.name for p in params]
+
+    named = {"x_ptr": torch.empty(4, device="meta", dtype=torch.bfloat16), "n": 64, "stride": 1,
+             "odd": 7, "scale": 0.5}
+    signature, constexprs, aligned = specialization(Fn, named, {"BLOCK": 128})
+    assert signature == {"x_ptr": "*bf16", "n": "i32", "odd": "i32", "scale": "fp32"}
+    assert constexprs == {"BLOCK": 128, "stride": 1}
+    assert sorted(aligned) == ["n", "x_ptr"]
