@@ -379,8 +379,14 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
                    table.loc[_ordered(table.index)])
 
 
-def _status_sections(report: Report, frame: pd.DataFrame) -> None:
+def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
     columns = ["family", "variant", "mode", "dtype", "regime", "batch", "latent", "k"]
+    missing = ((record.get("runs") or [{}])[-1].get("validate") or {}).get("missing_cells") or []
+    if missing:
+        report.add("Cells the time budget left out", f"validate's budget ran out before {len(missing)} "
+                   "cells of its grid (identity: family variant device dtype k batch latent data_dim "
+                   "mode regime seed); `python -m iwae_bench validate --phases sweep report --resume` "
+                   "runs them.", pd.DataFrame({"cell": missing}))
     noisy = frame[frame["status"] == "noisy"]
     if not noisy.empty:
         report.add("Noisy cells", f"Timed twice and still spread: p80/p20 > {NOISE_LIMIT}. Their "
@@ -462,7 +468,7 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
         report.add("Peak memory", "Not measured: the CPU has no allocator statistics that can be "
                    "reset per call, so the column is empty rather than guessed.")
     _accuracy_sections(report, frame)
-    _status_sections(report, frame)
+    _status_sections(report, frame, record)
     if against is not None:
         _comparison_section(report, frame, against)
 

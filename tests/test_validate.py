@@ -1,8 +1,10 @@
 """`validate`: the GPU command's phases and its targets table, exercised without a GPU."""
 
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -34,25 +36,75 @@ def test_kernel_tests_phase_records_the_suite(tmp_path, monkeypatch):
     assert text.startswith("$ TRITON_INTERPRET=0 IWAE_BENCH_AUTOTUNE=0") and "8 passed" in text
 
 
+def test_kernel_tests_phase_has_a_time_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(validate_module, "KERNEL_TESTS", ["tests/test_reference.py"])
+    passed, summary = validate_module.run_kernel_tests(tmp_path, timeout=0.5)
+    assert not passed and summary.startswith("timed out after 0 s")
+    assert "timed out" in (tmp_path / "tests.txt").read_text()
+
+
 def test_kernel_tests_need_nothing_a_bare_gpu_image_lacks():
     """The GPU image has torch, triton, pandas, matplotlib, pytest and pytest-benchmark only."""
     for path in validate_module.KERNEL_TESTS:
         text = (ROOT / path).read_text()
-        for extra in ("scipy", "hypothesis", "mlxtend", "tqdm"):
+        for extra in ("scipy", "hypothesis", "mlxtend", "tqdm", "markdown_it"):
             assert f"import {extra}" not in text and f"from {extra}" not in text, (path, extra)
 
 
-def test_validate_phases_write_the_results_folder(tmp_path):
-    grid = Grid([Block(k=[5], batch=[2], latent=[3], data_dim=[12], mode=["forward"])],
-                variants=["torch", "fused"], reductions=[(4, 300)])
-    status = validate_module.validate(torch.device("cpu"), tmp_path, with_tests=False, grid=grid,
+GRID = dict(blocks=[Block(k=[5, 7], batch=[2], latent=[3], data_dim=[12], mode=["forward"])],
+            variants=["torch", "fused"], reductions=[(4, 300)])
+
+
+def test_validate_phases_write_the_results_folder_and_one_archive(tmp_path):
+    out = tmp_path / "gpu"
+    status = validate_module.validate(torch.device("cpu"), out, phases=("sweep", "report"),
+                                      grid=Grid(**GRID), archive_to=tmp_path / "gpu.tar.gz",
                                       progress=False, log=lambda *a: None)
     assert status == 0
-    rows = pd.read_csv(tmp_path / "results.csv")
-    # two variants of the bound; the reduction only for torch ("fused" has nothing to fuse there)
-    assert set(rows["family"]) == {"bound", "reduction"} and len(rows) == 2 + 1
-    assert (tmp_path / "report.md").exists() and (tmp_path / "plots" / "headline.png").exists()
-    assert "GPU targets" not in (tmp_path / "report.md").read_text()  # a CPU run claims none
+    rows = pd.read_csv(out / "results.csv")
+    # two variants of the bound at two k; the reduction only for torch ("fused" has nothing to fuse)
+    assert set(rows["family"]) == {"bound", "reduction"} and len(rows) == 4 + 1
+    assert (out / "report.md").exists() and (out / "plots" / "headline.png").exists()
+    report = (out / "report.md").read_text()
+    assert "GPU targets" not in report and "time budget left out" not in report
+    record = json.loads((out / "machine.json").read_text())
+    phases = record["runs"][-1]["validate"]
+    assert phases["phases"] == ["sweep", "report"] and set(phases["phase_seconds"]) == {"sweep", "report"}
+    assert phases["missing_cells"] == [] and record["runs"][-1]["finished"]
+    assert "triton_autotune" in record["machine"]
+    with tarfile.open(tmp_path / "gpu.tar.gz") as tar:
+        names = tar.getnames()
+    assert "gpu/results.csv" in names and "gpu/report.md" in names and "gpu/machine.json" in names
+
+
+def test_budget_stops_new_cells_and_resume_finishes_them(tmp_path):
+    """A budget already spent when the sweep starts: no cell runs, every cell is listed as
+    left out (in machine.json and the report); --resume with time to spare runs them all."""
+    out = tmp_path / "gpu"
+    validate_module.validate(torch.device("cpu"), out, phases=("sweep",), budget=1.0,
+                             grid=Grid(**GRID), progress=False, log=lambda *a: None)
+    record = json.loads((out / "machine.json").read_text())
+    assert len(record["runs"][-1]["validate"]["missing_cells"]) == 5
+    sweep_run = record["runs"][-2]
+    assert sweep_run["stopped_at_deadline"] is True
+    validate_module.validate(torch.device("cpu"), out, phases=("sweep", "report"), resume=True,
+                             grid=Grid(**GRID), progress=False, log=lambda *a: None)
+    assert len(pd.read_csv(out / "results.csv")) == 5
+    assert json.loads((out / "machine.json").read_text())["runs"][-1]["validate"]["missing_cells"] == []
+
+
+def test_report_lists_the_cells_left_out(tmp_path):
+    out = tmp_path / "gpu"
+    validate_module.validate(torch.device("cpu"), out, phases=("sweep",), grid=Grid(**GRID),
+                             progress=False, log=lambda *a: None)
+    record = json.loads((out / "machine.json").read_text())
+    record["runs"][-1]["validate"]["missing_cells"] = ["bound fused cpu float32 9 2 3 12 forward realistic 0"]
+    (out / "machine.json").write_text(json.dumps(record))
+    from iwae_bench.report import render
+
+    text = render(out).read_text()
+    assert "## Cells the time budget left out" in text
+    assert "bound fused cpu float32 9 2 3 12 forward realistic 0" in text
 
 
 def _row(variant, mode, dtype, batch, k, time_ms, bw=None, status="ok", peak=None):

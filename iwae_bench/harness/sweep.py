@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,8 +160,11 @@ def check_resume(rows: list[dict], earlier_machine: dict, settings: dict) -> Non
 
 
 def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
-              progress: bool | None = None, min_time: float = 0.2, log=print) -> Path:
-    """Run ``grid`` on ``device`` into ``out``; return the CSV path. Report left to the caller."""
+              progress: bool | None = None, min_time: float = 0.2, log=print,
+              deadline: float | None = None) -> Path:
+    """Run ``grid`` on ``device`` into ``out``; return the CSV path. Report left to the caller.
+    ``deadline`` (a ``time.monotonic()`` value): no new cell starts after it; the cells left
+    are for a later ``resume``."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / CSV_NAME
     record = machine.MachineRecord.open(out / MACHINE_NAME, device, resume=resume)
@@ -185,12 +189,19 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
     log(f"{len(wanted)} cells, {already} already done, {len(wanted) - already} to run; "
         f"copy {copy_gbps:.1f} GB/s")
     bar = _progress_bar(len(wanted), already, progress)
+
+    def out_of_time() -> bool:
+        if deadline is not None and time.monotonic() > deadline:
+            run["stopped_at_deadline"] = True
+            return True
+        return False
+
     try:
         with RowWriter(csv_path) as writer:
             for problem, cells in grid.problems():
                 cells = [(v, m) for v, m in cells
                          if identity(bound_identity(v, problem, m, device)) not in done]
-                if not cells:
+                if not cells or out_of_time():
                     continue
                 reason = too_large_for_cpu(problem, [m for _, m in cells]) if device.type == "cpu" else None
                 if reason:
@@ -202,6 +213,8 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
                 inputs = make_inputs(problem, device)
                 ref = Reference(inputs)
                 for variant, mode in cells:
+                    if out_of_time():
+                        break
                     bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} "
                                         f"d={problem.latent} {problem.regime}")
                     writer.write(measure_bound(get(variant), problem, inputs, ref, mode, device,
@@ -211,10 +224,12 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
             for batch, k in grid.reductions:
                 names = [v for v in grid.reduction_variants() if identity(
                     reduction_identity(v, batch, k, device, grid.seed)) not in done]
-                if not names:
+                if not names or out_of_time():
                     continue
                 log_w = reduction_log_weights(batch, k, device, grid.seed)
                 for name in names:
+                    if out_of_time():
+                        break
                     bar.set_description(f"{name} reduction B={batch} k={k}")
                     writer.write(measure_reduction(get(name, "reduction"), log_w, device, copy_gbps,
                                                    min_time, grid.seed))
@@ -222,6 +237,8 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
                 del log_w
     finally:
         bar.close()
+    if run.get("stopped_at_deadline"):
+        log("stopped at the deadline: rerun with --resume for the cells left")
     record.finish(run)
     return csv_path
 
