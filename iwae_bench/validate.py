@@ -109,8 +109,8 @@ def validate(device: torch.device, out: Path, phases=PHASES, budget: float = DEF
         log(f"        {timings['sweep']:.0f} s; {len(missing)} cells left for a --resume")
     record = machine.MachineRecord.open(out / "machine.json", device, resume=True)
     run = record.start_run(validate={"phases": list(phases), "budget_s": budget, "phase_seconds": timings,
-                                     "tests": summary if "tests" in phases else "not run",
-                                     "missing_cells": [" ".join(cell) for cell in missing]})
+                                     "tests": summary if "tests" in phases else "not run"},
+                           missing_cells=[" ".join(cell) for cell in missing])
     if "report" in phases and (out / "results.csv").exists():
         from .report import render
 

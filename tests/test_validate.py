@@ -66,11 +66,11 @@ def test_validate_phases_write_the_results_folder_and_one_archive(tmp_path):
     assert set(rows["family"]) == {"bound", "reduction"} and len(rows) == 4 + 1
     assert (out / "report.md").exists() and (out / "plots" / "headline.png").exists()
     report = (out / "report.md").read_text()
-    assert "GPU targets" not in report and "time budget left out" not in report
+    assert "GPU targets" not in report and "Cells not measured" not in report
     record = json.loads((out / "machine.json").read_text())
     phases = record["runs"][-1]["validate"]
     assert phases["phases"] == ["sweep", "report"] and set(phases["phase_seconds"]) == {"sweep", "report"}
-    assert phases["missing_cells"] == [] and record["runs"][-1]["finished"]
+    assert record["runs"][-1]["missing_cells"] == [] and record["runs"][-1]["finished"]
     assert "triton_autotune" in record["machine"]
     with tarfile.open(tmp_path / "gpu.tar.gz") as tar:
         names = tar.getnames()
@@ -84,13 +84,13 @@ def test_budget_stops_new_cells_and_resume_finishes_them(tmp_path):
     validate_module.validate(torch.device("cpu"), out, phases=("sweep",), budget=1.0,
                              grid=Grid(**GRID), progress=False, log=lambda *a: None)
     record = json.loads((out / "machine.json").read_text())
-    assert len(record["runs"][-1]["validate"]["missing_cells"]) == 5
+    assert len(record["runs"][-1]["missing_cells"]) == 5
     sweep_run = record["runs"][-2]
     assert sweep_run["stopped_at_deadline"] is True
     validate_module.validate(torch.device("cpu"), out, phases=("sweep", "report"), resume=True,
                              grid=Grid(**GRID), progress=False, log=lambda *a: None)
     assert len(pd.read_csv(out / "results.csv")) == 5
-    assert json.loads((out / "machine.json").read_text())["runs"][-1]["validate"]["missing_cells"] == []
+    assert json.loads((out / "machine.json").read_text())["runs"][-1]["missing_cells"] == []
 
 
 def test_report_lists_the_cells_left_out(tmp_path):
@@ -98,12 +98,12 @@ def test_report_lists_the_cells_left_out(tmp_path):
     validate_module.validate(torch.device("cpu"), out, phases=("sweep",), grid=Grid(**GRID),
                              progress=False, log=lambda *a: None)
     record = json.loads((out / "machine.json").read_text())
-    record["runs"][-1]["validate"]["missing_cells"] = ["bound fused cpu float32 9 2 3 12 forward realistic 0"]
+    record["runs"][-1]["missing_cells"] = ["bound fused cpu float32 9 2 3 12 forward realistic 0"]
     (out / "machine.json").write_text(json.dumps(record))
     from iwae_bench.report import render
 
     text = render(out).read_text()
-    assert "## Cells the time budget left out" in text
+    assert "## Cells not measured" in text and "validate's budget ran out" in text
     assert "bound fused cpu float32 9 2 3 12 forward realistic 0" in text
 
 

@@ -143,6 +143,7 @@ class MachineRecord:
         self.machine = machine
         self.runs = list(runs or [])
         self.earlier_machine = earlier_machine or {}  # what a resumed folder's record said
+        self.machines: list[dict] = []  # a merged folder: every machine its rows came from
 
     @classmethod
     def open(cls, path: Path, device: torch.device, resume: bool = False) -> "MachineRecord":
@@ -162,7 +163,8 @@ class MachineRecord:
         self.write()
 
     def as_dict(self) -> dict:
-        return {"machine": self.machine, "runs": self.runs}
+        return {"machine": self.machine, **({"machines": self.machines} if self.machines else {}),
+                "runs": self.runs}
 
     def write(self) -> None:
         write_json(self.path, self.as_dict())

@@ -25,6 +25,7 @@ import torch
 from ..problems import Problem, make_inputs
 from ..variants import REDUCTIONS, VARIANTS, get
 from . import machine
+from .shard import Shard
 from .cell import (Reference, bound_identity, measure_bound, measure_reduction,
                    reduction_identity, reduction_log_weights)
 from .table import CSV_NAME, RowWriter, drop_torn_tail, identity, read_table
@@ -112,15 +113,30 @@ class Grid:
     def reduction_variants(self) -> list[str]:
         return [v for v in self.variants if v in REDUCTIONS]
 
-    def identities(self, device: torch.device) -> set[tuple]:
-        keys = {identity(bound_identity(v, problem, m, device))
-                for problem, cells in self.problems() for v, m in cells}
-        return keys | {identity(reduction_identity(v, b, k, device, self.seed))
-                       for b, k in self.reductions for v in self.reduction_variants()}
+    def work(self) -> list[tuple]:
+        """The sweep's work list, in order: ("bound", problem, its (variant, mode) cells) per
+        problem, then ("reduction", (batch, k), variants) per shape. A shard takes every N-th
+        item: a problem's inputs and float64 reference are built by one shard only."""
+        return ([("bound", problem, cells) for problem, cells in self.problems()]
+                + [("reduction", shape, self.reduction_variants()) for shape in self.reductions])
+
+    def identities(self, device: torch.device, items: list[tuple] | None = None) -> set[tuple]:
+        keys = set()
+        for family, what, cells in self.work() if items is None else items:
+            if family == "bound":
+                keys |= {identity(bound_identity(v, what, m, device)) for v, m in cells}
+            else:
+                keys |= {identity(reduction_identity(v, *what, device, self.seed)) for v in cells}
+        return keys
 
     def size(self) -> int:
-        return (sum(len(cells) for _, cells in self.problems())
-                + len(self.reductions) * len(self.reduction_variants()))
+        return len(self.identities(torch.device("cpu")))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Grid":
+        """The grid a machine.json run entry recorded (``asdict`` of it)."""
+        return cls([Block(**block) for block in data["blocks"]], list(data["variants"]), data["seed"],
+                   [tuple(shape) for shape in data["reductions"]])
 
 
 def too_large_for_cpu(problem: Problem, modes: list[str]) -> str | None:
@@ -161,10 +177,11 @@ def check_resume(rows: list[dict], earlier_machine: dict, settings: dict) -> Non
 
 def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
               progress: bool | None = None, min_time: float = 0.2, log=print,
-              deadline: float | None = None) -> Path:
+              deadline: float | None = None, shard: Shard | None = None) -> Path:
     """Run ``grid`` on ``device`` into ``out``; return the CSV path. Report left to the caller.
     ``deadline`` (a ``time.monotonic()`` value): no new cell starts after it; the cells left
-    are for a later ``resume``."""
+    are for a later ``resume``. ``shard``: run only its part of the grid's work list."""
+    items = shard.take(grid.work()) if shard is not None else grid.work()
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / CSV_NAME
     record = machine.MachineRecord.open(out / MACHINE_NAME, device, resume=resume)
@@ -181,11 +198,12 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
         os.replace(csv_path, previous)
         log(f"moved the earlier {csv_path} to {previous} (pass --resume to continue a run instead)")
 
-    wanted = grid.identities(device)
+    wanted = grid.identities(device, items)
     already = len(wanted & done)
     log(f"measuring {device.type} copy bandwidth ...")
     copy_gbps = round(machine.copy_bandwidth_gbps(device), 3)
-    run = record.start_run(copy_bandwidth_gbps=copy_gbps, grid=asdict(grid), min_time=min_time)
+    run = record.start_run(copy_bandwidth_gbps=copy_gbps, grid=asdict(grid), min_time=min_time,
+                           shard=shard.as_dict() if shard is not None else None)
     log(f"{len(wanted)} cells, {already} already done, {len(wanted) - already} to run; "
         f"copy {copy_gbps:.1f} GB/s")
     bar = _progress_bar(len(wanted), already, progress)
@@ -198,49 +216,55 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
 
     try:
         with RowWriter(csv_path) as writer:
-            for problem, cells in grid.problems():
-                cells = [(v, m) for v, m in cells
-                         if identity(bound_identity(v, problem, m, device)) not in done]
-                if not cells or out_of_time():
-                    continue
-                reason = too_large_for_cpu(problem, [m for _, m in cells]) if device.type == "cpu" else None
-                if reason:
-                    for variant, mode in cells:
-                        writer.write({**bound_identity(variant, problem, mode, device),
-                                      "status": "skipped", "message": reason})
-                        bar.update()
-                    continue
-                inputs = make_inputs(problem, device)
-                ref = Reference(inputs)
-                for variant, mode in cells:
-                    if out_of_time():
-                        break
-                    bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} "
-                                        f"d={problem.latent} {problem.regime}")
-                    writer.write(measure_bound(get(variant), problem, inputs, ref, mode, device,
-                                               copy_gbps, min_time))
-                    bar.update()
-                del inputs, ref
-            for batch, k in grid.reductions:
-                names = [v for v in grid.reduction_variants() if identity(
-                    reduction_identity(v, batch, k, device, grid.seed)) not in done]
-                if not names or out_of_time():
-                    continue
-                log_w = reduction_log_weights(batch, k, device, grid.seed)
-                for name in names:
-                    if out_of_time():
-                        break
-                    bar.set_description(f"{name} reduction B={batch} k={k}")
-                    writer.write(measure_reduction(get(name, "reduction"), log_w, device, copy_gbps,
-                                                   min_time, grid.seed))
-                    bar.update()
-                del log_w
+            for family, what, cells in items:
+                if family == "bound":
+                    _run_problem(what, cells, device, writer, bar, done, copy_gbps, min_time, out_of_time)
+                else:
+                    _run_reduction(what, cells, grid.seed, device, writer, bar, done, copy_gbps,
+                                   min_time, out_of_time)
     finally:
         bar.close()
     if run.get("stopped_at_deadline"):
         log("stopped at the deadline: rerun with --resume for the cells left")
     record.finish(run)
     return csv_path
+
+
+def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, min_time, out_of_time):
+    """The cells of one problem not yet done: inputs and float64 reference built once."""
+    cells = [(v, m) for v, m in cells if identity(bound_identity(v, problem, m, device)) not in done]
+    if not cells or out_of_time():
+        return
+    reason = too_large_for_cpu(problem, [m for _, m in cells]) if device.type == "cpu" else None
+    if reason:
+        for variant, mode in cells:
+            writer.write({**bound_identity(variant, problem, mode, device),
+                          "status": "skipped", "message": reason})
+            bar.update()
+        return
+    inputs = make_inputs(problem, device)
+    ref = Reference(inputs)
+    for variant, mode in cells:
+        if out_of_time():
+            break
+        bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} d={problem.latent} {problem.regime}")
+        writer.write(measure_bound(get(variant), problem, inputs, ref, mode, device, copy_gbps, min_time))
+        bar.update()
+
+
+def _run_reduction(shape, variants, seed, device, writer, bar, done, copy_gbps, min_time, out_of_time):
+    """The reduction cells of one (batch, k) not yet done, on one set of log-weights."""
+    batch, k = shape
+    names = [v for v in variants if identity(reduction_identity(v, batch, k, device, seed)) not in done]
+    if not names or out_of_time():
+        return
+    log_w = reduction_log_weights(batch, k, device, seed)
+    for name in names:
+        if out_of_time():
+            break
+        bar.set_description(f"{name} reduction B={batch} k={k}")
+        writer.write(measure_reduction(get(name, "reduction"), log_w, device, copy_gbps, min_time, seed))
+        bar.update()
 
 
 class _NoBar:

@@ -1,0 +1,163 @@
+"""Sharding the work lists for the launchers people use (--shard, torchrun, SLURM arrays) and
+merging the shards back: the merged run equals the unsharded one."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iwae_bench.harness.shard import Shard, from_environment, parse, resolve
+from iwae_bench.harness.table import IDENTITY
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+CELLS = ["--device", "cpu", "--k", "1", "3", "--batch", "2", "--latent", "3", "5", "--data-dim", "12",
+         "--variants", "torch", "fused", "--mode", "forward", "--no-progress"]
+GRID = [*CELLS, "--min-time", "0.01"]
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "iwae_bench", *args], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, **kwargs)
+
+
+def _rows(path: Path) -> dict:
+    with open(path, newline="") as f:
+        return {tuple(r[c] for c in IDENTITY): r for r in csv.DictReader(f)}
+
+
+# --------------------------------------------------------------------------- the shard
+
+
+def test_parse_and_take():
+    assert parse("1/3") == Shard(1, 3)
+    items = list(range(10))
+    parts = [Shard(i, 3).take(items) for i in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert sorted(sum(parts, [])) == items  # disjoint, and the whole list
+    assert Shard(2, 5).name == "shard-002-of-005"
+    for bad in ("3/3", "1", "a/b", "-1/2", "0/0"):
+        with pytest.raises(ValueError, match="shard must be I/N"):
+            parse(bad)
+
+
+def test_the_launchers_environment():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert from_environment(torchrun) == Shard(3, 4, "torchrun", 1)
+    slurm = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert from_environment(slurm) == Shard(2, 4, "slurm")
+    assert from_environment({"RANK": "0", "WORLD_SIZE": "1"}) is None  # one process: no split
+    assert from_environment({}) is None
+    assert resolve("1/2", torchrun) == Shard(1, 2)  # the flag wins over the launcher
+    assert resolve(None, slurm) == Shard(2, 4, "slurm")
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    done = _cli("sweep", *GRID, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return _rows(out / "results.csv")
+
+
+def _same_cells(merged: dict, whole: dict):
+    assert set(merged) == set(whole)
+    for key, row in whole.items():
+        assert merged[key]["bound_mean"] == row["bound_mean"], key
+        assert merged[key]["max_abs_err"] == row["max_abs_err"], key
+
+
+def test_two_shards_merge_into_the_unsharded_run(tmp_path, unsharded):
+    for i in range(2):
+        done = _cli("sweep", *GRID, "--out", str(tmp_path), "--shard", f"{i}/2")
+        assert done.returncode == 0, done.stderr
+        assert "combine the shards with: python -m iwae_bench merge" in done.stdout
+    parts = [_rows(tmp_path / f"shard-00{i}-of-002" / "results.csv") for i in range(2)]
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])  # disjoint work
+    done = _cli("merge", str(tmp_path / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
+                "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    _same_cells(_rows(tmp_path / "results.csv"), unsharded)
+    record = json.loads((tmp_path / "machine.json").read_text())
+    assert len(record["machines"]) == 2 and record["runs"][-1]["missing_cells"] == []
+    assert {r["shard"]["index"] for r in record["runs"] if r.get("shard")} == {0, 1}
+    assert (tmp_path / "report.md").exists()
+
+
+def test_torchrun_shards_and_rank_zero_merges(tmp_path, unsharded):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    command = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
+    done = subprocess.run([*command, "--nproc-per-node", "2", "--master-port", "29533", "-m", "iwae_bench",
+                           "sweep", *GRID, "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (tmp_path / "shard-000-of-002").is_dir() and (tmp_path / "shard-001-of-002").is_dir()
+    _same_cells(_rows(tmp_path / "results.csv"), unsharded)
+    sources = {r["shard"]["source"] for r in json.loads((tmp_path / "machine.json").read_text())["runs"]
+               if r.get("shard")}
+    assert sources == {"torchrun"}
+
+
+def test_a_killed_shard_resumes_and_a_missing_one_is_reported(tmp_path, unsharded):
+    args = ["sweep", *CELLS, "--min-time", "0.3", "--out", str(tmp_path), "--shard", "0/2"]
+    proc = subprocess.Popen([sys.executable, "-m", "iwae_bench", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    csv_path = tmp_path / "shard-000-of-002" / "results.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (csv_path.exists() and len(csv_path.read_text().splitlines()) >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _rows(csv_path)
+    assert 1 <= len(before) < 4
+    done = _cli(*args, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert len(_rows(csv_path)) == 4 and set(before) <= set(_rows(csv_path))
+    done = _cli("merge", str(tmp_path / "shard-000-of-002"), "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr
+    assert "4 cells missing" in done.stdout  # shard 1 never ran
+    record = json.loads((tmp_path / "merged" / "machine.json").read_text())
+    assert len(record["runs"][-1]["missing_cells"]) == 4
+    assert "## Cells not measured" in (tmp_path / "merged" / "report.md").read_text()
+
+
+def test_merging_shards_of_different_runs_names_the_setting(tmp_path):
+    assert _cli("sweep", *GRID, "--out", str(tmp_path), "--shard", "0/2").returncode == 0
+    assert _cli("sweep", *GRID, "--seed", "7", "--out", str(tmp_path), "--shard", "1/2").returncode == 0
+    done = _cli("merge", str(tmp_path / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
+                "--out", str(tmp_path / "merged"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "shards disagree on grid.seed" in done.stderr and "has 0" in done.stderr and "has 7" in done.stderr
+    assert not (tmp_path / "merged" / "results.csv").exists()
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def test_experiment_shards_merge_with_every_run_once(tmp_path):
+    common = ["experiment", "--epochs", "1", "--train-size", "40", "--test-size", "4", "--eval-k", "64",
+              "--backend", "torch", "--seeds", "2", "--out", str(tmp_path)]
+    for i in range(2):
+        done = _cli(*common, "--shard", f"{i}/2", timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = _cli("merge", str(tmp_path / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
+                "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    keys = {(r["objective"], r["k"], r["estimator"], r["seed"]) for r in summary}
+    assert len(summary) == len(keys) == 10  # five models x two seeds, each once
+    assert {r["seed"] for r in summary} == {"0", "1"}
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 10
+    report = (tmp_path / "report.md").read_text()
+    assert "2 training seeds per model" in report and "Seed to seed" in report
