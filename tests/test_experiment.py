@@ -13,7 +13,7 @@ import torch
 import kernels
 from iwae_bench.experiments.data import binarize, load_mnist
 from iwae_bench.experiments.mnist import (RUNS, Schedule, active_units, evaluate, run_experiment,
-                                          streamed_log_weights)
+                                          streamed_log_weights, work_list)
 from iwae_bench.training import BernoulliVAE
 
 from .helpers import assert_close
@@ -99,22 +99,35 @@ def test_active_units_count_known_variances():
 def test_two_epoch_run_of_each_objective_writes_csvs_plots_report(tmp_path):
     schedule = Schedule(stages=[(2, 1e-3)], batch_size=50, train_size=200, test_size=30,
                         eval_k=128, eval_chunk=64, k_curve=[1, 8, 128], hidden=32, latent=8)
-    report = run_experiment(tmp_path, schedule, "torch", torch.device("cpu"), log=lambda *a: None)
+    runs = work_list(["dreg"])
+    report = run_experiment(tmp_path, schedule, "torch", torch.device("cpu"), runs, log=lambda *a: None)
     summary = pd.read_csv(tmp_path / "summary.csv")
-    assert [(r.objective, r.k) for r in summary.itertuples()] == RUNS
+    assert [(r.objective, r.k, r.estimator) for r in summary.itertuples()] == \
+        [(r.objective, r.k, r.estimator) for r in runs]
+    assert [r.estimator for r in runs][-2:] == ["dreg", "dreg"] and len(runs) == len(RUNS) + 2
     assert summary["test_nll"].between(50, 800).all() and (summary["train_seconds"] > 0).all()
-    for objective, k in RUNS:
-        history = pd.read_csv(tmp_path / "runs" / f"{objective}-k{k}.csv")
+    for run in runs:
+        history = pd.read_csv(tmp_path / "runs" / f"{run.name}.csv")
         assert list(history["epoch"]) == [1, 2]
+        assert (tmp_path / "checkpoints" / f"{run.name}.pt").stat().st_size > 1000
     curve = pd.read_csv(tmp_path / "lk_curve.csv")
-    assert len(curve) == len(RUNS) * 3
-    for _, part in curve.groupby(["objective", "k_train"]):  # L_k rises with k, above the ELBO
+    assert len(curve) == len(runs) * 3
+    for _, part in curve.groupby(["objective", "k_train", "estimator"]):  # L_k rises with k, above the ELBO
         values = part.sort_values("k_eval")["L_k"].tolist()
         assert values[-1] >= part["elbo"].iloc[0]
     for name in ["training_curves.png", "lk_curves.png"]:
         assert (tmp_path / "plots" / name).stat().st_size > 10_000
     text = report.read_text()
-    assert "| IWAE | 50 |" in text and "84.78" in text and "Where our smaller run agrees" in text
+    assert "| IWAE | 50 | iwae |" in text and "| IWAE | 50 | dreg |" in text and "84.78" in text
+    assert "IWAE k=50 trained with the dreg gradient estimator" in text
+
+    # resume with a second seed: the finished models are kept, only the new ones train
+    before = (tmp_path / "runs" / f"{runs[0].name}.csv").read_text()
+    run_experiment(tmp_path, schedule, "torch", torch.device("cpu"), work_list(["dreg"], seeds=2),
+                   resume=True, log=lambda *a: None)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert len(summary) == 2 * len(runs) and sorted(set(summary["seed"])) == [0, 1]
+    assert (tmp_path / "runs" / f"{runs[0].name}.csv").read_text() == before
 
 
 def test_experiment_command_one_fused_run_and_report_only(tmp_path):

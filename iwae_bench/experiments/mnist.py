@@ -24,14 +24,44 @@ import torch
 
 from ..files import write_csv
 from ..harness.machine import MachineRecord
+from ..harness.shard import Shard
 from ..training import BernoulliVAE, IWAELoss, log_weights
+from ..training.model import save_checkpoint
 from ..training.sampling import SAMPLE_BLOCK, noise_blocks
 from .data import MNISTSplit, binarize, load_mnist
 from .mnist_report import render_experiment
 from .paper import paper_active_units, paper_nll
 
-RUNS = [("elbo", 1), ("multi_sample_elbo", 5), ("multi_sample_elbo", 50), ("iwae", 5), ("iwae", 50)]
+PAPER_RUNS = [("elbo", 1), ("multi_sample_elbo", 5), ("multi_sample_elbo", 50), ("iwae", 5), ("iwae", 50)]
 ACTIVE_THRESHOLD = 1e-2
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained model: an objective at k samples, a gradient estimator, a training seed."""
+    objective: str
+    k: int
+    estimator: str = "iwae"
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.objective}-k{self.k}-{self.estimator}-seed{self.seed}"
+
+    def key(self) -> tuple:
+        return (self.objective, self.k, self.estimator, self.seed)
+
+
+def work_list(estimators=(), seeds: int = 1, base_seed: int = 0) -> list[Run]:
+    """The experiment's runs: the paper's five with the total gradient, then the IWAE at k = 5
+    and 50 with each extra estimator, each repeated over ``seeds`` training seeds. Every shard
+    builds this same list and takes its part."""
+    kinds = [(objective, k, "iwae") for objective, k in PAPER_RUNS]
+    kinds += [("iwae", k, estimator) for estimator in estimators if estimator != "iwae" for k in (5, 50)]
+    return [Run(objective, k, estimator, base_seed + i) for i in range(seeds) for objective, k, estimator in kinds]
+
+
+RUNS = work_list()
 
 
 @dataclass
@@ -130,12 +160,13 @@ def evaluate(model, test: torch.Tensor, schedule: Schedule, backend: str, seed: 
 # --------------------------------------------------------------------------- training
 
 
-def train(objective: str, k: int, split: MNISTSplit, schedule: Schedule, backend: str,
-          device: torch.device, seed: int = 0, log=print) -> tuple[BernoulliVAE, list[dict]]:
+def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str,
+          device: torch.device, log=print) -> tuple[BernoulliVAE, list[dict]]:
     """Adam (betas 0.9/0.999, eps 1e-4, as in the paper) on dynamically binarized images."""
+    objective, k, seed = run.objective, run.k, run.seed
     torch.manual_seed(seed)
     model = BernoulliVAE(split.train.shape[1], schedule.latent, schedule.hidden).to(device)
-    loss_fn = IWAELoss(objective, backend)
+    loss_fn = IWAELoss(objective, backend, estimator=run.estimator)
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.stages[0][1], betas=(0.9, 0.999), eps=1e-4)
     data_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 2)
@@ -158,7 +189,7 @@ def train(objective: str, k: int, split: MNISTSplit, schedule: Schedule, backend
                 count += x.shape[0]
             history.append({"epoch": epoch, "lr": lr, "train_objective": -total / count,
                             "seconds": time.perf_counter() - started})
-    log(f"  {objective} k={k}: {epoch} epochs in {time.perf_counter() - started:.0f} s, "
+    log(f"  {run.name}: {epoch} epochs in {time.perf_counter() - started:.0f} s, "
         f"train objective {history[-1]['train_objective']:.2f}")
     return model, history
 
@@ -167,32 +198,60 @@ def train(objective: str, k: int, split: MNISTSplit, schedule: Schedule, backend
 
 
 def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.device,
-                   runs=RUNS, seed: int = 0, log=print) -> Path:
-    """Train and evaluate every run; write CSVs, plots, report and machine.json into ``out``."""
+                   runs: list[Run] | None = None, data_seed: int = 0, resume: bool = False,
+                   shard: Shard | None = None, log=print) -> Path:
+    """Train and evaluate every run (this shard's part of them); write CSVs, checkpoints,
+    plots, report and machine.json into ``out``. ``resume`` keeps the runs already in
+    summary.csv and trains only the others."""
+    runs = list(runs if runs is not None else RUNS)
+    mine = shard.take(runs) if shard is not None else runs
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runs").mkdir(exist_ok=True)
-    split = load_mnist(schedule.train_size, schedule.test_size, seed)
+    for folder in ("runs", "checkpoints"):
+        (out / folder).mkdir(exist_ok=True)
+    summary = _read_rows(out / "summary.csv") if resume else []
+    curve_rows = _read_rows(out / "lk_curve.csv") if resume else []
+    done = {(r["objective"], int(r["k"]), r["estimator"], int(r["seed"])) for r in summary}
+    split = load_mnist(schedule.train_size, schedule.test_size, data_seed)
     test = split.test.to(device)
-    record = MachineRecord.open(out / "machine.json", device)
-    run = record.start_run(backend=backend, schedule=asdict(schedule))
-    summary, curve_rows = [], []
-    for objective, k in runs:
-        model, history = train(objective, k, split, schedule, backend, device, seed, log)
-        write_csv(out / "runs" / f"{objective}-k{k}.csv", history)
+    record = MachineRecord.open(out / "machine.json", device, resume=resume)
+    entry = record.start_run(backend=backend, schedule=asdict(schedule), data_seed=data_seed,
+                             runs=[asdict(r) for r in runs], shard=shard.as_dict() if shard else None)
+    for run in mine:
+        if run.key() in done:
+            continue
+        model, history = train(run, split, schedule, backend, device, log)
+        write_csv(out / "runs" / f"{run.name}.csv", history)
+        save_checkpoint(model, out / "checkpoints" / f"{run.name}.pt")
         start = time.perf_counter()
-        result = evaluate(model, test, schedule, backend, seed=seed)
+        result = evaluate(model, test, schedule, backend, seed=run.seed)
         eval_seconds = time.perf_counter() - start
-        summary.append({"objective": objective, "k": k, "backend": backend, "epochs": schedule.epochs,
+        summary.append({**asdict(run), "backend": backend, "epochs": schedule.epochs,
                         "train_seconds": history[-1]["seconds"], "eval_seconds": eval_seconds,
                         "train_objective": history[-1]["train_objective"],
                         "test_nll": result["test_nll"], "test_elbo": result["test_elbo"],
-                        "active_units": result["active_units"], "paper_nll": paper_nll(objective, k),
-                        "paper_active_units": paper_active_units(objective, k)})
-        curve_rows += [{"objective": objective, "k_train": k, "k_eval": ke, "L_k": value,
-                        "elbo": result["test_elbo"]} for ke, value in result["curve"].items()]
+                        "active_units": result["active_units"], "paper_nll": paper_nll(run.objective, run.k),
+                        "paper_active_units": paper_active_units(run.objective, run.k)})
+        curve_rows += [{"objective": run.objective, "k_train": run.k, "estimator": run.estimator,
+                        "seed": run.seed, "k_eval": ke, "L_k": value, "elbo": result["test_elbo"]}
+                       for ke, value in result["curve"].items()]
         log(f"  -> test NLL {result['test_nll']:.2f} nats, {result['active_units']} active units "
             f"(evaluated in {eval_seconds:.0f} s)")
-        write_csv(out / "summary.csv", summary)
-        write_csv(out / "lk_curve.csv", curve_rows)
-    record.finish(run)
-    return render_experiment(out)
+        write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+        write_csv(out / "lk_curve.csv", curve_rows, CURVE_COLUMNS)
+    record.finish(entry)
+    return render_experiment(out) if summary else out / "summary.csv"
+
+
+SUMMARY_COLUMNS = ["objective", "k", "estimator", "seed", "backend", "epochs", "train_seconds",
+                   "eval_seconds", "train_objective", "test_nll", "test_elbo", "active_units",
+                   "paper_nll", "paper_active_units"]
+CURVE_COLUMNS = ["objective", "k_train", "estimator", "seed", "k_eval", "L_k", "elbo"]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -2,12 +2,18 @@
 
 ``model(x, k)`` returns what the bounds take: (logits [B, k, D], z [B, k, d], mu [B, d],
 logvar [B, d]), with z drawn by the reparameterization trick so gradients reach the encoder.
+``save_checkpoint``/``load_checkpoint`` keep a trained model (the experiment saves them, the
+SNR benchmark loads them).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from ..files import atomic_path
 
 
 class BernoulliVAE(nn.Module):
@@ -30,3 +36,35 @@ class BernoulliVAE(nn.Module):
                           device=x.device, dtype=mu.dtype)
         z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
         return self.decoder(z), z, mu, logvar
+
+
+def save_checkpoint(model: BernoulliVAE, path: Path) -> None:
+    """``torch.save`` of {"state_dict" (on CPU), "data_dim", "latent", "hidden"}, atomically."""
+    data_dim, hidden = model.encoder[0].in_features, model.encoder[0].out_features
+    latent = model.decoder[0].in_features
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    with atomic_path(Path(path)) as tmp:
+        torch.save({"state_dict": state, "data_dim": data_dim, "latent": latent, "hidden": hidden}, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> BernoulliVAE:
+    """The BernoulliVAE saved by ``save_checkpoint``; ValueError naming the path if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"checkpoint {path}: not a torch.save file ({type(error).__name__})") from None
+    keys = {"state_dict", "data_dim", "latent", "hidden"}
+    if not isinstance(saved, dict) or not keys <= set(saved):
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"checkpoint {path}: expected a dict with keys {sorted(keys)}, found {found}")
+    model = BernoulliVAE(int(saved["data_dim"]), int(saved["latent"]), int(saved["hidden"]))
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path}: state_dict does not fit BernoulliVAE("
+                         f"{saved['data_dim']}, {saved['latent']}, {saved['hidden']}): "
+                         f"{str(error).splitlines()[0]}") from None
+    return model.to(device)
