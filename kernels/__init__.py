@@ -6,6 +6,9 @@
     fused_iwae_bound(x, logits, z, mu, logvar) -> [B]             one kernel, no [B, k, D] temp
     fused_iwae_bound_with_weights(...)   -> (bound, log_w, lse)   the same, and the weights' logs
     reweight(g, log_w, lse)              -> g * exp(log_w - lse)  per sample (DReG's extra factor)
+    fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar) -> [B]   the decoder's output
+                                           layer fused in: logits built on chip, never stored
+    fused_linear_log_weights(x, h, weight, bias, z, mu, logvar) -> [B, k]
 
 All return float32 whatever the input float dtype. Without CUDA the kernels run under the
 Triton interpreter on CPU tensors: importing this package sets ``TRITON_INTERPRET=1`` when no
@@ -29,9 +32,11 @@ if interpreted():
 
 from ._common import check_bound_inputs  # noqa: E402
 from .fused_bound import fused_iwae_bound, fused_iwae_bound_with_weights  # noqa: E402
+from .fused_linear import fused_linear_iwae_bound, fused_linear_log_weights  # noqa: E402
 from .logw import log_weights  # noqa: E402
 from .lse import iwae_bound, logsumexp  # noqa: E402
 from .reweight import reweight  # noqa: E402
 
 __all__ = ["logsumexp", "iwae_bound", "log_weights", "fused_iwae_bound",
-           "fused_iwae_bound_with_weights", "reweight", "check_bound_inputs", "interpreted"]
+           "fused_iwae_bound_with_weights", "fused_linear_iwae_bound", "fused_linear_log_weights",
+           "reweight", "check_bound_inputs", "interpreted"]

@@ -154,8 +154,20 @@ def _log_weight_block(
             exact += _bernoulli_exact(x_block, logit_block, mask)
         log_px = tl.where(log_px != log_px, tl.sum(exact, axis=1), log_px)
 
-    # log p(h) - log q(h|x): mu, logvar and exp(-logvar) once per latent block, broadcast
-    # over the BLOCK_K samples; masked lanes load zeros and add exactly 0.
+    return log_px + _latent_log_ratio(b64, k64, rows, mask_k, z_ptr, mu_ptr, logvar_ptr,
+                                      stride_zb, stride_zk, stride_zd, stride_mb, stride_md,
+                                      stride_vb, stride_vd, d, BLOCK_K, BLOCK_L)
+
+
+@triton.jit
+def _latent_log_ratio(
+    b64, k64, rows, mask_k, z_ptr, mu_ptr, logvar_ptr,
+    stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd, d,
+    BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """log p(h) - log q(h|x) = sum_d 0.5 [(z - mu)^2 exp(-logvar) + logvar - z^2] for the
+    samples k64 + rows of example b -> [BLOCK_K] float32. mu, logvar and exp(-logvar) once
+    per latent block, broadcast over the samples; masked lanes load zeros and add exactly 0."""
     lcols = tl.arange(0, BLOCK_L)
     z_tile = _tile_offsets(rows, lcols, stride_zk, stride_zd)
     z_base = z_ptr + b64 * stride_zb + k64 * stride_zk
@@ -169,7 +181,7 @@ def _log_weight_block(
         inv_var = exp_(-logvar_block)
         diff = z_block - mu_block[None, :]
         latent += 0.5 * (diff * diff * inv_var[None, :] + logvar_block[None, :] - z_block * z_block)
-    return log_px + tl.sum(latent, axis=1)
+    return tl.sum(latent, axis=1)
 
 
 @triton.jit

@@ -25,11 +25,12 @@ from iwae_bench.profile.kernels import specialization  # noqa: E402
 from iwae_bench.profile.sass import compile_for_target  # noqa: E402
 from kernels._common import capture_launches  # noqa: E402
 from kernels.fused_bound import fused_iwae_forward  # noqa: E402
+from kernels.fused_linear import fused_linear_backward, fused_linear_forward  # noqa: E402
 from kernels.logw import log_weights_backward, log_weights_forward  # noqa: E402
 from kernels.lse import logsumexp_backward, logsumexp_forward  # noqa: E402
 from kernels.reweight import reweight  # noqa: E402
 
-FLAGS = ("SAVE_LOG_W", "SPLIT_K", "NEED_DX", "FAST", "TANH_SIGMOID")
+FLAGS = ("HAS_BIAS", "BOUND", "SAVE_LOG_W", "SPLIT_K", "NEED_DX", "FAST", "TANH_SIGMOID")
 
 
 def meta(*shape, dtype=torch.float32):
@@ -53,6 +54,16 @@ def launches():
                 logsumexp_forward(t, 1.0)
                 logsumexp_backward(t, meta(R), meta(R))
             reweight(meta(4, 9, d, dtype=dtype), meta(4, 9), meta(4))
+        # the decoder head: 32- and 16-bit h and W, k split and not, with and without a bias
+        H = 40
+        for dtype in (torch.float32, torch.bfloat16):
+            for B, k in ((2, 3000), (1024, 8)):
+                head = (meta(B, D), meta(B, k, H, dtype=dtype), meta(D, H, dtype=dtype), meta(D, dtype=dtype),
+                        meta(B, k, d), meta(B, d), meta(B, d))
+                fused_linear_forward(*head, save_log_w=True)
+                fused_linear_forward(*head, bound=False, save_log_w=True)
+                fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False))
+            fused_linear_forward(*head[:3], None, *head[4:])
     return captured
 
 
