@@ -18,7 +18,9 @@ import kernels  # noqa: F401  (sets TRITON_INTERPRET on machines without a GPU, 
 from .harness import machine
 from .harness.table import TableError
 from .problems import DTYPES, REGIMES
-from .variants import VARIANTS
+from .variants import REGISTRY, VARIANTS
+
+ALL_VARIANTS = list(dict.fromkeys(name for family in REGISTRY.values() for name in family))
 
 RUNS_DIR = Path("results") / "runs"
 REFERENCE_DIR = Path("results") / "reference"
@@ -42,6 +44,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
@@ -107,7 +119,7 @@ def _cmd_sweep(args, parser) -> int:
             device = shard.device(device)
         grid = Grid.preset(args.preset, device, variants=args.variants, seed=args.seed, k=args.k,
                            batch=args.batch, latent=args.latent, data_dim=args.data_dim,
-                           dtype=args.dtype, mode=args.mode, regime=args.regime)
+                           dtype=args.dtype, mode=args.mode, regime=args.regime, hidden=args.hidden)
         top = args.out or RUNS_DIR / machine.device_slug(device)
         out = _writable_dir(shard.folder(top) if shard else top)
         against = _results_dir(args.against, "--against") if args.against else _reference_for(top)
@@ -161,12 +173,17 @@ def _add_sweep(sub) -> None:
     p.add_argument("--batch", type=_positive_int, nargs="+", help="batch sizes B")
     p.add_argument("--latent", type=_positive_int, nargs="+", help="latent widths d")
     p.add_argument("--data-dim", type=_positive_int, nargs="+", help="data dimension D (preset: 784, MNIST)")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
-                   help=f"variants to run (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, metavar="VARIANT",
+                   help="variants to run, of every family that has them (default all: bound "
+                        f"{', '.join(REGISTRY['bound'])}; decoder head {', '.join(REGISTRY['head'])}; "
+                        f"reduction {', '.join(REGISTRY['reduction'])})")
     p.add_argument("--dtype", nargs="+", choices=[d for d in DTYPES if d != "float64"],
                    help="dtype of the logits, the [B, k, D] tensor (others stay float32)")
     p.add_argument("--mode", nargs="+", choices=["forward", "backward"],
                    help="forward: the bound; backward: the bound and its gradients")
+    p.add_argument("--hidden", type=_non_negative_int, nargs="+",
+                   help="decoder-head widths H: cells of the head family (the output layer h W^T + b "
+                        "and the bound); 0 is the bound family on logits (preset: 0, and 200 on a few cells)")
     p.add_argument("--regime", nargs="+", choices=list(REGIMES),
                    help="inputs: realistic (MNIST-like) or saturated (2%% of logits 20-40 nats on the wrong side)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
@@ -463,6 +480,123 @@ def _add_experiment(sub) -> None:
     p.set_defaults(handler=_cmd_experiment, parser=p)
 
 
+# --------------------------------------------------------------------------- snr
+
+
+def _add_snr(sub) -> None:
+    from .experiments.snr import BATCH, DRAWS, ESTIMATORS, K_VALUES, MIN_RESAMPLES, RESAMPLES
+
+    p = sub.add_parser("snr", help="gradient SNR of the iwae, stl and dreg estimators against k, and the time per step")
+    p.description = (
+        "Measure the signal-to-noise ratio of the gradient (|mean| / std per parameter over "
+        "repeated draws of the reparameterization noise, averaged over the encoder's and the "
+        "decoder's parameters) for the k-sample ELBO and the IWAE bound with the iwae, stl and "
+        "dreg estimators, against k, on a fixed minibatch of binarized MNIST test images; time "
+        "one gradient step of each; write OUT/snr.csv, machine.json, plots/snr.png and "
+        "report.md with the fitted log-log slopes beside Rainforth et al. (2018). "
+        "Default: about 6 minutes on 2 idle CPU cores, 10 on one.")
+    p.add_argument("--k", type=_positive_int, nargs="+", default=list(K_VALUES),
+                   help=f"importance samples per image (default {' '.join(map(str, K_VALUES))})")
+    p.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS),
+                   metavar="ESTIMATOR",
+                   help="multi_sample_elbo (k-sample ELBO, total gradient), iwae (IWAE bound, total "
+                        "gradient), stl (IWAE bound, sticking the landing: biased for k > 1), dreg "
+                        "(IWAE bound, doubly reparameterized); default all four")
+    p.add_argument("--draws", type=_positive_int, default=DRAWS,
+                   help=f"gradient draws per k and estimator, >= 2 (default {DRAWS}; the SNR of a "
+                        f"parameter with no signal reads about sqrt(2 / (pi draws)), so more draws "
+                        f"resolve smaller SNRs)")
+    p.add_argument("--batch", type=_positive_int, default=BATCH,
+                   help=f"images in the fixed minibatch: the first of the MNIST experiment's "
+                        f"held-out test images (split with --seed), at most 1000 (default {BATCH})")
+    p.add_argument("--resamples", type=_positive_int, default=RESAMPLES,
+                   help=f"bootstrap resamples of the draws for the 95%% intervals, >= {MIN_RESAMPLES} "
+                        f"(default {RESAMPLES})")
+    p.add_argument("--checkpoint", type=Path, metavar="PATH",
+                   help="a model saved by training.model.save_checkpoint (the MNIST experiment "
+                        "writes one per run: OUT/checkpoints/*.pt) instead of a fresh one")
+    p.add_argument("--latent", type=_positive_int,
+                   help="latent width of the fresh model (default 50; not with --checkpoint)")
+    p.add_argument("--hidden", type=_positive_int,
+                   help="hidden width of the fresh model (default 200; not with --checkpoint)")
+    p.add_argument("--backend", choices=["auto", "torch", "fused"], default="auto",
+                   help="bound implementation (auto: fused on CUDA, torch on CPU, where Triton is "
+                        "only interpreted)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fresh model, the data split, the noise and the bootstrap (default 0)")
+    p.add_argument("--out", type=Path, default=RUNS_DIR / "snr",
+                   help="output folder (default results/runs/snr)")
+    p.add_argument("--report-only", action="store_true",
+                   help="redraw the plot and report from OUT/snr.csv without measuring")
+    p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
+    p.set_defaults(handler=_cmd_snr, parser=p)
+
+
+def _cmd_snr(args, parser) -> int:
+    import torch
+
+    from .experiments.snr import MIN_RESAMPLES, Settings, describe_model, run_snr
+    from .experiments.snr_report import render_snr
+    from .harness.shard import resolve
+    from .training.model import BernoulliVAE, load_checkpoint
+
+    device = _device(parser, args.device)
+    try:
+        shard = resolve(args.shard)
+        if shard:
+            device = shard.device(device)
+        out = _writable_dir(shard.folder(args.out) if shard else args.out)
+        if args.report_only:
+            if not (out / "snr.csv").is_file():
+                raise ValueError(f"--report-only: no snr.csv in {out}")
+        elif args.draws < 2:
+            raise ValueError(f"--draws {args.draws}: the SNR's standard deviation needs at least 2 "
+                             f"draws (100 or more for a usable estimate)")
+        elif args.resamples < MIN_RESAMPLES:
+            raise ValueError(f"--resamples {args.resamples}: the 95% interval's 2.5 and 97.5 "
+                             f"percentiles need at least {MIN_RESAMPLES} resamples")
+        elif args.batch > 1000:
+            raise ValueError(f"--batch {args.batch}: the held-out test set has 1000 images")
+        elif args.checkpoint and (args.latent or args.hidden):
+            raise ValueError("--latent and --hidden size a fresh model; a --checkpoint brings its own")
+    except ValueError as error:
+        parser.error(str(error))
+    if args.report_only:
+        print(f"wrote {render_snr(out)}")
+        return 0
+
+    backend = args.backend if args.backend != "auto" else ("fused" if device.type == "cuda" else "torch")
+    try:
+        if args.checkpoint:
+            model = load_checkpoint(args.checkpoint)
+            label = f"{describe_model(model)} from checkpoint {args.checkpoint}"
+        else:
+            torch.manual_seed(args.seed)
+            model = BernoulliVAE(784, args.latent or 50, args.hidden or 200)
+            label = f"{describe_model(model)}, freshly initialised with seed {args.seed}"
+        if model.encoder[0].in_features != 784:
+            raise ValueError(f"--checkpoint {args.checkpoint}: the model takes "
+                             f"{model.encoder[0].in_features} inputs, MNIST images have 784")
+        from .experiments.data import load_mnist
+
+        x = load_mnist(4000, 1000, args.seed).test[:args.batch]
+    except (ValueError, ImportError) as error:
+        parser.error(str(error))
+    settings = Settings(k=tuple(sorted(set(args.k))), estimators=tuple(dict.fromkeys(args.estimators)),
+                        draws=args.draws, resamples=args.resamples, backend=backend, seed=args.seed)
+    if backend == "fused" and device.type != "cuda":
+        print("note: the fused backend on CPU runs the Triton interpreter: slow, and its timings "
+              "are marked interpreted")
+    print(f"measuring {len(settings.k)} k x {len(settings.estimators)} estimators, "
+          f"{settings.draws} draws each, batch {x.shape[0]}, on {device} with the {backend} "
+          f"backend, into {out}")
+    report = run_snr(out, model, x, settings, device, label, shard=shard)
+    print(f"wrote {out / 'snr.csv'}, {out / 'machine.json'}, {out / 'plots' / 'snr.png'} and {report}")
+    _merge_if_last(shard, args.out)
+    return 0
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -513,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m iwae_bench",
         description="Benchmarks for importance-weighted bounds: the IWAE bound computed by naive, "
                     "torch, torch.compile and Triton variants, timed and checked against a float64 "
-                    "reference.")
+                    "reference; the MNIST experiment, the gradient estimators' SNR, and the compiled "
+                    "kernels' profile.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     _add_sweep(sub)
@@ -524,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     _add_profile(sub)
     _add_experiment(sub)
+    _add_snr(sub)
     return parser
 
 

@@ -10,6 +10,11 @@ which the naive bound fails and the stable one is needed.
 Only the logits take ``dtype`` (they are the B*k*D tensor that sets the cost); x, z, mu and
 logvar stay float32.
 
+A problem with ``hidden`` H > 0 is of the decoder-head family: instead of logits it gives the
+decoder's last hidden layer h [B, k, H] (tanh units) and its output layer (weight [D, H], bias
+[D], in nn.Linear's layout), scaled so that h W^T + b has the logits' spread and the pixels'
+base rates; h, weight and bias take ``dtype`` (the matmul's).
+
 Regimes: ``realistic`` is the above; ``saturated`` adds a decoder that is sure and mistaken on
 2% of each example's pixels (logits of 20 to 40 nats on the wrong side), where sigmoid rounds
 to exactly 0 or 1 in float32: the inputs that separate code working from logits from code
@@ -40,12 +45,20 @@ class Problem:
     dtype: str = "float32"
     seed: int = 0
     regime: str = "realistic"
+    hidden: int = 0  # > 0: the decoder-head family (h and an output layer instead of logits)
 
     def __post_init__(self):
         for name in ("batch", "k", "latent", "data_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.hidden, int) or self.hidden < 0:
+            raise ValueError(f"hidden must be an integer >= 0, got {self.hidden!r}")
+        if self.hidden and self.dtype == "float64":
+            raise ValueError("dtype float64: the decoder head's matmul takes float32, bfloat16 or float16")
+        if self.hidden and self.regime != "realistic":
+            raise ValueError(f"regime {self.regime!r} is for the bound's logits; a decoder-head problem "
+                             "(hidden > 0) has the realistic regime only")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.regime not in REGIMES:
@@ -53,6 +66,10 @@ class Problem:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def family(self) -> str:
+        return "head" if self.hidden else "bound"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -67,7 +84,21 @@ class Inputs(NamedTuple):
     logvar: torch.Tensor   # [B, d]
 
 
-def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
+class HeadInputs(NamedTuple):
+    x: torch.Tensor        # [B, D] binary, float32
+    h: torch.Tensor        # [B, k, H] the decoder's last hidden layer, in the problem's dtype
+    weight: torch.Tensor   # [D, H] the output layer's weight (nn.Linear's layout)
+    bias: torch.Tensor     # [D]
+    z: torch.Tensor        # [B, k, d] samples of q, float32
+    mu: torch.Tensor       # [B, d]
+    logvar: torch.Tensor   # [B, d]
+
+    def logits(self) -> torch.Tensor:
+        """h W^T + b in float64 (the reference's)."""
+        return self.h.double() @ self.weight.double().T + self.bias.double()
+
+
+def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs | HeadInputs:
     """Draw the inputs of ``problem`` on ``device``, deterministically from its seed (the CPU
     and a GPU draw different numbers from the same seed).
 
@@ -96,6 +127,13 @@ def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs:
     logvar = -2.5 + 0.5 * randn(B, d, generator=data)
     logits = (2.0 * x[:, None, :] - 1.0) * margin + 1.0 * sample_noise(k, (B, D), stream(1), device)
     z = mu[:, None, :] + torch.exp(0.5 * logvar)[:, None, :] * sample_noise(k, (B, d), stream(2), device)
+    if problem.hidden:
+        H = problem.hidden
+        dtype = problem.torch_dtype
+        h = torch.tanh(1.5 * sample_noise(k, (B, H), stream(4), device))
+        weight = randn(D, H, generator=stream(5)) * (3.5 / (0.75 * H ** 0.5))  # logits' spread ~3.5
+        bias = torch.logit(pixel_on[0])  # the pixels' base rates
+        return HeadInputs(x, h.to(dtype), weight.to(dtype), bias.to(dtype), z, mu, logvar)
     if problem.regime == "saturated":
         sure = stream(3)
         wrong = torch.rand(B, 1, D, generator=sure, device=device) < SATURATED_FRACTION

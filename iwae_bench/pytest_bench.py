@@ -19,8 +19,9 @@ import torch
 import kernels
 
 from .files import atomic_path
-from .harness.cell import (Reference, bound_accuracy, bound_bytes, bound_identity, reduction_accuracy,
-                           reduction_bytes, reduction_identity, speed_columns, timing_columns)
+from .harness.cell import (Reference, bound_accuracy, bound_bytes, bound_identity, head_flops,
+                           reduction_accuracy, reduction_bytes, reduction_identity, speed_columns,
+                           timing_columns)
 from .harness.machine import MachineRecord
 from .harness.table import COLUMNS, RowWriter
 from .harness.timing import Timing
@@ -33,6 +34,8 @@ BOUND_SHAPES = {
     "cpu": [(8, 1, 50), (8, 16, 50), (8, 128, 50)],
 }
 BOUND_DTYPES = {"cuda": ["float32", "bfloat16"], "cpu": ["float32"]}
+# (batch, k, hidden) of the decoder head at D = 784, d = 50
+HEAD_SHAPES = {"cuda": [(20, 64, 200), (20, 1024, 200), (20, 5000, 200)], "cpu": [(4, 8, 200), (4, 64, 200)]}
 # (batch, k) of the reduction alone
 REDUCTION_SHAPES = {
     "cuda": [(16384, 1), (16384, 64), (16384, 1024), (8, 100_000), (8, 1_000_000)],
@@ -48,6 +51,11 @@ def bench_device() -> torch.device:
 def bound_problems(device: torch.device) -> list[Problem]:
     kind = device.type
     return [Problem(b, k, d, 784, dtype) for dtype in BOUND_DTYPES[kind] for b, k, d in BOUND_SHAPES[kind]]
+
+
+def head_problems(device: torch.device) -> list[Problem]:
+    kind = device.type
+    return [Problem(b, k, 50, 784, dtype, hidden=h) for dtype in BOUND_DTYPES[kind] for b, k, h in HEAD_SHAPES[kind]]
 
 
 def is_interpreted(variant: Variant) -> bool:
@@ -67,7 +75,8 @@ def bound_extra_info(variant: Variant, problem: Problem, inputs, mode: str, devi
                      bound: torch.Tensor, ref: Reference, copy_gbps: float | None) -> dict:
     """What a report row needs besides the timing: the cell's identity, bytes and accuracy."""
     return {**bound_identity(variant.name, problem, mode, device), "bytes": bound_bytes(inputs, mode),
-            "copy_gbps": copy_gbps, **bound_accuracy(bound, ref), "interpreted": is_interpreted(variant)}
+            "flops": head_flops(inputs, mode), "copy_gbps": copy_gbps, **bound_accuracy(bound, ref),
+            "interpreted": is_interpreted(variant)}
 
 
 def reduction_extra_info(variant: Variant, log_w: torch.Tensor, device: torch.device,
@@ -95,7 +104,7 @@ def row_from_benchmark(bench: dict) -> dict | None:
         timing = Timing.from_samples([s * 1e3 for s in samples])
         row.update(timing_columns(timing))
         row.update(speed_columns(info["batch"] * info["k"], info["bytes"], timing.median_ms * 1e-3,
-                                 info.get("copy_gbps")))
+                                 info.get("copy_gbps"), info.get("flops")))
         row["status"] = "noisy" if timing.noisy else "ok"
         if timing.noisy:
             notes.insert(0, f"noisy timing: p80/p20 = {timing.spread:.2f} over {timing.samples} samples")

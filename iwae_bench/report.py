@@ -22,11 +22,12 @@ from .files import read_json, save_figure, write_text  # noqa: E402
 from .harness.table import COLUMNS, IDENTITY, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
 from .harness.timing import NOISE_LIMIT  # noqa: E402
 
-VARIANT_ORDER = ["naive", "blog", "torch", "compile", "triton", "fused"]
+VARIANT_ORDER = ["naive", "blog", "torch", "compile", "triton", "fused", "fused_linear"]
 # colour, marker and marker size: sizes shrink along the order and later variants draw on top,
 # so series that coincide (triton under fused) stay visible as rings around dots
 STYLE = {"naive": ("tab:gray", "x", 9), "blog": ("tab:brown", "v", 9), "torch": ("tab:blue", "o", 8),
-         "compile": ("tab:orange", "s", 7), "triton": ("tab:green", "^", 8), "fused": ("tab:red", "D", 4)}
+         "compile": ("tab:orange", "s", 7), "triton": ("tab:green", "^", 8), "fused": ("tab:red", "D", 4),
+         "fused_linear": ("tab:purple", "P", 5)}
 NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS]
 NATS = "nats"
 
@@ -59,7 +60,7 @@ def _log_x(ax) -> None:
 
 
 def _panel_title(keys: tuple[str, ...], values: tuple) -> str:
-    names = {"batch": "B", "latent": "d", "k": "k"}
+    names = {"batch": "B", "latent": "d", "k": "k", "hidden": "H"}
     return ", ".join(f"{names.get(key, key)}={value}" for key, value in zip(keys, values))
 
 
@@ -309,10 +310,23 @@ def _speed_sections(report: Report, frame: pd.DataFrame) -> None:
     for dtype, part in sorted(reduction.groupby("dtype")):
         _speed_group(report, part, f"reduction_{dtype}", f"the reduction alone on [B, k] {dtype} "
                      "log-weights", ("batch",))
+    head = timed[timed["family"] == "head"]
+    for (mode, dtype), part in sorted(head.groupby(["mode", "dtype"])):
+        what = f"the decoder head (output layer + bound), {mode}, {dtype} h and weight"
+        tag = f"head_{mode}_{dtype}"
+        _speed_group(report, part, tag, what, ("batch", "hidden"))
+        if facet_plot(part, "flop_fraction", "fraction of matmul peak", f"fraction of measured matmul peak, {what}",
+                      report.plots / f"flops_{tag}.png", logy=False, reference_line=1.0, panels=("batch", "hidden")):
+            roofs = part.set_index(["batch", "hidden", "k", "variant"])[["bw_fraction", "flop_fraction"]]
+            roofs = roofs.assign(binds=roofs.idxmax(axis=1).str.replace("_fraction", "", regex=False))
+            report.add(f"Which roof binds: {what}", "Flops (the output layer's matmul: 2 B k H D, three "
+                       "times that with its gradients) over the median time, as a fraction of a large "
+                       "matmul timed in the same run, beside the fraction of copy bandwidth: the larger "
+                       "fraction is the roof the cell runs against.", roofs, f"flops_{tag}.png")
 
 
 def _speed_group(report: Report, part: pd.DataFrame, tag: str, what: str, panels: tuple) -> None:
-    index = ["batch", "k"] if panels == ("batch",) else ["batch", "latent", "k"]
+    index = [*panels, "k"]
     bars = _with_throughput_bars(part)
     if facet_plot(bars, "samples_per_s", "samples / s", f"throughput, {what}", report.plots / f"throughput_{tag}.png",
                   bars=("samples_per_s_low", "samples_per_s_high"), panels=panels):
@@ -346,9 +360,10 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
                    "(each variant's mean bound minus the float64 ELBO of the same inputs).",
                    pivot(forward, "iwae_elbo_gap"), "bounds.png")
     for (family, regime, mode), part in sorted(frame.groupby(["family", "regime", "mode"])):
-        panels = ("batch",) if family == "reduction" else ("batch", "latent")
-        index = ["batch", "k"] if family == "reduction" else ["batch", "latent", "k"]
-        what = "the reduction alone" if family == "reduction" else f"{mode}, {regime} inputs"
+        panels = {"reduction": ("batch",), "head": ("batch", "hidden")}.get(family, ("batch", "latent"))
+        index = [*panels, "k"]
+        what = {"reduction": "the reduction alone", "head": f"the decoder head, {mode}"}.get(
+            family, f"{mode}, {regime} inputs")
         tag = f"{family}_{regime}_{mode}"
         errors, top = error_frame(part)
         if facet_plot(errors, "max_abs_err", f"max |err| ({NATS})", f"bound error against the float64 reference, {what}",
@@ -362,7 +377,8 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
             if facet_plot(errors, "grad_max_abs_err", "max |grad err|", f"gradient error against float64 autograd, {what}",
                           report.plots / f"grad_error_{tag}.png", non_finite_at=top, panels=panels):
                 report.add(f"Gradient error: {what}", "Largest |gradient - float64 autograd gradient| "
-                           "over logits, z, mu and logvar (nats per unit of the input).",
+                           "over every input but x (logits, z, mu, logvar; for the head h, weight, bias, "
+                           "z, mu, logvar), in nats per unit of the input.",
                            pivot(part, "grad_max_abs_err", index), f"grad_error_{tag}.png")
     saturated = frame[frame["regime"] == "saturated"]
     if not saturated.empty:
@@ -380,7 +396,7 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
 
 
 def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
-    columns = ["family", "variant", "mode", "dtype", "regime", "batch", "latent", "k"]
+    columns = ["family", "variant", "mode", "dtype", "regime", "batch", "latent", "hidden", "k"]
     last = (record.get("runs") or [{}])[-1]
     missing = last.get("missing_cells") or []
     if missing:

@@ -1,10 +1,12 @@
 """The ways to compute the IWAE bound, behind one registry and one calling convention.
 
-Two families share the registry and its flags:
+Three families share the registry and its flags:
 
 - ``bound``: ``fn(x, logits, z, mu, logvar) -> [B] float32`` (shapes as in
   ``kernels.log_weights``), from the five inputs;
-- ``reduction``: ``fn(log_w [B, k]) -> [B] float32``, the last step alone (the logsumexp over k).
+- ``reduction``: ``fn(log_w [B, k]) -> [B] float32``, the last step alone (the logsumexp over k);
+- ``head``: ``fn(x, h, weight, bias, z, mu, logvar) -> [B] float32``, the decoder's output
+  layer (l = h weight^T + bias) and the bound together.
 
 Every variant checks its inputs with the same function as the kernels, so bad input reads
 the same whichever variant meets it. The harness reads a variant's flags (``uses_triton``:
@@ -28,11 +30,13 @@ import torch.nn.functional as F
 import kernels
 from kernels import check_bound_inputs
 from kernels._common import check_log_weights
+from kernels.fused_linear import check_head_inputs
 
 from .training import bounds
 
-FAMILIES = ("bound", "reduction")
-INPUTS = {"bound": ("x", "logits", "z", "mu", "logvar"), "reduction": ("log_w",)}
+FAMILIES = ("bound", "reduction", "head")
+INPUTS = {"bound": ("x", "logits", "z", "mu", "logvar"), "reduction": ("log_w",),
+          "head": ("x", "h", "weight", "bias", "z", "mu", "logvar")}
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Variant:
         inputs = [given[name] for name in names]
         if self.family == "bound":
             check_bound_inputs(*inputs, for_kernel=self.uses_triton)
+        elif self.family == "head":
+            check_head_inputs(*inputs, for_kernel=self.uses_triton)
         else:
             check_log_weights("log_w", *inputs, for_kernel=self.uses_triton)
         return self.fn(*inputs)
@@ -61,6 +67,7 @@ class Variant:
 REGISTRY: dict[str, dict[str, Variant]] = {family: {} for family in FAMILIES}
 VARIANTS = REGISTRY["bound"]
 REDUCTIONS = REGISTRY["reduction"]
+HEADS = REGISTRY["head"]
 
 
 def register(family: str, name: str, description: str, **flags):
@@ -175,3 +182,29 @@ register("reduction", "compile", "torch.compile of the torch reduction", compile
     compiled(torch_reduction))
 register("reduction", "triton", "the streaming Triton logsumexp (kernels.iwae_bound)",
          uses_triton=True)(kernels.iwae_bound)
+
+
+# --------------------------------------------------------------------------- the decoder head
+# The output layer l = h W^T + b and the bound: with the logits in memory (torch, compile,
+# triton) or never (fused_linear).
+
+
+def torch_head(x, h, weight, bias, z, mu, logvar):
+    return bounds.iwae_bound(x, F.linear(h, weight, bias), z, mu, logvar, backend="torch")
+
+
+register("head", "torch", "nn.Linear's matmul, then the stable torch bound")(torch_head)
+register("head", "compile", "torch.compile of the torch head (matmul and bound together)",
+         compiles=True)(compiled(torch_head))
+
+
+@register("head", "triton", "the matmul by torch, then the fused Triton bound on the logits",
+          uses_triton=True)
+def triton_head(x, h, weight, bias, z, mu, logvar):
+    return kernels.fused_iwae_bound(x, F.linear(h, weight, bias), z, mu, logvar)
+
+
+@register("head", "fused_linear", "one Triton kernel from h and the output layer to the bound: "
+                                  "logits built on chip, never stored", uses_triton=True)
+def fused_linear_head(x, h, weight, bias, z, mu, logvar):
+    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar)

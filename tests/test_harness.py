@@ -22,6 +22,39 @@ def test_bound_bytes_by_hand():
     assert cell.bound_bytes(bf16, "backward") == 1296 + 16 + 320 * 2 + (96 + 12 + 12) * 4 == 2432
 
 
+def test_head_bytes_and_flops_by_hand():
+    """B=2, k=3, D=10, d=4, H=5: x 20, h 30, weight 50, bias 10, z 24, mu 8, logvar 8 elements."""
+    f32 = make_inputs(Problem(2, 3, 4, 10, "float32", hidden=5))
+    bf16 = make_inputs(Problem(2, 3, 4, 10, "bfloat16", hidden=5))
+    assert cell.bound_bytes(f32, "forward") == (20 + 30 + 50 + 10 + 24 + 8 + 8) * 4 + 8 == 608
+    assert cell.bound_bytes(bf16, "forward") == (20 + 24 + 8 + 8) * 4 + (30 + 50 + 10) * 2 + 8 == 428
+    # backward: + incoming [2] gradient + gradients of h, weight, bias (bf16) and z, mu, logvar
+    assert cell.bound_bytes(bf16, "backward") == 428 + 8 + (30 + 50 + 10) * 2 + (24 + 8 + 8) * 4 == 776
+    assert cell.head_flops(f32, "forward") == 2 * 2 * 3 * 5 * 10 == 600
+    assert cell.head_flops(f32, "backward") == 3 * 600
+    assert cell.head_flops(make_inputs(Problem(2, 3, 4, 10)), "forward") is None
+
+
+def test_head_reference_sums_shared_gradients_over_slices(monkeypatch):
+    """The head's weight and bias gradients sum over every example: with the batch cut into
+    slices the reference must add the slices' parts before comparing. Exact float64 gradients
+    give zero error; an error planted in one weight entry is reported at its size."""
+    inputs = make_inputs(Problem(5, 3, 2, 12, hidden=4))
+    monkeypatch.setattr(cell.Reference, "CHUNK_ELEMENTS", 2 * 3 * 12)  # two examples per slice
+    ref = cell.Reference(inputs)
+    from iwae_bench import reference
+
+    leaves = [t.double().requires_grad_() for t in inputs[1:]]
+    h, weight, bias, z, mu, logvar = leaves
+    total = reference.bound(inputs.x, h @ weight.T + bias, z, mu, logvar).sum()
+    exact = torch.autograd.grad(total, leaves)
+    assert ref.grad_max_abs_err(exact) < 1e-12
+    planted = list(exact)
+    planted[1] = planted[1].clone()
+    planted[1][3, 2] += 0.25
+    assert abs(ref.grad_max_abs_err(planted) - 0.25) < 1e-12
+
+
 def test_reduction_bytes_by_hand():
     assert cell.reduction_bytes(torch.zeros(5, 7)) == 5 * 7 * 4 + 5 * 4 == 160
     assert cell.reduction_bytes(torch.zeros(5, 7, dtype=torch.bfloat16)) == 5 * 7 * 2 + 5 * 4 == 90

@@ -20,7 +20,7 @@ def _row(variant, k, time_ms, *, mode="forward", latent=50, batch=4, regime="rea
          status="ok", family="bound", err=1e-6, grad_err=None, spread=1.1, bound=-150.0):
     return {"family": family, "variant": variant, "device": "cpu", "dtype": "float32", "k": k,
             "batch": batch, "latent": 0 if family == "reduction" else latent,
-            "data_dim": 0 if family == "reduction" else 784, "mode": mode, "regime": regime,
+            "data_dim": 0 if family == "reduction" else 784, "hidden": 0, "mode": mode, "regime": regime,
             "seed": 0, "time_ms": time_ms, "time_ms_p20": time_ms / spread ** 0.5,
             "time_ms_p80": time_ms * spread ** 0.5, "time_samples": 7, "time_spread": spread,
             "samples_per_s": batch * k / (time_ms * 1e-3), "bytes": 1000 * k, "gbps": 1.0,

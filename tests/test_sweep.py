@@ -56,6 +56,9 @@ def test_quick_preset_varies_k_batch_and_latent_width():
     assert {p.latent for p in problems} == {16, 50, 200}
     assert len({p.k for p in problems}) >= 4 and len({p.batch for p in problems}) >= 2
     assert {p.regime for p in problems} == {"realistic", "saturated"}
+    assert {p.family for p in problems} == {"bound", "head"}
+    head_cells = [cells for p, cells in grid.problems() if p.family == "head"]
+    assert {v for cells in head_cells for v, _ in cells} == {"torch", "compile", "triton", "fused_linear"}
     assert grid.reductions and len(grid.identities(torch.device("cpu"))) == grid.size()
     one = Grid.preset("quick", torch.device("cpu"), k=[3], latent=[7])
     assert [(p.k, p.latent, p.batch) for p, _ in one.problems()] == [(3, 7, 4), (3, 7, 32)]
@@ -117,6 +120,24 @@ def test_tiny_sweep_writes_report_and_machine(tiny_sweep):
     run = record["runs"][0]
     assert run["copy_bandwidth_gbps"] > 0 and run["finished"] and run["grid"]["seed"] == 0
     assert not [p for p in tiny_sweep.rglob("*") if p.name.startswith(".")]
+
+
+def test_head_cells_carry_flops_and_the_matmul_yardstick(tmp_path):
+    done = _cli("sweep", *TINY, "--k", "3", "--batch", "2", "--latent", "4", "--hidden", "16",
+                "--variants", "torch", "fused_linear", "--mode", "forward", "backward", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    rows = _rows(tmp_path / "results.csv")
+    assert {(r["family"], r["variant"]) for r in rows} == {("head", "torch"), ("head", "fused_linear")}
+    matmul = json.loads((tmp_path / "machine.json").read_text())["runs"][0]["matmul_tflops"]["float32"]
+    for r in rows:
+        flops = 2 * 2 * 3 * 16 * 20 * (1 if r["mode"] == "forward" else 3)
+        assert int(r["flops"]) == flops and r["hidden"] == "16"
+        assert float(r["max_abs_err"]) < 1e-3
+        if r["variant"] == "torch":
+            assert math.isclose(float(r["tflops"]), flops / (float(r["time_ms"]) * 1e-3) / 1e12, rel_tol=1e-9)
+            assert math.isclose(float(r["flop_fraction"]), float(r["tflops"]) / matmul, rel_tol=1e-3)
+            assert int(r["peak_mem_bytes"]) > 0  # the CPU allocation tracker
+    assert "## Which roof binds" in (tmp_path / "report.md").read_text()
 
 
 def test_runs_go_to_their_own_folder_and_meet_the_reference(tmp_path):

@@ -107,12 +107,13 @@ def test_report_lists_the_cells_left_out(tmp_path):
     assert "bound fused cpu float32 9 2 3 12 forward realistic 0" in text
 
 
-def _row(variant, mode, dtype, batch, k, time_ms, bw=None, status="ok", peak=None):
+def _row(variant, mode, dtype, batch, k, time_ms, bw=None, status="ok", peak=None, hidden=0):
     reduction = mode == "reduction"
-    return {"family": "reduction" if reduction else "bound", "variant": variant, "device": "cuda",
+    family = "reduction" if reduction else "head" if hidden else "bound"
+    return {"family": family, "variant": variant, "device": "cuda",
             "mode": "forward" if reduction else mode, "regime": "realistic", "dtype": dtype,
             "batch": batch, "k": k, "latent": 0 if reduction else 50, "data_dim": 0 if reduction else 784,
-            "time_ms": time_ms, "bw_fraction": bw, "status": status, "peak_mem_bytes": peak}
+            "hidden": hidden, "time_ms": time_ms, "bw_fraction": bw, "status": status, "peak_mem_bytes": peak}
 
 
 def test_targets_table_against_known_measurements():
@@ -124,6 +125,10 @@ def test_targets_table_against_known_measurements():
         _row("fused", "backward", "float32", 8, 100_000, None, status="oom"),
         _row("compile", "reduction", "float32", 16384, 1024, 1.0),
         _row("triton", "reduction", "float32", 16384, 1024, 0.8, bw=0.85),
+        _row("triton", "forward", "bfloat16", 20, 5000, 30.0, hidden=200),
+        _row("fused_linear", "forward", "bfloat16", 20, 5000, 9.0, hidden=200, peak=20 * 5000 * 8),
+        _row("triton", "backward", "bfloat16", 20, 5000, 40.0, hidden=200),
+        _row("fused_linear", "backward", "bfloat16", 20, 5000, 25.0, hidden=200),
     ])
     table = targets_table(frame).set_index(["target", "cell"])
     f32 = "forward float32 B=1024 k=64 d=50"
@@ -138,4 +143,10 @@ def test_targets_table_against_known_measurements():
     red = "reduction B=16384 k=1024"
     assert table.loc[("iwae_bound: at least as fast as torch.compile", red), "met"] == "yes"
     assert table.loc[("iwae_bound: fraction of copy bandwidth", red), "met"] == "yes"
-    assert len(table) == 8
+    head = "head forward bfloat16 B=20 k=5000 H=200"
+    assert table.loc[("fused_linear: speedup over matmul + fused bound", head), "measured"] == 30.0 / 9.0
+    assert table.loc[("fused_linear: speedup over matmul + fused bound", head), "met"] == "yes"  # >= 3
+    back = "head backward bfloat16 B=20 k=5000 H=200"
+    assert table.loc[("fused_linear: speedup over matmul + fused bound", back), "met"] == "no"   # 1.6 < 2
+    assert table.loc[("fused_linear: peak extra memory O(B*k)", head), "met"] == "yes"
+    assert len(table) == 8 + 3

@@ -54,6 +54,19 @@ def test_reductions_match_reference(name, device):
     assert_close(variants.get(name, "reduction")(log_w), reference.iwae_bound(log_w), what=name)
 
 
+@pytest.mark.parametrize("name", list(variants.HEADS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_variants_match_reference(name, dtype, device):
+    """The decoder-head family against the float64 bound on logits built in float64 from h,
+    weight and bias (rounded to the problem's dtype first, as every variant sees them)."""
+    inputs = make_inputs(Problem(batch=3, k=7, latent=6, data_dim=40, dtype=dtype, hidden=24), device)
+    got = variants.get(name, "head")(*inputs)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    want = reference.bound(inputs.x, inputs.logits(), inputs.z, inputs.mu, inputs.logvar)
+    rtol, atol = (2e-5, 2e-3) if dtype == "float32" else (2e-3, 0.5)  # bf16 logits: rounded matmul
+    assert_close(got, want, rtol=rtol, atol=atol, what=f"{name} {dtype}")
+
+
 def test_naive_and_blog_equal_reference_where_finite(device):
     # small D and mild logits: the weights stay inside float32's range and BCE's clamp
     inputs = make_case(4, 10, 8, 3, logit_scale=2.0, device=device)

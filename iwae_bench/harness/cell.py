@@ -20,7 +20,7 @@ import torch
 import kernels
 
 from .. import reference
-from ..problems import Problem
+from ..problems import HeadInputs, Problem
 from ..variants import Variant, reset_compiled
 from .timing import Timing, peak_extra_memory, time_call
 
@@ -28,16 +28,27 @@ from .timing import Timing, peak_extra_memory, time_call
 
 
 def bound_bytes(inputs, mode: str) -> int:
-    """The fewest bytes a bound cell must move: every input read once and the [B] float32
-    bound written once; forward + backward also reads the incoming [B] gradient and writes the
-    gradients of logits, z, mu and logvar once (x is data: no gradient)."""
-    x, logits, z, mu, logvar = inputs
+    """The fewest bytes a bound or decoder-head cell must move: every input read once and the
+    [B] float32 bound written once; forward + backward also reads the incoming [B] gradient and
+    writes the gradient of every input but x (data) once: logits, z, mu and logvar, or for the
+    head h, weight, bias, z, mu and logvar."""
+    x, *rest = inputs
     read = sum(t.numel() * t.element_size() for t in inputs)
     out = x.shape[0] * 4
     if mode == "forward":
         return read + out
-    grads = sum(t.numel() * t.element_size() for t in (logits, z, mu, logvar))
-    return read + 2 * out + grads
+    return read + 2 * out + sum(t.numel() * t.element_size() for t in rest)
+
+
+def head_flops(inputs, mode: str) -> int | None:
+    """The fewest flops of a decoder-head cell: the output layer's matmul, 2 B k H D, and in
+    backward mode its two gradients (dh = g W and dW = g^T h) besides: 6 B k H D. None for a
+    bound cell (no matmul)."""
+    if not isinstance(inputs, HeadInputs):
+        return None
+    B, k, H = inputs.h.shape
+    matmul = 2 * B * k * H * inputs.weight.shape[0]
+    return matmul if mode == "forward" else 3 * matmul
 
 
 def reduction_bytes(log_w: torch.Tensor) -> int:
@@ -63,32 +74,53 @@ class Reference:
     """float64 values for one problem's inputs, shared by all its variants and modes.
 
     Computed over slices of the batch (each example's bound depends on its own row only), so
-    a float64 copy of the largest cells' logits never has to exist whole.
+    a float64 copy of the largest cells' logits never has to exist whole. A decoder-head
+    problem's logits are built in float64 from h, weight and bias, slice by slice.
     """
 
     CHUNK_ELEMENTS = 1 << 25  # float64 logits elements per slice
 
     def __init__(self, inputs):
         self.inputs = inputs
-        log_w = torch.cat([reference.log_weights(*part) for part in self._slices()])
+        self.head = isinstance(inputs, HeadInputs)
+        log_w = torch.cat([reference.log_weights(*self._bound_inputs(part)) for part in self._slices()])
         self.bound = reference.iwae_bound(log_w)
         self.elbo = reference.elbo(log_w)
 
+    def _bound_inputs(self, part) -> tuple:
+        if not self.head:
+            return part
+        x, h, weight, bias, z, mu, logvar = part
+        return x, HeadInputs(*part).logits(), z, mu, logvar
+
     def _slices(self) -> Iterator[tuple]:
-        B, k, D = self.inputs.logits.shape
-        rows = max(1, self.CHUNK_ELEMENTS // (k * D))
-        for start in range(0, B, rows):
-            yield tuple(t[start:start + rows] for t in self.inputs)
+        x = self.inputs[0]
+        k = self.inputs[1].shape[1]
+        rows = max(1, self.CHUNK_ELEMENTS // (k * x.shape[1]))
+        for start in range(0, x.shape[0], rows):
+            yield tuple(t if self.head and name in ("weight", "bias") else t[start:start + rows]
+                        for name, t in zip(self.inputs._fields, self.inputs))
 
     def grad_max_abs_err(self, grads) -> float:
-        """Largest error of d sum(L_k) / d (logits, z, mu, logvar) against float64 autograd."""
-        worst, start = 0.0, 0
+        """Largest error of the gradients of sum(L_k) with respect to every input but x (logits,
+        z, mu, logvar; or h, weight, bias, z, mu, logvar) against float64 autograd. The head's
+        weight and bias gradients sum over every slice before they are compared."""
+        worst, start, shared = 0.0, 0, {}
+        names = self.inputs._fields[1:]
         for x, *rest in self._slices():
             leaves = [t.detach().double().requires_grad_() for t in rest]
-            want = torch.autograd.grad(reference.bound(x, *leaves).sum(), leaves)
+            part = (x, *leaves)
+            bound = reference.bound(*self._bound_inputs(type(self.inputs)(*part)))
+            want = torch.autograd.grad(bound.sum(), leaves)
             stop = start + x.shape[0]
-            worst = max(worst, *(max_abs_err(g[start:stop], w) for g, w in zip(grads, want)))
+            for name, got, expected in zip(names, grads, want):
+                if name in ("weight", "bias"):
+                    shared[name] = shared.get(name, 0) + expected
+                else:
+                    worst = max(worst, max_abs_err(got[start:stop], expected))
             start = stop
+        for name, expected in shared.items():
+            worst = max(worst, max_abs_err(grads[names.index(name)], expected))
         return worst
 
 
@@ -116,17 +148,17 @@ def reduction_accuracy(bound: torch.Tensor, want: torch.Tensor) -> dict:
 
 
 def bound_identity(variant: str, problem: Problem, mode: str, device: torch.device) -> dict:
-    """The identity columns of a bound cell (plus the thread count it runs with)."""
-    return {"family": "bound", "variant": variant, "device": device.type, "dtype": problem.dtype,
+    """The identity columns of a bound or decoder-head cell (plus the thread count it runs with)."""
+    return {"family": problem.family, "variant": variant, "device": device.type, "dtype": problem.dtype,
             "k": problem.k, "batch": problem.batch, "latent": problem.latent,
-            "data_dim": problem.data_dim, "mode": mode, "regime": problem.regime,
-            "seed": problem.seed, "threads": torch.get_num_threads()}
+            "data_dim": problem.data_dim, "hidden": problem.hidden, "mode": mode,
+            "regime": problem.regime, "seed": problem.seed, "threads": torch.get_num_threads()}
 
 
 def reduction_identity(variant: str, batch: int, k: int, device: torch.device, seed: int) -> dict:
     """The identity columns of a reduction cell: float32 log-weights, latent and data_dim 0."""
     return {"family": "reduction", "variant": variant, "device": device.type, "dtype": "float32",
-            "k": k, "batch": batch, "latent": 0, "data_dim": 0, "mode": "forward",
+            "k": k, "batch": batch, "latent": 0, "data_dim": 0, "hidden": 0, "mode": "forward",
             "regime": "realistic", "seed": seed, "threads": torch.get_num_threads()}
 
 
@@ -139,11 +171,18 @@ def reduction_log_weights(batch: int, k: int, device: torch.device, seed: int = 
 # --------------------------------------------------------------------------- measuring
 
 
-def speed_columns(samples: int, nbytes: int, seconds: float, copy_gbps: float | None) -> dict:
-    """samples_per_s, gbps and bw_fraction of a cell from its median time."""
+def speed_columns(samples: int, nbytes: int, seconds: float, copy_gbps: float | None,
+                  flops: int | None = None, matmul_tflops: float | None = None) -> dict:
+    """samples_per_s, gbps and bw_fraction of a cell from its median time; for a cell with a
+    matmul also tflops and flop_fraction (of the matmul peak measured in the same run), so the
+    report can tell which roof binds."""
     gbps = nbytes / seconds / 1e9
-    return {"samples_per_s": samples / seconds, "gbps": gbps,
-            "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+    columns = {"samples_per_s": samples / seconds, "gbps": gbps,
+               "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+    if flops:
+        tflops = flops / seconds / 1e12
+        columns.update(tflops=tflops, flop_fraction=tflops / matmul_tflops if matmul_tflops else None)
+    return columns
 
 
 def timing_columns(timing: Timing) -> dict:
@@ -197,14 +236,15 @@ def run_cell(row: dict, variant: Variant, call: Callable[[], object], check: Cal
             status, notes = "interpreted", ["Triton interpreter on CPU: a correctness run, not a speed"]
         else:
             timing, again = timed(call, device, min_time)
-            row["peak_mem_bytes"] = peak_extra_memory(call, device)
+            row["peak_mem_bytes"] = peak_extra_memory(call, device, compiled=variant.compiles)
             if timing.noisy:
                 status = "noisy" if status == "ok" else status
                 notes.append(f"noisy timing: p80/p20 = {timing.spread:.2f} over {timing.samples} "
                              f"samples{' after a second measurement' if again else ''}")
         row.update(timing_columns(timing))
         if status in ("ok", "noisy"):
-            row.update(speed_columns(samples, row["bytes"], timing.median_ms * 1e-3, copy_gbps))
+            row.update(speed_columns(samples, row["bytes"], timing.median_ms * 1e-3, copy_gbps,
+                                     row.get("flops"), row.get("matmul_tflops")))
         row.update({"status": status, "message": "; ".join(notes)})
     except Exception as error:  # one failing cell must not stop the sweep
         row.update({"status": "oom" if _is_oom(error) else "error",
@@ -215,8 +255,8 @@ def run_cell(row: dict, variant: Variant, call: Callable[[], object], check: Cal
 
 
 def bound_call(variant: Variant, inputs, mode: str) -> Callable[[], tuple]:
-    """What one call of a bound cell runs: the bound, and in backward mode its gradients with
-    respect to logits, z, mu and logvar. Returns (bound, grads or None)."""
+    """What one call of a bound or head cell runs: the bound, and in backward mode its gradients
+    with respect to every input but x. Returns (bound, grads or None)."""
     if mode == "forward":
         return lambda: (variant(*inputs), None)
     x, *rest = inputs
@@ -241,10 +281,13 @@ def bound_check(ref: Reference) -> Callable[[tuple], dict]:
 
 
 def measure_bound(variant: Variant, problem: Problem, inputs, ref: Reference, mode: str,
-                  device: torch.device, copy_gbps: float | None, min_time: float = 0.2) -> dict:
-    """Run one bound cell and return its row (failures included, as a status)."""
+                  device: torch.device, copy_gbps: float | None, min_time: float = 0.2,
+                  matmul_tflops: float | None = None) -> dict:
+    """Run one bound or decoder-head cell and return its row (failures included, as a status)."""
+    flops = head_flops(inputs, mode)
     row = {**bound_identity(variant.name, problem, mode, device), "copy_gbps": copy_gbps,
-           "bytes": bound_bytes(inputs, mode)}
+           "bytes": bound_bytes(inputs, mode), "flops": flops,
+           "matmul_tflops": matmul_tflops if flops else None}
     return run_cell(row, variant, bound_call(variant, inputs, mode), bound_check(ref), device,
                     samples=problem.batch * problem.k, copy_gbps=copy_gbps, min_time=min_time)
 

@@ -126,6 +126,20 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> floa
     return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device: torch.device, dtype: str = "float32") -> float:
+    """TFLOP/s (1e12) of a large square matmul in ``dtype``: the yardstick for the decoder head's
+    flops, timed the same way as the variants. float32 follows torch's TF32 setting, as the
+    head's own float32 matmuls do."""
+    from .timing import time_call
+
+    n = 8192 if device.type == "cuda" else 1024
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=device).to(getattr(torch, dtype))
+    b = torch.randn(n, n, generator=gen, device=device).to(getattr(torch, dtype))
+    timing = time_call(lambda: a @ b, device)
+    return 2 * n ** 3 / (timing.median_ms * 1e-3) / 1e12
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

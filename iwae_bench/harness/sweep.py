@@ -2,9 +2,10 @@
 
     grid -> problem -> inputs -> cell (harness.cell) -> row -> results.csv (harness.table)
 
-A grid is a union of blocks, each a product of axes (k, batch, latent, data_dim, dtype, mode,
-regime): the main block sweeps k and B, smaller ones vary the latent width or the regime at a
-few (B, k), so the default run covers all three axes within its time budget.
+A grid is a union of blocks, each a product of axes (k, batch, latent, data_dim, hidden, dtype,
+mode, regime): the main block sweeps k and B, smaller ones vary the latent width or the regime
+at a few (B, k), and one runs the decoder-head family (hidden > 0: the output layer fused into
+the bound), so the default run covers all three axes and both families within its time budget.
 
 Each row is appended and flushed the moment its cell finishes, so a sweep killed at any point
 keeps every finished row; ``resume=True`` runs only the grid's cells missing from the CSV,
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..problems import Problem, make_inputs
-from ..variants import REDUCTIONS, VARIANTS, get
+from ..variants import REGISTRY, get
 from . import machine
 from .shard import Shard
 from .cell import (Reference, bound_identity, measure_bound, measure_reduction,
@@ -43,6 +44,7 @@ class Block:
     dtype: list[str] = field(default_factory=lambda: ["float32"])
     mode: list[str] = field(default_factory=lambda: ["forward", "backward"])
     regime: list[str] = field(default_factory=lambda: ["realistic"])
+    hidden: list[int] = field(default_factory=lambda: [0])  # > 0: the decoder-head family
 
 
 # Grids by preset and device type. The CPU quick preset is the README's main job: a couple of
@@ -51,33 +53,39 @@ PRESETS = {
     "quick": {
         "cpu": dict(blocks=[Block(k=[1, 8, 64, 512], batch=[4, 32]),
                             Block(k=[64], batch=[32], latent=[16, 200]),
-                            Block(k=[8, 64], batch=[4], regime=["saturated"])],
+                            Block(k=[8, 64], batch=[4], regime=["saturated"]),
+                            Block(k=[8, 64], batch=[4], hidden=[200])],
                     reductions=[(1024, 64), (8, 5000)]),
         "cuda": dict(blocks=[Block(k=[1, 16, 64, 256, 1024, 5000], batch=[20, 256],
                                    dtype=["float32", "bfloat16"]),
                              Block(k=[256], batch=[256], latent=[16, 200]),
-                             Block(k=[64], batch=[20], regime=["saturated"])],
+                             Block(k=[64], batch=[20], regime=["saturated"]),
+                             Block(k=[64, 1024, 5000], batch=[20], hidden=[200],
+                                   dtype=["float32", "bfloat16"])],
                      reductions=[(65536, 16), (64, 5000), (8, 100_000)]),
     },
     "full": {
         "cpu": dict(blocks=[Block(k=[1, 5, 16, 50, 128, 512], batch=[4, 32, 128],
                                   latent=[16, 50, 200], dtype=["float32", "bfloat16"]),
-                            Block(k=[8, 64], batch=[4, 32], regime=["saturated"])],
+                            Block(k=[8, 64], batch=[4, 32], regime=["saturated"]),
+                            Block(k=[8, 64, 512], batch=[4, 32], hidden=[200], dtype=["float32", "bfloat16"])],
                     reductions=[(1024, 64), (64, 5000), (8, 100_000)]),
         "cuda": dict(blocks=[Block(k=[1, 5, 16, 50, 64, 256, 1024, 5000], batch=[20, 128, 1024],
                                    latent=[50, 200], dtype=["float32", "bfloat16"]),
-                             Block(k=[64, 1024], batch=[20, 256], regime=["saturated"])],
+                             Block(k=[64, 1024], batch=[20, 256], regime=["saturated"]),
+                             Block(k=[64, 1024, 5000], batch=[20, 256], hidden=[200, 400],
+                                   dtype=["float32", "bfloat16"])],
                      reductions=[(65536, 1), (65536, 16), (16384, 1024), (64, 5000), (8, 100_000),
                                  (8, 1_000_000)]),
     },
 }
-AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime")
+AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime", "hidden")
 
 
 @dataclass
 class Grid:
     blocks: list[Block]
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] | None = None  # None: every variant of each family
     seed: int = 0
     # (batch, k) shapes of the reduction alone, run for the variants that have one
     reductions: list[tuple[int, int]] = field(default_factory=list)
@@ -97,21 +105,28 @@ class Grid:
             raise ValueError(f"unknown grid axes {sorted(unknown)}; the axes are {', '.join(AXES)}")
         if given:
             blocks, reductions = [Block(**{**asdict(blocks[0]), **given})], []
-        return cls(blocks, list(variants or VARIANTS), seed, reductions)
+        return cls(blocks, list(variants) if variants else None, seed, reductions)
+
+    def variants_for(self, family: str) -> list[str]:
+        """The grid's variants of one family (registry order)."""
+        names = REGISTRY[family]
+        return list(names) if self.variants is None else [v for v in names if v in self.variants]
 
     def problems(self) -> list[tuple[Problem, list[tuple[str, str]]]]:
         """Each problem once, with its (variant, mode) cells, in grid order."""
         cells: dict[Problem, list[tuple[str, str]]] = {}
         for block in self.blocks:
-            for dtype, regime, latent, data_dim, batch, k in itertools.product(
-                    block.dtype, block.regime, block.latent, block.data_dim, block.batch, block.k):
-                problem = Problem(batch, k, latent, data_dim, dtype, self.seed, regime)
+            for dtype, regime, latent, data_dim, hidden, batch, k in itertools.product(
+                    block.dtype, block.regime, block.latent, block.data_dim, block.hidden, block.batch,
+                    block.k):
+                problem = Problem(batch, k, latent, data_dim, dtype, self.seed, regime, hidden)
                 todo = cells.setdefault(problem, [])
-                todo += [(v, m) for m in block.mode for v in self.variants if (v, m) not in todo]
-        return list(cells.items())
+                todo += [(v, m) for m in block.mode for v in self.variants_for(problem.family)
+                         if (v, m) not in todo]
+        return [(problem, todo) for problem, todo in cells.items() if todo]
 
     def reduction_variants(self) -> list[str]:
-        return [v for v in self.variants if v in REDUCTIONS]
+        return self.variants_for("reduction")
 
     def work(self) -> list[tuple]:
         """The sweep's work list, in order: ("bound", problem, its (variant, mode) cells) per
@@ -135,7 +150,7 @@ class Grid:
     @classmethod
     def from_dict(cls, data: dict) -> "Grid":
         """The grid a machine.json run entry recorded (``asdict`` of it)."""
-        return cls([Block(**block) for block in data["blocks"]], list(data["variants"]), data["seed"],
+        return cls([Block(**block) for block in data["blocks"]], data["variants"], data["seed"],
                    [tuple(shape) for shape in data["reductions"]])
 
 
@@ -202,7 +217,10 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
     already = len(wanted & done)
     log(f"measuring {device.type} copy bandwidth ...")
     copy_gbps = round(machine.copy_bandwidth_gbps(device), 3)
-    run = record.start_run(copy_bandwidth_gbps=copy_gbps, grid=asdict(grid), min_time=min_time,
+    head_dtypes = sorted({p.dtype for family, p, _ in items if family == "bound" and p.hidden})
+    matmul = {dtype: round(machine.matmul_tflops(device, dtype), 4) for dtype in head_dtypes}
+    run = record.start_run(copy_bandwidth_gbps=copy_gbps, matmul_tflops=matmul or None,
+                           grid=asdict(grid), min_time=min_time,
                            shard=shard.as_dict() if shard is not None else None)
     log(f"{len(wanted)} cells, {already} already done, {len(wanted) - already} to run; "
         f"copy {copy_gbps:.1f} GB/s")
@@ -218,7 +236,8 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
         with RowWriter(csv_path) as writer:
             for family, what, cells in items:
                 if family == "bound":
-                    _run_problem(what, cells, device, writer, bar, done, copy_gbps, min_time, out_of_time)
+                    _run_problem(what, cells, device, writer, bar, done, copy_gbps, min_time, out_of_time,
+                                 matmul.get(what.dtype))
                 else:
                     _run_reduction(what, cells, grid.seed, device, writer, bar, done, copy_gbps,
                                    min_time, out_of_time)
@@ -230,7 +249,8 @@ def run_sweep(grid: Grid, device: torch.device, out: Path, resume: bool = False,
     return csv_path
 
 
-def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, min_time, out_of_time):
+def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, min_time, out_of_time,
+                 matmul_tflops=None):
     """The cells of one problem not yet done: inputs and float64 reference built once."""
     cells = [(v, m) for v, m in cells if identity(bound_identity(v, problem, m, device)) not in done]
     if not cells or out_of_time():
@@ -247,8 +267,10 @@ def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, 
     for variant, mode in cells:
         if out_of_time():
             break
-        bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} d={problem.latent} {problem.regime}")
-        writer.write(measure_bound(get(variant), problem, inputs, ref, mode, device, copy_gbps, min_time))
+        bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} d={problem.latent} "
+                            + (f"H={problem.hidden}" if problem.hidden else problem.regime))
+        writer.write(measure_bound(get(variant, problem.family), problem, inputs, ref, mode, device,
+                                   copy_gbps, min_time, matmul_tflops))
         bar.update()
 
 

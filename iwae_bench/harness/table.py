@@ -17,24 +17,25 @@ from pathlib import Path
 
 CSV_NAME = "results.csv"
 
-FAMILIES = ("bound", "reduction")
+FAMILIES = ("bound", "reduction", "head")
 MODES = ("forward", "backward")
 STATUSES = ("ok", "noisy", "interpreted", "fallback", "oom", "error", "skipped")
 # statuses whose time is a speed measurement (noisy ones are, with a warning)
 TIMED = ("ok", "noisy")
 
 # identity: what a cell is; a resumed sweep skips a cell whose identity is already in the CSV
-IDENTITY = ["family", "variant", "device", "dtype", "k", "batch", "latent", "data_dim", "mode",
-            "regime", "seed"]
+IDENTITY = ["family", "variant", "device", "dtype", "k", "batch", "latent", "data_dim", "hidden",
+            "mode", "regime", "seed"]
 MEASURED = [
     "time_ms", "time_ms_p20", "time_ms_p80", "time_samples", "time_spread", "samples_per_s",
-    "bytes", "gbps", "copy_gbps", "bw_fraction", "peak_mem_bytes", "bound_mean", "elbo_mean",
+    "bytes", "gbps", "copy_gbps", "bw_fraction", "flops", "tflops", "matmul_tflops",
+    "flop_fraction", "peak_mem_bytes", "bound_mean", "elbo_mean",
     "max_abs_err", "grad_max_abs_err", "finite_fraction", "iwae_elbo_gap", "compile_ms",
     "threads", "status", "message",
 ]
 COLUMNS = IDENTITY + MEASURED
-INT_COLUMNS = {"k", "batch", "latent", "data_dim", "seed", "time_samples", "bytes",
-               "peak_mem_bytes", "threads"}
+INT_COLUMNS = {"k", "batch", "latent", "data_dim", "hidden", "seed", "time_samples", "bytes",
+               "flops", "peak_mem_bytes", "threads"}
 TEXT_COLUMNS = {"family", "variant", "device", "dtype", "mode", "regime", "status", "message"}
 CHOICES = {"family": FAMILIES, "mode": MODES, "status": STATUSES, "device": ("cpu", "cuda")}
 REQUIRED = set(IDENTITY) | {"status"}

@@ -60,14 +60,19 @@ def time_call(fn: Callable[[], object], device: torch.device, min_run_time: floa
     return Timing.from_samples([t * 1e3 for t in times])
 
 
-def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Bytes allocated at the peak of one call beyond what was allocated before it (CUDA).
+def peak_extra_memory(fn: Callable[[], object], device: torch.device, compiled: bool = False) -> int | None:
+    """Bytes allocated at the peak of one call beyond what was allocated before it.
 
-    On CPU torch keeps no allocator statistics and the process high-water mark cannot be reset,
-    so nothing honest can be said: None.
+    CUDA: the caching allocator's counters. CPU, where torch keeps no allocator statistics:
+    the tensors torch ops create, counted by ``memory.AllocationTracker``; None for compiled
+    code, whose allocations it cannot see.
     """
     if device.type != "cuda":
-        return None
+        if compiled:
+            return None
+        from .memory import cpu_peak_extra_memory
+
+        return cpu_peak_extra_memory(fn)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
