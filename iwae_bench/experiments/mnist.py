@@ -9,8 +9,9 @@ images as the paper does, and writes results/experiment/:
     lk_curve.csv                L_k and the ELBO on the test set for k = 1 ... 5000
     plots/, report.md, machine.json   (the report: ``mnist_report``)
 
-Evaluation streams the k = 5000 samples in chunks (through the Triton log-weights kernel with
-the fused backend) so memory stays bounded, and combines the chunks' logsumexps exactly.
+Evaluation streams the k = 5000 samples in chunks (with the fused backend through the kernel
+that fuses the decoder's output layer into the bound: no logits stored) so memory stays
+bounded, and combines the chunks' logsumexps exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..files import write_csv
 from ..harness.machine import MachineRecord
 from ..harness.shard import Shard
 from ..training import BernoulliVAE, IWAELoss, log_weights
+from ..training.bounds import head_log_weights
 from ..training.model import save_checkpoint
 from ..training.sampling import SAMPLE_BLOCK, noise_blocks
 from .data import MNISTSplit, binarize, load_mnist
@@ -101,8 +103,9 @@ def full_schedule() -> Schedule:
 def streamed_log_weights(model, x: torch.Tensor, k: int, chunk: int, backend: str, seed: int = 0):
     """log w [B, k] and logsumexp over k [B], computed chunk by chunk of samples.
 
-    Memory holds one chunk's logits [B, chunk, D] at a time; each chunk's log-weights come
-    from ``training.log_weights`` with ``backend``. The chunks' logsumexps are combined exactly.
+    Memory holds one chunk's logits [B, chunk, D] at a time with the torch backend; with the
+    fused one the decoder's output layer is fused into the kernel and no chunk's logits are
+    ever stored. The chunks' logsumexps are combined exactly.
     """
     if chunk % SAMPLE_BLOCK and chunk < k:
         raise ValueError(f"chunk must be a multiple of {SAMPLE_BLOCK} (so any chunking draws the same "
@@ -120,7 +123,11 @@ def streamed_log_weights(model, x: torch.Tensor, k: int, chunk: int, backend: st
             pending = torch.cat([pending, next(blocks)])
         eps, pending = pending[:size], pending[size:]
         z = mu.unsqueeze(1) + std.unsqueeze(1) * eps.transpose(0, 1)
-        log_w = log_weights(x, model.decoder(z), z, mu, logvar, backend)
+        if backend == "fused":  # the chunk's logits are never stored
+            layer = model.output_layer
+            log_w = head_log_weights(x, model.decode_hidden(z), layer.weight, layer.bias, z, mu, logvar, "fused")
+        else:
+            log_w = log_weights(x, model.decoder(z), z, mu, logvar, backend)
         log_w_parts.append(log_w)
         lse_parts.append(torch.logsumexp(log_w, dim=1))
     return torch.cat(log_w_parts, dim=1), torch.logsumexp(torch.stack(lse_parts, dim=1), dim=1)
@@ -181,7 +188,11 @@ def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str,
             total, count = 0.0, 0
             for start in range(0, train.shape[0], schedule.batch_size):
                 x = binarize(train[order[start:start + schedule.batch_size]], data_gen).to(device)
-                loss = loss_fn(x, *model(x, k, generator=noise_gen))
+                if backend == "fused":  # the output layer fused into the bound: no logits stored
+                    h, z, mu, logvar = model.forward_hidden(x, k, generator=noise_gen)
+                    loss = loss_fn.from_hidden(x, h, model.output_layer, z, mu, logvar)
+                else:
+                    loss = loss_fn(x, *model(x, k, generator=noise_gen))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -135,3 +135,42 @@ def objective_bound(x, logits, z, mu, logvar, objective: str = "iwae",
     if objective == "iwae":
         return iwae_bound(x, logits, z, mu, logvar, backend)
     return log_weights(x, logits, z, mu, logvar, backend).mean(dim=1)
+
+
+# --------------------------------------------------------------------------- the decoder head
+# The same bounds from the decoder's last hidden layer h and its output layer (weight, bias):
+# the torch backend builds the logits with F.linear; the fused one never stores them.
+
+
+def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
+    """log w [B, k] float32 from h [B, k, H] and the output layer (weight [D, H], bias [D])."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "fused":
+        return kernels.fused_linear_log_weights(x, h, weight, bias, z, mu, logvar)
+    return log_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch")
+
+
+def head_objective_bound(x, h, weight, bias, z, mu, logvar, objective: str = "iwae",
+                         backend: str = "torch") -> torch.Tensor:
+    """``objective_bound`` with the output layer fused in (kl sampled)."""
+    check_choice("objective", objective, OBJECTIVES)
+    check_choice("backend", backend, BACKENDS)
+    if objective == "elbo" and h.shape[1] != 1:
+        raise ValueError(f"objective 'elbo' is the one-sample VAE bound and needs k = 1, got k = "
+                         f"{h.shape[1]}; use 'multi_sample_elbo' for the average over k samples")
+    if backend == "torch":
+        return objective_bound(x, F.linear(h, weight, bias), z, mu, logvar, objective, "torch")
+    if objective == "iwae":
+        return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar)
+    return kernels.fused_linear_log_weights(x, h, weight, bias, z, mu, logvar).mean(dim=1)
+
+
+def head_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch"):
+    """``iwae_bound_with_weights`` from h and the output layer (DReG through the fused head)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "torch":
+        return iwae_bound_with_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch")
+    log_w = kernels.fused_linear_log_weights(x, h, weight, bias, z, mu, logvar)
+    lse = torch.logsumexp(log_w, dim=1)
+    frozen_log_w, frozen_lse = log_w.detach(), lse.detach()
+    return lse - math.log(log_w.shape[1]), lambda g: kernels.reweight(g, frozen_log_w, frozen_lse)

@@ -30,12 +30,31 @@ class BernoulliVAE(nn.Module):
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
         return mu, logvar
 
-    def forward(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The decoder's last layer: logits = output_layer(hidden)."""
+        return self.decoder[-1]
+
+    def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden layer h [..., H] (everything before the output layer)."""
+        return self.decoder[:-1](z)
+
+    def sample(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
+        """(z [B, k, d], mu, logvar): k reparameterized samples of q(z|x)."""
         mu, logvar = self.encode(x)
         eps = torch.randn((x.shape[0], k, mu.shape[-1]), generator=generator,
                           device=x.device, dtype=mu.dtype)
-        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+        return mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps, mu, logvar
+
+    def forward(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
+        z, mu, logvar = self.sample(x, k, generator)
         return self.decoder(z), z, mu, logvar
+
+    def forward_hidden(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
+        """(h [B, k, H], z, mu, logvar): what ``IWAELoss.from_hidden`` takes with
+        ``output_layer``, so the logits need never exist (the fused head)."""
+        z, mu, logvar = self.sample(x, k, generator)
+        return self.decode_hidden(z), z, mu, logvar
 
 
 def save_checkpoint(model: BernoulliVAE, path: Path) -> None:

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from .bounds import (BACKENDS, KLS, OBJECTIVES, check_choice, iwae_bound_with_weights,
-                     objective_bound)
+from .bounds import (BACKENDS, KLS, OBJECTIVES, check_choice, head_iwae_bound_with_weights,
+                     head_objective_bound, iwae_bound_with_weights, objective_bound)
 
 ESTIMATORS = ("iwae", "stl", "dreg")
 
@@ -73,20 +73,40 @@ class IWAELoss(torch.nn.Module):
         self.kl = kl
 
     def forward(self, x, logits, z, mu, logvar) -> torch.Tensor:
+        return self._loss(
+            x, z, mu, logvar,
+            lambda mu, logvar, kl: objective_bound(x, logits, z, mu, logvar, self.objective, self.backend, kl),
+            lambda mu, logvar: iwae_bound_with_weights(x, logits, z, mu, logvar, self.backend))
+
+    def from_hidden(self, x, h, linear: torch.nn.Linear, z, mu, logvar) -> torch.Tensor:
+        """The same loss from the decoder's last hidden layer h [B, k, H] and its output layer
+        ``linear`` (logits = linear(h)): with ``backend="fused"`` the logits are built on chip
+        and never stored, forward or backward (``kernels.fused_linear_iwae_bound``); h and the
+        layer's weight share one dtype. The estimators act on the gradient at z as before."""
+        if self.kl == "analytic":
+            raise ValueError("from_hidden takes kl='sampled' only; kl='analytic' needs the logits")
+        weight, bias = linear.weight, linear.bias
+        return self._loss(
+            x, z, mu, logvar,
+            lambda mu, logvar, kl: head_objective_bound(x, h, weight, bias, z, mu, logvar,
+                                                        self.objective, self.backend),
+            lambda mu, logvar: head_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, self.backend))
+
+    def _loss(self, x, z, mu, logvar, bound, weighted) -> torch.Tensor:
+        """-mean bound; ``bound(mu, logvar, kl)`` and ``weighted(mu, logvar)`` compute it (the
+        latter with DReG's reweighting) from the rest of the inputs."""
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 0:
             raise ValueError("IWAELoss needs a batch of at least one example: x has shape "
                              f"[{', '.join(map(str, x.shape))}] (the mean over no examples is undefined)")
         if self.estimator == "iwae":
-            bound = objective_bound(x, logits, z, mu, logvar, self.objective, self.backend, self.kl)
+            value = bound(mu, logvar, self.kl)
         elif self.estimator == "stl":  # log q with q's parameters held fixed; z keeps its path
-            bound = objective_bound(x, logits, z, mu.detach(), logvar.detach(), self.objective,
-                                    self.backend)
+            value = bound(mu.detach(), logvar.detach(), "sampled")
         else:  # dreg: the stl surrogate, and the gradient at each z_i reweighted once more
-            bound, reweight = iwae_bound_with_weights(x, logits, z, mu.detach(), logvar.detach(),
-                                                      self.backend)
+            value, reweight = weighted(mu.detach(), logvar.detach())
             if z.requires_grad:
                 z.register_hook(reweight)
-        return -bound.mean()
+        return -value.mean()
 
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, backend={self.backend!r}, "
