@@ -161,3 +161,25 @@ def test_experiment_shards_merge_with_every_run_once(tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 10
     report = (tmp_path / "report.md").read_text()
     assert "2 training seeds per model" in report and "Seed to seed" in report
+
+
+# --------------------------------------------------------------------------- the SNR benchmark
+
+
+def test_snr_shards_merge_into_the_unsharded_run(tmp_path):
+    common = ["snr", "--k", "1", "2", "3", "--estimators", "iwae", "dreg", "--draws", "3",
+              "--resamples", "20", "--batch", "2", "--hidden", "8", "--latent", "2"]
+    assert _cli(*common, "--out", str(tmp_path / "whole"), timeout=600).returncode == 0
+    for i in range(2):
+        done = _cli(*common, "--out", str(tmp_path / "parts"), "--shard", f"{i}/2", timeout=600)
+        assert done.returncode == 0, done.stderr
+    done = _cli("merge", *(str(tmp_path / "parts" / f"shard-00{i}-of-002") for i in range(2)),
+                "--out", str(tmp_path / "parts"))
+    assert done.returncode == 0, done.stderr
+
+    def snr(folder):
+        with open(folder / "snr.csv", newline="") as f:
+            return {(r["k"], r["estimator"], r["group"]): r["snr_mean"] for r in csv.DictReader(f)}
+
+    assert snr(tmp_path / "parts") == snr(tmp_path / "whole")  # the same numbers, each once
+    assert (tmp_path / "parts" / "report.md").exists()
