@@ -112,6 +112,16 @@ def check_shapes(tensors: dict[str, torch.Tensor], layout: dict[str, tuple],
     return sizes
 
 
+def check_inputs(tensors: dict[str, torch.Tensor], layout: dict[str, tuple], priority: dict[str, tuple],
+                 order: tuple) -> dict[str, int]:
+    """Each named argument a floating tensor of its layout's rank, and their sizes consistent
+    (``check_shapes``); returns the sizes."""
+    for name, t in tensors.items():
+        dims = layout[name]
+        check_float_tensor(name, t, len(dims), "[" + ", ".join(dims) + "]")
+    return check_shapes(tensors, layout, priority, order)
+
+
 def check_bound_inputs(x, logits, z, mu, logvar, *, for_kernel: bool = False) -> tuple[int, int, int, int]:
     """Validate the five bound inputs; return (B, k, D, d).
 
@@ -119,10 +129,7 @@ def check_bound_inputs(x, logits, z, mu, logvar, *, for_kernel: bool = False) ->
     may differ: float16/bfloat16 logits beside float32 latents is the usual mix); one device.
     """
     tensors = {"x": x, "logits": logits, "z": z, "mu": mu, "logvar": logvar}
-    for name, t in tensors.items():
-        dims = BOUND_LAYOUT[name]
-        check_float_tensor(name, t, len(dims), "[" + ", ".join(dims) + "]")
-    sizes = check_shapes(tensors, BOUND_LAYOUT, SIZE_PRIORITY, CHECK_ORDER)
+    sizes = check_inputs(tensors, BOUND_LAYOUT, SIZE_PRIORITY, CHECK_ORDER)
     if sizes["k"] < 1:
         raise ValueError(f"k must be >= 1: logits has shape {shape_str(logits)} (k = {sizes['k']})")
     if sizes["D"] < 1:

@@ -25,7 +25,7 @@ import triton.language as tl
 from ._common import SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2, split_plan
 from .logw import (PROD_GROUP, SPLIT_QUANTUM, _log_weight_block, block_tiling, input_strides,
                    bound_coefficients, int32_tiles, latent_block, log_weights_backward)
-from .lse import _combine_split_partials, _lse_combine, _lse_finalize
+from .lse import _lse_combine, _store_example_bound
 
 
 @triton.jit
@@ -58,14 +58,8 @@ def _fused_iwae_forward_kernel(
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
         log_w = tl.where(mask_k, log_w, float("-inf"))
         run_max, run_sum = _lse_combine(run_max, run_sum, log_w[None, :])
-    lse = _lse_finalize(run_max, run_sum)  # [1]: logsumexp over this split's samples
-    one = tl.arange(0, 1)
-    store_mask = one < 1
-    if SPLIT_K:
-        lse, store_mask = _combine_split_partials(lse, b + one, one < 1, split, SPLITS, partial_ptr,
-                                                  ticket_ptr, b, 1, BLOCK_S)
-    tl.store(lse_ptr + b + one, lse, mask=store_mask)
-    tl.store(bound_ptr + b + one, lse - log_k, mask=store_mask)
+    _store_example_bound(run_max, run_sum, b, split, SPLITS, partial_ptr, ticket_ptr, lse_ptr,
+                         bound_ptr, log_k, SPLIT_K, BLOCK_S)
 
 
 _fused_forward = Tunable(_fused_iwae_forward_kernel, block_tiling("SPLITS", "SAVE_LOG_W"))

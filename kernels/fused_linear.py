@@ -91,13 +91,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SplitPlan, SplitWorkspace, Tiling, Tunable, cdiv,
-                      check_devices, check_float_tensor, check_shapes, interpreted, next_pow2,
-                      shape_str, split_plan)
+from ._common import (SplitPlan, SplitWorkspace, Tiling, Tunable, cdiv, check_devices,
+                      check_inputs, interpreted, next_pow2, shape_str, split_plan)
 from ._math import LN2, exp_, log2_, sigmoid_
 from .logw import (MASKED_LOGIT, PROD_GROUP, SPLIT_QUANTUM, _bernoulli_exact, _latent_log_ratio, _row_block,
                    bound_coefficients, latent_block, log_weights_backward)
-from .lse import _combine_split_partials, _lse_combine, _lse_finalize
+from .lse import _lse_combine, _store_example_bound
 
 MATMUL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_QUANTUM = 128  # rows per split of the dW kernel are a multiple of this (any BLOCK_M <= 128)
@@ -125,12 +124,8 @@ def check_head_inputs(x, h, weight, bias, z, mu, logvar, *, for_kernel: bool = F
     """
     tensors = {"x": x, "h": h, "weight": weight, "bias": bias, "z": z, "mu": mu, "logvar": logvar}
     tensors = {name: t for name, t in tensors.items() if not (name == "bias" and t is None)}
-    for name, t in tensors.items():
-        dims = HEAD_LAYOUT[name]
-        check_float_tensor(name, t, len(dims), "[" + ", ".join(dims) + "]")
     priority = {size: tuple(n for n in names if n in tensors) for size, names in HEAD_PRIORITY.items()}
-    sizes = check_shapes(tensors, HEAD_LAYOUT, priority,
-                         tuple(n for n in HEAD_CHECK_ORDER if n in tensors))
+    sizes = check_inputs(tensors, HEAD_LAYOUT, priority, tuple(n for n in HEAD_CHECK_ORDER if n in tensors))
     if h.dtype not in MATMUL_DTYPES:
         raise TypeError(f"h must be float32, bfloat16 or float16 (the dtypes tl.dot takes), got {h.dtype}")
     if weight.dtype != h.dtype:
@@ -206,6 +201,16 @@ def _logits(h_block, w_tile, bias_block, INPUT_PRECISION: tl.constexpr, DOT_IN_F
 
 
 @triton.jit
+def _logits_tile(h_block, w_ptr, bias_ptr, offs_d, mask_d, offs_h, mask_h, stride_wd, stride_wh,
+                 stride_bias, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 DOT_IN_FP32: tl.constexpr, ALIGN: tl.constexpr):
+    """(W[offs_d] [BLOCK_D, BLOCK_H], the logits of the rows of h_block at columns offs_d)."""
+    w_tile = _weight_tile(w_ptr, offs_d, offs_h, stride_wd, stride_wh, mask_d[:, None] & mask_h[None, :], ALIGN)
+    bias_block = _bias_block(bias_ptr, offs_d, stride_bias, mask_d, HAS_BIAS)
+    return w_tile, _logits(h_block, w_tile, bias_block, INPUT_PRECISION, DOT_IN_FP32)
+
+
+@triton.jit
 def _bernoulli_linear_block(
     b, offs_k, mask_k, x_ptr, h_ptr, w_ptr, bias_ptr,
     stride_xb, stride_xd, stride_hb, stride_hk, stride_hh, stride_wd, stride_wh, stride_bias,
@@ -232,11 +237,9 @@ def _bernoulli_linear_block(
         for i in range(g0, tl.minimum(g0 + PROD_GROUP, n_tiles)):  # the hot loop
             offs_d = i * BLOCK_D + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            w_tile = _weight_tile(w_ptr, offs_d, offs_h, stride_wd, stride_wh,
-                                  mask_d[:, None] & mask_h[None, :], ALIGN)
-            logit_block = _logits(h_block, w_tile,
-                                  _bias_block(bias_ptr, offs_d, stride_bias, mask_d, HAS_BIAS),
-                                  INPUT_PRECISION, DOT_IN_FP32)
+            w_tile, logit_block = _logits_tile(h_block, w_ptr, bias_ptr, offs_d, mask_d, offs_h, mask_h,
+                                               stride_wd, stride_wh, stride_bias, HAS_BIAS,
+                                               INPUT_PRECISION, DOT_IN_FP32, ALIGN)
             x_block = _row_block(x_ptr, b64, stride_xb, offs_d, stride_xd, mask_d)
             acc += x_block[None, :] * logit_block - tl.maximum(logit_block, 0.0)
             group_prod += group_prod * exp_(-tl.abs(logit_block))  # *= 1 + exp(-|l|), one FMA
@@ -250,11 +253,9 @@ def _bernoulli_linear_block(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            w_tile = _weight_tile(w_ptr, offs_d, offs_h, stride_wd, stride_wh,
-                                  mask_d[:, None] & mask_h[None, :], ALIGN)
-            logit_block = _logits(h_block, w_tile,
-                                  _bias_block(bias_ptr, offs_d, stride_bias, mask_d, HAS_BIAS),
-                                  INPUT_PRECISION, DOT_IN_FP32)
+            w_tile, logit_block = _logits_tile(h_block, w_ptr, bias_ptr, offs_d, mask_d, offs_h, mask_h,
+                                               stride_wd, stride_wh, stride_bias, HAS_BIAS,
+                                               INPUT_PRECISION, DOT_IN_FP32, ALIGN)
             exact += _bernoulli_exact(_row_block(x_ptr, b64, stride_xb, offs_d, stride_xd, mask_d),
                                       logit_block, mask_k[:, None] & mask_d[None, :])
         log_px = tl.where(log_px != log_px, tl.sum(exact, axis=1), log_px)
@@ -305,14 +306,8 @@ def _fused_linear_forward_kernel(
             log_w = tl.where(mask_k, log_w, float("-inf"))
             run_max, run_sum = _lse_combine(run_max, run_sum, log_w[None, :])
     if BOUND:
-        lse = _lse_finalize(run_max, run_sum)  # [1]: logsumexp over this split's samples
-        one = tl.arange(0, 1)
-        store_mask = one < 1
-        if SPLIT_K:
-            lse, store_mask = _combine_split_partials(lse, b + one, one < 1, split, SPLITS,
-                                                      partial_ptr, ticket_ptr, b, 1, BLOCK_S)
-        tl.store(lse_ptr + b + one, lse, mask=store_mask)
-        tl.store(bound_ptr + b + one, lse - log_k, mask=store_mask)
+        _store_example_bound(run_max, run_sum, b, split, SPLITS, partial_ptr, ticket_ptr, lse_ptr,
+                             bound_ptr, log_k, SPLIT_K, BLOCK_S)
 
 
 @triton.jit
@@ -348,11 +343,9 @@ def _fused_linear_backward_dh_kernel(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            w_tile = _weight_tile(w_ptr, offs_d, offs_h, stride_wd, stride_wh,
-                                  mask_d[:, None] & mask_h[None, :], ALIGN)
-            logit_block = _logits(h_block, w_tile,
-                                  _bias_block(bias_ptr, offs_d, stride_bias, mask_d, HAS_BIAS),
-                                  INPUT_PRECISION, DOT_IN_FP32)
+            w_tile, logit_block = _logits_tile(h_block, w_ptr, bias_ptr, offs_d, mask_d, offs_h, mask_h,
+                                               stride_wd, stride_wh, stride_bias, HAS_BIAS,
+                                               INPUT_PRECISION, DOT_IN_FP32, ALIGN)
             x_block = _row_block(x_ptr, b64, stride_xb, offs_d, stride_xd, mask_d)
             # padded rows have c = 0, padded columns sigmoid(MASKED_LOGIT) = 0 = x: g = 0 there
             grad_logits = coef[:, None] * (x_block[None, :] - sigmoid_(logit_block, FAST, TANH_SIGMOID))

@@ -82,6 +82,22 @@ def _combine_split_partials(part, rows, mask_r, split, SPLITS, partial_ptr, tick
 
 
 @triton.jit
+def _store_example_bound(run_max, run_sum, b, split, SPLITS, partial_ptr, ticket_ptr, lse_ptr,
+                         bound_ptr, log_k, SPLIT_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The end of a program that streamed one example's log-weights (the fused bounds): the
+    logsumexp of its share, combined with the other splits' by the last one to finish when k is
+    split, stored as lse[b] and as the bound lse[b] - log k."""
+    lse = _lse_finalize(run_max, run_sum)  # [1]: logsumexp over this split's samples
+    one = tl.arange(0, 1)
+    store_mask = one < 1
+    if SPLIT_K:
+        lse, store_mask = _combine_split_partials(lse, b + one, one < 1, split, SPLITS, partial_ptr,
+                                                  ticket_ptr, b, 1, BLOCK_S)
+    tl.store(lse_ptr + b + one, lse, mask=store_mask)
+    tl.store(bound_ptr + b + one, lse - log_k, mask=store_mask)
+
+
+@triton.jit
 def _logsumexp_forward_kernel(
     t_ptr, lse_ptr, out_ptr, partial_ptr, ticket_ptr,
     R, K, stride_r, stride_k, offset, k_per_split, SPLITS,

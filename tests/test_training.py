@@ -18,16 +18,22 @@ def _data(n=16, D=32, seed=0):
     return (picks + flips) % 2
 
 
-def _train(objective, backend, k, steps=30, device="cpu"):
+def _train(objective, backend, k, steps=30, device="cpu", estimator="iwae", head=False):
+    """Loss trajectory of a tiny VAE trained on the logits or, with ``head``, through
+    IWAELoss.from_hidden (the decoder's output layer fused into the bound on the fused backend)."""
     torch.manual_seed(0)
     x = _data().to(device)
     model = BernoulliVAE(data_dim=x.shape[1], latent=4, hidden=32).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss_fn = IWAELoss(objective, backend)
+    loss_fn = IWAELoss(objective, backend, estimator=estimator)
     noise = torch.Generator(device=device).manual_seed(1)
     losses = []
     for _ in range(steps):
-        loss = loss_fn(x, *model(x, k, generator=noise))
+        if head:
+            h, z, mu, logvar = model.forward_hidden(x, k, generator=noise)
+            loss = loss_fn.from_hidden(x, h, model.output_layer, z, mu, logvar)
+        else:
+            loss = loss_fn(x, *model(x, k, generator=noise))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -68,36 +74,14 @@ def test_each_objective_equals_its_definition(backend, device):
             assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, what=f"{objective} d/d{name}")
 
 
-def _train_head(objective, estimator, backend, head: bool, k=5, steps=12, device="cpu"):
-    """Loss trajectory of a tiny VAE trained through IWAELoss.from_hidden (head) or on logits."""
-    torch.manual_seed(0)
-    x = _data().to(device)
-    model = BernoulliVAE(data_dim=x.shape[1], latent=4, hidden=32).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss_fn = IWAELoss(objective, backend, estimator=estimator)
-    noise = torch.Generator(device=device).manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        if head:
-            h, z, mu, logvar = model.forward_hidden(x, k, generator=noise)
-            loss = loss_fn.from_hidden(x, h, model.output_layer, z, mu, logvar)
-        else:
-            loss = loss_fn(x, *model(x, k, generator=noise))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return torch.tensor(losses, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("objective, estimator", [("iwae", "iwae"), ("iwae", "dreg"),
                                                   ("multi_sample_elbo", "stl")])
 def test_training_through_the_fused_head_matches_the_logits(objective, estimator, device):
     """The fused head (logits never stored) trains exactly as torch on the logits, estimators
     included (they act at z, which reaches the encoder through dh)."""
-    on_logits = _train_head(objective, estimator, "torch", head=False, device=device)
-    fused_head = _train_head(objective, estimator, "fused", head=True, device=device)
-    torch_head = _train_head(objective, estimator, "torch", head=True, device=device)
+    on_logits = _train(objective, "torch", 5, 12, device, estimator)
+    fused_head = _train(objective, "fused", 5, 12, device, estimator, head=True)
+    torch_head = _train(objective, "torch", 5, 12, device, estimator, head=True)
     assert_close(torch_head, on_logits, rtol=1e-6, atol=1e-6, what="torch head vs logits")
     assert_close(fused_head, on_logits, rtol=1e-4, atol=1e-4, what=f"fused head {objective} {estimator}")
     assert fused_head[-3:].mean() < fused_head[:3].mean()

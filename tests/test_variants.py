@@ -18,10 +18,11 @@ STABLE = ["torch", "compile", "triton", "fused"]
 def test_registry_holds_both_families_with_their_flags():
     assert list(variants.VARIANTS) == ["naive", "blog", "torch", "compile", "triton", "fused"]
     assert list(variants.REDUCTIONS) == ["naive", "torch", "compile", "triton"]
+    assert list(variants.HEADS) == ["torch", "compile", "triton", "fused_linear"]
     for family in variants.REGISTRY.values():
         for v in family.values():
             assert v.compiles == (v.name == "compile")
-            assert v.uses_triton == (v.name in ("triton", "fused"))
+            assert v.uses_triton == (v.name in ("triton", "fused", "fused_linear"))
     with pytest.raises(ValueError, match="unknown bound variant 'nope'"):
         variants.get("nope")
     with pytest.raises(ValueError, match="unknown reduction variant 'fused'"):

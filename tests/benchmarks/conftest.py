@@ -44,3 +44,20 @@ def run_benchmark(benchmark, bench_on):
 def pytest_benchmark_update_machine_info(config, machine_info):
     # the record our report prints: device, driver, torch and triton versions, commit
     machine_info["iwae_bench"] = machine.describe(bench_device())
+
+
+def problem_fixture(problems):
+    """A module-scoped fixture over ``problems``: (problem, inputs on the device, its float64
+    reference), built once per problem for all the variants and modes that use it."""
+    from iwae_bench.harness.cell import Reference
+    from iwae_bench.problems import make_inputs
+
+    def ident(p):
+        return f"B={p.batch}-k={p.k}" + (f"-H={p.hidden}" if p.hidden else f"-d={p.latent}") + f"-{p.dtype}"
+
+    @pytest.fixture(scope="module", params=problems, ids=[ident(p) for p in problems])
+    def problem_inputs(request, bench_on):
+        inputs = make_inputs(request.param, bench_on)
+        return request.param, inputs, Reference(inputs)
+
+    return problem_inputs

@@ -10,20 +10,17 @@ their benchmark names end in -interpreted and their groups start with "interpret
 
 import pytest
 
-from iwae_bench.harness.cell import Reference, bound_call
-from iwae_bench.problems import make_inputs
+from iwae_bench.harness.cell import bound_call
 from iwae_bench.pytest_bench import (bench_device, bound_extra_info, bound_problems, group,
                                      is_interpreted, variant_id)
 from iwae_bench.variants import VARIANTS, reset_compiled
 
+from .conftest import problem_fixture
+
 PROBLEMS = bound_problems(bench_device())
 
 
-@pytest.fixture(scope="module", params=PROBLEMS,
-                ids=[f"B={p.batch}-k={p.k}-d={p.latent}-{p.dtype}" for p in PROBLEMS])
-def problem_inputs(request, bench_on):
-    inputs = make_inputs(request.param, bench_on)
-    return request.param, inputs, Reference(inputs)
+problem_inputs = problem_fixture(PROBLEMS)
 
 
 @pytest.mark.parametrize("mode", ["forward", "backward"])

@@ -3,20 +3,17 @@ and forward + backward (the logits exist for torch, compile and triton; never fo
 
 import pytest
 
-from iwae_bench.harness.cell import Reference, bound_call
-from iwae_bench.problems import make_inputs
+from iwae_bench.harness.cell import bound_call
 from iwae_bench.pytest_bench import (bench_device, bound_extra_info, group, head_problems,
                                      is_interpreted, variant_id)
 from iwae_bench.variants import HEADS, reset_compiled
 
+from .conftest import problem_fixture
+
 PROBLEMS = head_problems(bench_device())
 
 
-@pytest.fixture(scope="module", params=PROBLEMS,
-                ids=[f"B={p.batch}-k={p.k}-H={p.hidden}-{p.dtype}" for p in PROBLEMS])
-def problem_inputs(request, bench_on):
-    inputs = make_inputs(request.param, bench_on)
-    return request.param, inputs, Reference(inputs)
+problem_inputs = problem_fixture(PROBLEMS)
 
 
 @pytest.mark.parametrize("mode", ["forward", "backward"])
