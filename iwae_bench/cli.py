@@ -78,12 +78,12 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
-def _results_dir(path: Path, flag: str) -> Path:
-    """An existing results folder (with its results.csv), or ValueError naming the flag."""
+def _results_dir(path: Path, flag: str, markers=("results.csv",)) -> Path:
+    """An existing results folder (holding one of ``markers``), or ValueError naming the flag."""
     if not path.is_dir():
         raise ValueError(f"{flag} {path}: no such folder")
-    if not (path / "results.csv").is_file():
-        raise ValueError(f"{flag} {path}: no results.csv in it")
+    if not any((path / marker).is_file() for marker in markers):
+        raise ValueError(f"{flag} {path}: no {' or '.join(markers)} in it")
     return path
 
 
@@ -282,10 +282,10 @@ def _add_merge(sub) -> None:
 
 
 def _cmd_promote(args, parser) -> int:
-    from .report import render
+    from .merge import KINDS
 
     try:
-        run = _results_dir(args.source, "RUN")
+        run = _results_dir(args.source, "RUN", [kind.marker for kind in KINDS] + ["profile.csv"])
         target = REFERENCE_DIR / (args.name or run.name)
         if target.exists() and not args.replace:
             raise ValueError(f"{target} exists; pass --replace to replace that reference run")
@@ -294,7 +294,9 @@ def _cmd_promote(args, parser) -> int:
     staging = target.with_name(f".{target.name}.promoting")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(run, staging, ignore=shutil.ignore_patterns("*.prev.csv", ".*"))
-    render(staging)  # the reference's own report, without the comparison the run carried
+    kind = next((k for k in KINDS if (staging / k.marker).is_file()), None)
+    if kind is not None:
+        kind.render(staging)  # the reference's own report, without a comparison the run carried
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
@@ -304,9 +306,10 @@ def _cmd_promote(args, parser) -> int:
 
 def _add_promote(sub) -> None:
     p = sub.add_parser("promote", help="make a run the committed reference (results/reference/NAME)",
-                       description="Copy a results folder to results/reference/NAME (NAME: the "
-                                   "run's folder name unless --name) and render its report there. "
-                                   "Refuses to replace an existing reference without --replace.")
+                       description="Copy a results folder (a sweep's, an experiment's, an SNR run's or a "
+                                   "profile's) to results/reference/NAME (NAME: the run's folder name "
+                                   "unless --name) and render its report there. Refuses to replace an "
+                                   "existing reference without --replace.")
     p.add_argument("source", type=Path, metavar="RUN", help="the run's results folder, e.g. results/runs/cpu")
     p.add_argument("--name", help="the reference's folder name (default: the run's)")
     p.add_argument("--replace", action="store_true", help="replace an existing reference of that name")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_path
+from .files import atomic_path, write_text
 from .harness import machine
 from .harness.sweep import Block, Grid, run_sweep
 from .pytest_bench import REDUCTION_SHAPES
@@ -67,8 +67,8 @@ def run_kernel_tests(out: Path, timeout: float | None = None) -> tuple[bool, str
     except subprocess.TimeoutExpired as expired:
         text = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
         passed, summary = False, f"timed out after {timeout:.0f} s (the rest of the budget went to the sweep)"
-    (out / "tests.txt").write_text(f"$ TRITON_INTERPRET=0 IWAE_BENCH_AUTOTUNE=0 {' '.join(command[1:])}\n\n"
-                                   f"{text}\n{summary}\n")
+    write_text(out / "tests.txt", f"$ TRITON_INTERPRET=0 IWAE_BENCH_AUTOTUNE=0 {' '.join(command[1:])}\n\n"
+                                  f"{text}\n{summary}\n")
     return passed, summary
 
 
@@ -121,7 +121,7 @@ def validate(device: torch.device, out: Path, phases=PHASES, budget: float = DEF
         report = render(out)
         timings["report"] = round(time.monotonic() - began, 1)
         log(f"[report] {report} ({timings['report']:.0f} s)")
-    (out / "tests-summary.txt").write_text(f"{'passed' if passed else 'FAILED'}: {summary}\n")
+    write_text(out / "tests-summary.txt", f"{'passed' if passed else 'FAILED'}: {summary}\n")
     record.finish(run, seconds=round(time.monotonic() - start, 1))
     if archive_to is not None:
         log(f"[archive] {archive(out, archive_to)}")

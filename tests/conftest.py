@@ -16,8 +16,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def device() -> str:
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return "cuda" if torch.cuda.is_available() and not interpreted else "cpu"
+    from kernels._common import interpreted
+
+    return "cuda" if torch.cuda.is_available() and not interpreted() else "cpu"
 
 
 @pytest.fixture(autouse=True)

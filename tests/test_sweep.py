@@ -137,6 +137,9 @@ def test_head_cells_carry_flops_and_the_matmul_yardstick(tmp_path):
             assert math.isclose(float(r["tflops"]), flops / (float(r["time_ms"]) * 1e-3) / 1e12, rel_tol=1e-9)
             assert math.isclose(float(r["flop_fraction"]), float(r["tflops"]) / matmul, rel_tol=1e-3)
             assert int(r["peak_mem_bytes"]) > 0  # the CPU allocation tracker
+    # CPU peak memory: the fused head never holds the logits the torch head builds
+    peak = {(r["variant"], r["mode"]): int(r["peak_mem_bytes"]) for r in rows}
+    assert peak[("fused_linear", "forward")] < 2 * 3 * 20 * 4 <= peak[("torch", "forward")]
     assert "## Which roof binds" in (tmp_path / "report.md").read_text()
 
 

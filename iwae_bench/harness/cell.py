@@ -12,6 +12,7 @@ validate all build their rows here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Iterator
 
@@ -22,6 +23,7 @@ import kernels
 from .. import reference
 from ..problems import HeadInputs, Problem
 from ..variants import Variant, reset_compiled
+from .memory import AllocationTracker
 from .timing import Timing, peak_extra_memory, time_call
 
 # --------------------------------------------------------------------------- bytes
@@ -221,8 +223,11 @@ def run_cell(row: dict, variant: Variant, call: Callable[[], object], check: Cal
     try:
         if variant.compiles:
             reset_compiled()  # a fresh compile per cell: no recompile limit, no silent eager
+        interpreted = variant.uses_triton and kernels.interpreted()
+        tracker = AllocationTracker() if interpreted else contextlib.nullcontext()
         start = time.perf_counter()
-        first = call()
+        with tracker:  # an interpreted call is slow: its one run is also its memory measurement
+            first = call()
         _synchronize(device)
         first_ms = (time.perf_counter() - start) * 1e3
         status, notes = "ok", []
@@ -231,8 +236,9 @@ def run_cell(row: dict, variant: Variant, call: Callable[[], object], check: Cal
             if _compiled_graphs() == 0:
                 status, notes = "fallback", ["torch.compile captured no graph: this ran eager"]
         row.update(check(first))
-        if variant.uses_triton and kernels.interpreted():
+        if interpreted:
             timing = Timing(first_ms, first_ms, first_ms, 1)  # the one call above
+            row["peak_mem_bytes"] = tracker.peak
             status, notes = "interpreted", ["Triton interpreter on CPU: a correctness run, not a speed"]
         else:
             timing, again = timed(call, device, min_time)

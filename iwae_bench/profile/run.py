@@ -30,19 +30,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="output folder (default results/runs/profile)")
 
 
-def write(rows: list[dict], out: Path, arch: int, sms: int) -> Path:
+def write(rows: list[dict], out: Path, arch: int, sms: int, record, run: dict) -> Path:
     import pandas as pd
     import triton
 
     from ..files import write_csv, write_text
-    from ..harness.machine import MachineRecord
     from .kernels import COLUMNS, SMALL_INPUTS, TARGET_IN_FLIGHT, TARGET_INSTRUCTIONS, TARGET_MUFU
 
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "profile.csv", rows, COLUMNS)
-    record = MachineRecord(out / "machine.json", {"compiler": f"triton {triton.__version__} with its bundled "
-                                                  f"ptxas, for sm_{arch}", "sms_planned_for": sms})
-    record.finish(record.start_run(command="python -m iwae_bench profile " + " ".join(sys.argv[1:])))
+    record.finish(run, rows=len(rows))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     big = frame[(frame["input_bytes"] >= SMALL_INPUTS) & ~frame["meets_static_targets"].str.startswith("n/a")]
     best = (big.assign(met=big["meets_static_targets"] == "yes")
@@ -75,13 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     if interpreted():
         parser.error("the profile compiles kernels: run it with TRITON_INTERPRET=0 "
                      "(python -m iwae_bench profile does)")
+    import torch
+    import triton
+
+    from ..harness.machine import MachineRecord
     from .kernels import profile_rows
 
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = MachineRecord.open(args.out / "machine.json", torch.device("cpu"))
+    record.machine.update(compiler=f"triton {triton.__version__} with its bundled ptxas, for sm_{args.arch}",
+                          sms_planned_for=args.sms)
+    run = record.start_run(command="python -m iwae_bench profile " + " ".join(argv if argv is not None else sys.argv[1:]))
     rows = profile_rows(args.arch, args.sms, args.kernel, args.max_configs,
                         log=lambda text: print(text, file=sys.stderr))
     if not rows:
         parser.error(f"no kernel matches --kernel {args.kernel!r}")
-    print(f"wrote {write(rows, args.out, args.arch, args.sms)} and {args.out / 'profile.csv'}")
+    print(f"wrote {write(rows, args.out, args.arch, args.sms, record, run)} and {args.out / 'profile.csv'}")
     return 0
 
 
