@@ -134,7 +134,7 @@ def test_experiment_command_one_fused_run_and_report_only(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "exp"
     done = subprocess.run([sys.executable, "-m", "iwae_bench", "experiment", "--epochs", "1",
-                           "--train-size", "40", "--test-size", "4", "--eval-k", "300", "--backend", "fused",
+                           "--train-size", "20", "--test-size", "4", "--eval-k", "64", "--backend", "fused",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
