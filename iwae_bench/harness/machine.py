@@ -63,10 +63,11 @@ def git_commit() -> str | None:
                              cwd=Path(__file__).resolve().parent, timeout=10)
         if out.returncode != 0:
             return None
-        # "-dirty" speaks of the code: results/ being rewritten by the run itself does not count
+        # "-dirty" speaks of the code that makes the numbers (the packages and their
+        # dependencies), not of results, docs or tests being edited beside a run
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":(exclude)results"], capture_output=True, text=True,
-                               timeout=10, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+                                "iwae_bench", "kernels", "pyproject.toml"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
