@@ -102,6 +102,20 @@ def _device(parser, name: str):
         parser.error(str(error))
 
 
+def _placed(args, top=None):
+    """The work's shard (``--shard`` or the launcher's; None when not split), its device (a
+    torchrun rank's own GPU) and its writable output folder (the shard's folder under ``top``,
+    default ``args.out``). Raises ValueError naming the flag."""
+    from .harness.shard import resolve
+
+    shard = resolve(args.shard)
+    device = machine.resolve_device(args.device)
+    if shard:
+        device = shard.device(device)
+    top = args.out if top is None else top
+    return shard, device, _writable_dir(shard.folder(top) if shard else top)
+
+
 # --------------------------------------------------------------------------- sweep
 
 
@@ -109,18 +123,12 @@ def _cmd_sweep(args, parser) -> int:
     from .harness.sweep import Grid, ResumeError, run_sweep
     from .report import render
 
-    from .harness.shard import resolve
-
-    device = _device(parser, args.device)
     try:
-        shard = resolve(args.shard)
-        if shard:
-            device = shard.device(device)
+        top = args.out or RUNS_DIR / machine.device_slug(machine.resolve_device(args.device))
+        shard, device, out = _placed(args, top)
         grid = Grid.preset(args.preset, device, variants=args.variants, seed=args.seed, k=args.k,
                            batch=args.batch, latent=args.latent, data_dim=args.data_dim,
                            dtype=args.dtype, mode=args.mode, regime=args.regime, hidden=args.hidden)
-        top = args.out or RUNS_DIR / machine.device_slug(device)
-        out = _writable_dir(shard.folder(top) if shard else top)
         against = _results_dir(args.against, "--against") if args.against else _reference_for(top)
         csv_path = run_sweep(grid, device, out, resume=args.resume, shard=shard,
                              progress=False if args.no_progress else None, min_time=args.min_time)
@@ -403,18 +411,12 @@ def _add_profile(sub) -> None:
 def _cmd_experiment(args, parser) -> int:
     from .experiments.mnist import default_schedule, full_schedule, run_experiment, work_list
     from .experiments.mnist_report import render_experiment
-    from .harness.shard import resolve
-
     try:
-        shard = resolve(args.shard)
-        device = machine.resolve_device(args.device)
-        out = _writable_dir(shard.folder(args.out) if shard else args.out)
+        shard, device, out = _placed(args)
         if args.report_only and not (out / "summary.csv").exists():
             raise ValueError(f"--report-only: no summary.csv in {out}")
     except ValueError as error:
         parser.error(str(error))
-    if shard:
-        device = shard.device(device)
     if args.report_only:
         print(f"wrote {render_experiment(out)}")
         return 0
@@ -531,6 +533,10 @@ def _add_snr(sub) -> None:
                    help="output folder (default results/runs/snr)")
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plot and report from OUT/snr.csv without measuring")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (k, estimator) cells already in OUT/snr.csv and measure only the "
+                        "others; refused if that CSV was made with other settings (draws, "
+                        "resamples, backend, device, batch, seed or model)")
     p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     p.set_defaults(handler=_cmd_snr, parser=p)
 
@@ -540,15 +546,10 @@ def _cmd_snr(args, parser) -> int:
 
     from .experiments.snr import MIN_RESAMPLES, Settings, describe_model, run_snr
     from .experiments.snr_report import render_snr
-    from .harness.shard import resolve
     from .training.model import BernoulliVAE, load_checkpoint
 
-    device = _device(parser, args.device)
     try:
-        shard = resolve(args.shard)
-        if shard:
-            device = shard.device(device)
-        out = _writable_dir(shard.folder(args.out) if shard else args.out)
+        shard, device, out = _placed(args)
         if args.report_only:
             if not (out / "snr.csv").is_file():
                 raise ValueError(f"--report-only: no snr.csv in {out}")
@@ -593,7 +594,10 @@ def _cmd_snr(args, parser) -> int:
     print(f"measuring {len(settings.k)} k x {len(settings.estimators)} estimators, "
           f"{settings.draws} draws each, batch {x.shape[0]}, on {device} with the {backend} "
           f"backend, into {out}")
-    report = run_snr(out, model, x, settings, device, label, shard=shard)
+    try:
+        report = run_snr(out, model, x, settings, device, label, shard=shard, resume=args.resume)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"wrote {out / 'snr.csv'}, {out / 'machine.json'}, {out / 'plots' / 'snr.png'} and {report}")
     _merge_if_last(shard, args.out)
     return 0

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from iwae_bench.harness.shard import Shard, from_environment, parse, resolve
 from iwae_bench.harness.table import IDENTITY
@@ -57,6 +58,25 @@ def test_the_launchers_environment():
     assert from_environment({}) is None
     assert resolve("1/2", torchrun) == Shard(1, 2)  # the flag wins over the launcher
     assert resolve(None, slurm) == Shard(2, 4, "slurm")
+    stepped = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "16", "SLURM_ARRAY_TASK_MIN": "0",
+               "SLURM_ARRAY_TASK_STEP": "2"}  # --array=0-30:2
+    assert from_environment(stepped) == Shard(3, 16, "slurm")
+    with pytest.raises(ValueError, match="--shard I/3"):  # --array=1,5,7: no even spacing
+        from_environment({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3",
+                          "SLURM_ARRAY_TASK_MIN": "1"})
+
+
+def test_a_torchrun_rank_runs_on_its_own_gpu_and_makes_it_current(monkeypatch):
+    # Triton launches on the current CUDA device, and do_bench times there: a rank that only
+    # put its tensors on cuda:LOCAL_RANK would launch its kernels on cuda:0.
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    rank = Shard(5, 8, "torchrun", local_rank=5)
+    assert rank.device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    assert rank.device(torch.device("cpu")) == torch.device("cpu") and len(current) == 1
+    assert Shard(1, 2).device(torch.device("cuda")) == torch.device("cuda")  # no launcher: as given
 
 
 # --------------------------------------------------------------------------- the sweep

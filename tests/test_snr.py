@@ -309,6 +309,35 @@ def test_tiny_run_writes_csv_plot_and_a_report_that_matches_the_csv(tmp_path):
     assert render_snr(tmp_path).read_text() == text
 
 
+def test_an_interrupted_run_resumes_with_each_cell_once_and_refuses_other_settings(tmp_path, monkeypatch):
+    import iwae_bench.experiments.snr as snr_module
+
+    model, x = _model(), _data()
+    settings = Settings(k=(1, 4), estimators=("iwae", "dreg"), draws=6, resamples=20, seed=2)
+    whole = tmp_path / "whole"
+    run_snr(whole, model, x, settings, torch.device("cpu"), log=lambda *_: None)
+    want = pd.read_csv(whole / "snr.csv").set_index(["k", "estimator", "group"])
+
+    # killed after k = 1 and halfway through a cell's rows: the half cell is measured again
+    part = tmp_path / "part"
+    part.mkdir()
+    lines = (whole / "snr.csv").read_text().splitlines()
+    (part / "snr.csv").write_text("\n".join(lines[:1 + 4 + 1]) + "\n")
+    measured = []
+    original = snr_module.measure
+    monkeypatch.setattr(snr_module, "measure",
+                        lambda m, x_, k, name, *a, **kw: measured.append((k, name)) or original(m, x_, k, name, *a, **kw))
+    run_snr(part, model, x, settings, torch.device("cpu"), log=lambda *_: None, resume=True)
+    assert measured == [(4, "iwae"), (4, "dreg")]
+    got = pd.read_csv(part / "snr.csv").set_index(["k", "estimator", "group"])
+    assert sorted(got.index) == sorted(want.index)  # every cell once
+    assert got["snr_mean"].to_dict() == pytest.approx(want["snr_mean"].to_dict(), rel=1e-6)
+
+    with pytest.raises(ValueError, match="draws 6 there, 7 now"):
+        run_snr(part, model, x, Settings(k=(1, 4), estimators=("iwae",), draws=7, resamples=20, seed=2),
+                torch.device("cpu"), log=lambda *_: None, resume=True)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

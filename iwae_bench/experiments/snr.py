@@ -17,8 +17,9 @@ step is one full step (model forward, loss, backward): on CUDA timed by the suit
 ``harness.timing.time_call``, on CPU the median of the draws' own steps (``step_timing``).
 
 Output (``run_snr``): snr.csv (one row per k, estimator and group, rewritten whole after each
-(k, estimator) so an interrupted run keeps what it finished), machine.json, and the plot and
-report.md rendered from the CSV alone (``snr_report.render_snr``).
+(k, estimator) so an interrupted run keeps what it finished, and ``--resume`` measures only
+the rest), machine.json, and the plot and report.md rendered from the CSV alone
+(``snr_report.render_snr``).
 
 Memory: one (k, estimator) at a time, its draws [M, parameters] in float32 (M = 200 and the
 784-200-200-50 model: 340 MB); the statistics and the bootstrap run over chunks of parameters
@@ -308,13 +309,49 @@ def measure(model, x: torch.Tensor, k: int, name: str, settings: Settings, devic
     return rows
 
 
+# the columns of snr.csv that must agree for its rows to belong to one run (resume refuses
+# to mix them): everything but the measurement itself
+RUN_SETTINGS = ("draws", "resamples", "backend", "device", "batch", "seed", "model")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an snr.csv (strings, as written), or [] where there is none."""
+    import csv
+
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def resumable_rows(path: Path, wanted: dict, groups: int = 2) -> tuple[list[dict], set]:
+    """The rows of an earlier run to keep and the (k, estimator) cells they finish (every
+    group written). ValueError naming each setting where the CSV differs from ``wanted``
+    (the values of ``RUN_SETTINGS`` this run writes)."""
+    rows = read_rows(path)
+    clashes = []
+    for name in RUN_SETTINGS:
+        earlier = sorted({r.get(name, "") for r in rows})
+        if earlier and earlier != [str(wanted[name])]:
+            clashes.append(f"{name} {', '.join(earlier)} there, {wanted[name]} now")
+    if clashes:
+        raise ValueError(f"--resume would mix settings in {path}: " + "; ".join(clashes)
+                         + ". Run without --resume (it starts the CSV afresh) or into another --out.")
+    cells: dict[tuple, int] = {}
+    for r in rows:
+        cells[(int(r["k"]), r["estimator"])] = cells.get((int(r["k"]), r["estimator"]), 0) + 1
+    finished = {cell for cell, count in cells.items() if count >= groups}
+    return [r for r in rows if (int(r["k"]), r["estimator"]) in finished], finished
+
+
 def run_snr(out: Path, model, x: torch.Tensor, settings: Settings, device: torch.device,
             model_label: str | None = None, command: str | None = None, log=print,
-            shard: Shard | None = None) -> Path:
+            shard: Shard | None = None, resume: bool = False) -> Path:
     """Every (k, estimator) of ``settings`` on ``model`` and the minibatch ``x``; writes
     snr.csv (after each (k, estimator)), machine.json, plots/ and report.md into ``out``.
     ``shard``: only its part of the k values (all estimators of a k stay together: their
-    draws are paired)."""
+    draws are paired). ``resume``: keep the (k, estimator) cells an earlier run of the same
+    settings finished in ``out`` and measure only the others."""
     for name in settings.estimators:
         if name not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {name!r}")
@@ -325,16 +362,22 @@ def run_snr(out: Path, model, x: torch.Tensor, settings: Settings, device: torch
     model = model.to(device)
     x = x.to(device)
     model_label = model_label or describe_model(model)
-    record = MachineRecord.open(out / "machine.json", device)
+    rows, finished = [], set()
+    if resume:
+        wanted = {"draws": settings.draws, "resamples": settings.resamples, "backend": settings.backend,
+                  "device": device.type, "batch": x.shape[0], "seed": settings.seed, "model": model_label}
+        rows, finished = resumable_rows(out / "snr.csv", wanted, len(parameter_groups(model)))
+    record = MachineRecord.open(out / "machine.json", device, resume=resume)
     run = record.start_run(command, settings={**asdict(settings), "k": list(settings.k),
                                               "estimators": list(settings.estimators),
                                               "batch": x.shape[0], "model": model_label},
                            timing="one step (forward, loss, backward): CPU, perf_counter over the "
                                   "draws; CUDA, harness.timing.time_call",
                            shard=shard.as_dict() if shard is not None else None)
-    rows = []
     for k in shard.take(settings.k) if shard is not None else settings.k:
         for name in settings.estimators:
+            if (k, name) in finished:
+                continue
             started = time.perf_counter()
             new = measure(model, x, k, name, settings, device, model_label)
             rows += new

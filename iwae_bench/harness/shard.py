@@ -6,7 +6,8 @@ parts are disjoint and together the whole list, whichever machine runs which. It
 ``--shard I/N``, or else from the launcher's environment:
 
     torchrun            RANK, WORLD_SIZE (and LOCAL_RANK: the process's GPU on its node)
-    SLURM job arrays    SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT (less SLURM_ARRAY_TASK_MIN)
+    SLURM job arrays    SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT (less SLURM_ARRAY_TASK_MIN,
+                        over SLURM_ARRAY_TASK_STEP: ``--array=0-30:2`` is 16 shards)
 
 Each shard writes its own folder (``shard-I-of-N`` under the output folder), so no two shards
 write one file; ``python -m iwae_bench merge`` puts the parts back together.
@@ -48,9 +49,12 @@ class Shard:
         return Path(out) / self.name
 
     def device(self, device: torch.device) -> torch.device:
-        """cuda:LOCAL_RANK for a torchrun process on a node with several GPUs."""
+        """cuda:LOCAL_RANK for a torchrun process on a node with several GPUs, made the current
+        device too: Triton launches on the current device and ``do_bench`` times there, so a
+        rank that only placed its tensors on its GPU would launch and time on cuda:0."""
         if device.type == "cuda" and self.local_rank is not None and torch.cuda.device_count() > 1:
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
         return device
 
     def as_dict(self) -> dict:
@@ -74,7 +78,13 @@ def from_environment(env: Mapping[str, str] = os.environ) -> Shard | None:
                                             int(local) if local is not None else None)
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         count = int(env["SLURM_ARRAY_TASK_COUNT"])
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        offset = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+        index, off_step = divmod(offset, step)
+        if off_step or not 0 <= index < count:
+            raise ValueError(
+                f"the SLURM array task {env['SLURM_ARRAY_TASK_ID']} is not one of {count} evenly "
+                f"spaced tasks (an --array list with gaps?); give each task --shard I/{count}")
         return None if count == 1 else Shard(index, count, "slurm")
     return None
 
