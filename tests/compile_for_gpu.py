@@ -6,7 +6,7 @@ build on one.
 
 The real host functions run on meta tensors under ``capture_launches`` (nothing executes), for
 shapes and dtypes that walk every flag combination they launch with (split or not, saving
-log_w or not, dx or not, 32- and 16-bit logits); each captured launch is compiled with its
+log_w or not, dx or not, 32- and 16-bit logits, the head's exact, TF32 and 16-bit dots); each captured launch is compiled with its
 default tile and the specialization a launch gets (``iwae_bench.profile.kernels``).
 
 Run as a script with TRITON_INTERPRET=0: ``python tests/compile_for_gpu.py``; it prints one
@@ -54,16 +54,26 @@ def launches():
                 logsumexp_forward(t, 1.0)
                 logsumexp_backward(t, meta(R), meta(R))
             reweight(meta(4, 9, d, dtype=dtype), meta(4, 9), meta(4))
-        # the decoder head: 32- and 16-bit h and W, k split and not, with and without a bias
+        # the decoder head: 32- and 16-bit h and W, k split and not, with and without a bias;
+        # float32 with torch's TF32 switch off (the exact dots, torch's default) and on
         H = 40
-        for dtype in (torch.float32, torch.bfloat16):
-            for B, k in ((2, 3000), (1024, 8)):
-                head = (meta(B, D), meta(B, k, H, dtype=dtype), meta(D, H, dtype=dtype), meta(D, dtype=dtype),
-                        meta(B, k, d), meta(B, d), meta(B, d))
-                fused_linear_forward(*head, save_log_w=True)
-                fused_linear_forward(*head, bound=False, save_log_w=True)
-                fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False))
-            fused_linear_forward(*head[:3], None, *head[4:])
+        tf32_before = torch.backends.cuda.matmul.allow_tf32
+        try:
+            for dtype, tf32 in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True),
+                                (torch.float16, False)):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                every = dtype == torch.bfloat16 or not (tf32 or dtype == torch.float16)
+                for B, k in ((2, 3000), (1024, 8)) if every else ((1024, 8),):
+                    head = (meta(B, D), meta(B, k, H, dtype=dtype), meta(D, H, dtype=dtype),
+                            meta(D, dtype=dtype), meta(B, k, d), meta(B, d), meta(B, d))
+                    fused_linear_forward(*head, save_log_w=True)
+                    if every:
+                        fused_linear_forward(*head, bound=False, save_log_w=True)
+                    fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False))
+                if every:
+                    fused_linear_forward(*head[:3], None, *head[4:])
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32_before
     return captured
 
 
@@ -75,6 +85,8 @@ def main() -> int:
         blocks = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
         signature, constexprs, aligned = specialization(launch.kernel.fn, named, blocks)
         flags = " ".join(f"{f}={int(bool(constexprs[f]))}" for f in FLAGS if f in constexprs)
+        if "INPUT_PRECISION" in constexprs:
+            flags += f" {constexprs['INPUT_PRECISION']}"
         line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags}".strip()
         key = (line, tuple(sorted(signature.items())), tuple(sorted(aligned)),
                tuple(sorted((k, str(v)) for k, v in constexprs.items())))

@@ -103,6 +103,40 @@ def test_bound_and_gradients_match_float64(B, k, D, H, d, options, device):
     _check_gradients(ours, ref)
 
 
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["exact", "tf32"])
+def test_float32_follows_torchs_tf32_switch(allow_tf32, device):
+    """float32 h and W: tensor-core TF32 dots when torch.backends.cuda.matmul.allow_tf32 is on,
+    the exact path when off; 16-bit inputs always take the tensor cores. On a GPU (the compiled
+    suite) this checks the TF32 numbers against float64 within TF32's rounding (10-bit
+    mantissas: logits off by ~1e-3, the bound by a fraction of a nat over D = 784); on a CPU
+    the interpreter computes either in float32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        _check_tf32_switch(allow_tf32, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _check_tf32_switch(allow_tf32, device):
+    from kernels.fused_linear import _dot_options
+
+    inputs = make_head_case(2, 5, 784, 64, 4, device=device)
+    assert _dot_options(inputs[1], inputs[2])["INPUT_PRECISION"] == ("tf32" if allow_tf32 else "ieee")
+    half = make_head_case(2, 5, 784, 64, 4, dtype=torch.bfloat16, device=device)
+    assert _dot_options(half[1], half[2])["INPUT_PRECISION"] == "tf32"
+    ours, ref = _leaves(inputs), _leaves(inputs, torch.float64)
+    got, want = fused_linear_iwae_bound(*ours), reference_head_bound(*ref)
+    rtol, atol = (1e-3, 0.5) if allow_tf32 else (2e-5, 2e-3)
+    assert_close(got, want, rtol=rtol, atol=atol, what="bound")
+    got.sum().backward()
+    want.sum().backward()
+    for name, a, b in zip(NAMES, ours, ref):
+        if a is not None and a.requires_grad:
+            tol = (2e-2, 2e-2) if allow_tf32 else GRAD_TOL[torch.float32]
+            assert_close(a.grad, b.grad, rtol=tol[0], atol=tol[1], what=f"d/d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_log_weights_and_their_gradients_match_float64(dtype, device):
     """The log-weights entry point (the multi-sample ELBO is their mean), x's gradient included."""
@@ -206,6 +240,22 @@ def test_no_tensor_of_the_logits_size_is_ever_allocated(device):
     with _Allocations() as seen:
         kernels.fused_iwae_bound(x, h @ weight.t() + bias, z, mu, logvar).sum().backward()
     assert max(seen.sizes) >= limit
+
+
+def test_what_the_forward_keeps_for_the_backward_is_the_inputs_and_o_of_b_k(device):
+    """Beside its inputs (the same tensors, not copies) the bound keeps log w [B, k] and lse
+    [B]; the log-weights keep the inputs alone. A saved [B, k, H] or [B, k, D] tensor fails."""
+    B, k, D, H, d = 2, 8, 24, 16, 3
+    for fn, extra in ((fused_linear_iwae_bound, [B * k, B]), (fused_linear_log_weights, [])):
+        leaves = _leaves(make_head_case(B, k, D, H, d, device=device))
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = fn(*leaves)
+        inputs = {t.data_ptr() for t in leaves}
+        others = sorted(t.numel() for t in kept if t.data_ptr() not in inputs)
+        assert others == sorted(extra), f"{fn.__name__} keeps tensors of {others} elements"
+        assert len(kept) == len(leaves) + len(extra)
+        out.sum().backward()  # and the backward runs from what was kept
 
 
 def _new(inputs, *shape):

@@ -26,12 +26,16 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
             assert f"_logsumexp_forward_kernel *{dtype} SPLIT_K={split}" in lines
         assert f"_logsumexp_backward_kernel *{dtype}" in lines
         assert f"_reweight_kernel *{dtype}" in lines
-    for dtype in ("fp32", "bf16"):
+    # the head: float32 exact (torch's default) and 16-bit everywhere; TF32 and float16 once
+    for dtype, dots in (("fp32", "ieee"), ("bf16", "tf32")):
         for split in (0, 1):
-            assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K={split} FAST=1" in lines
-        assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=0 SAVE_LOG_W=1 SPLIT_K=0 FAST=1" in lines
-        assert f"_fused_linear_backward_dh_kernel *{dtype} HAS_BIAS=1 NEED_DX=1 FAST=1 TANH_SIGMOID={int(dtype == 'bf16')}" in lines
-        assert f"_fused_linear_backward_dw_kernel *{dtype} HAS_BIAS=1 FAST=1 TANH_SIGMOID={int(dtype == 'bf16')}" in lines
-    assert "_fused_linear_forward_kernel *bf16 HAS_BIAS=0 BOUND=1 SAVE_LOG_W=0 SPLIT_K=0 FAST=1" in lines
+            assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K={split} FAST=1 {dots}" in lines
+        assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=0 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots}" in lines
+        assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=0 BOUND=1 SAVE_LOG_W=0 SPLIT_K=0 FAST=1 {dots}" in lines
+    for dtype, dots in (("fp32", "ieee"), ("bf16", "tf32"), ("fp32", "tf32"), ("fp16", "tf32")):
+        tanh = int(dtype != "fp32")
+        assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots}" in lines
+        assert f"_fused_linear_backward_dh_kernel *{dtype} HAS_BIAS=1 NEED_DX=1 FAST=1 TANH_SIGMOID={tanh} {dots}" in lines
+        assert f"_fused_linear_backward_dw_kernel *{dtype} HAS_BIAS=1 FAST=1 TANH_SIGMOID={tanh} {dots}" in lines
     assert not any("B spilled" in line and not line.endswith("0 B spilled)") for line in done.stdout.splitlines()), \
         "a default tile spills registers"
