@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from iwae_bench.profile.kernels import COLUMNS
+from iwae_bench.profile.kernels import COLUMNS, TARGET_INSTRUCTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_COLUMNS = ["kernel", "dtype", "config", "num_warps", "num_stages", "registers", "spills",
@@ -48,7 +48,9 @@ def test_profile_values_on_the_fused_forward(fused_profile):
         assert r["mufu_kinds"] == "EX2:1.00" and float(r["mufu_per_element"]) == 1.0
         assert int(r["software_transcendentals_in_loop"]) == 0
         assert int(r["logits_load_bits"]) == 128  # the launch's alignment reaches the loads
-        assert 3.0 < float(r["loop_instructions_per_element"]) < 30.0
+        # the static target (forward <= 10 per element): a lost exp2 fold (tl.exp's denormal
+        # guard) or a mask back in the hot loop puts it over
+        assert 3.0 < float(r["loop_instructions_per_element"]) <= TARGET_INSTRUCTIONS["forward"]
     # (20, 5000) on 132 SMs: 528 programs wanted, 27 per example -> 256-sample splits -> 20 splits
     row = next(r for r in rows if r["shape"] == "B=20 k=5000" and r["dtype"] == "float32")
     assert int(row["programs"]) == 20 * 20 and float(row["programs_per_sm"]) == round(400 / 132, 2)
