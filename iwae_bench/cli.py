@@ -166,9 +166,10 @@ def _add_sweep(sub) -> None:
                     "are rendered from the CSV at the end, beside the committed reference run of\n"
                     "the same name (results/reference/<name>) when there is one.\n\n"
                     "The preset's grid is a few blocks: k x B at d = 50, a few (B, k) at other\n"
-                    "latent widths, and a saturated-logits block. Any of --k, --batch, --latent,\n"
-                    "--data-dim, --dtype, --mode, --regime replaces it by one product: the flags\n"
-                    "given, the preset's main block for the rest.",
+                    "latent widths, a saturated-logits block, a decoder-head block (H = 200) and\n"
+                    "the reduction alone. Any of --k, --batch, --latent, --data-dim, --hidden,\n"
+                    "--dtype, --mode, --regime replaces it by one product: the flags given, the\n"
+                    "preset's main block for the rest.",
         epilog="Examples:\n  python -m iwae_bench sweep                       quick preset on this machine\n"
                "  python -m iwae_bench sweep --k 1 64 5000 --batch 20 --mode forward backward\n"
                "  python -m iwae_bench sweep --resume                continue an interrupted sweep\n"

@@ -348,7 +348,9 @@ def _speed_group(report: Report, part: pd.DataFrame, tag: str, what: str, panels
     if facet_plot(part, "peak_mem_bytes", "peak extra bytes", f"peak memory, {what}",
                   report.plots / f"memory_{tag}.png", panels=panels):
         report.add(f"Peak memory: {what}", "Bytes allocated at the peak of one call beyond what was "
-                   "allocated before it.", pivot(part, "peak_mem_bytes", index), f"memory_{tag}.png")
+                   "allocated before it (CUDA: the allocator's counters; CPU: the torch tensors the "
+                   "call creates, alive at its peak, which misses memory inside one op and compiled "
+                   "code).", pivot(part, "peak_mem_bytes", index), f"memory_{tag}.png")
 
 
 def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
@@ -403,8 +405,8 @@ def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
         why = ("validate's budget ran out before them; `python -m iwae_bench validate --phases sweep "
                "report --resume` runs them" if "validate" in last else
                "no shard merged here measured them: rerun the missing shards (each resumes) and merge again")
-        report.add("Cells not measured", f"{len(missing)} cells of the grid (identity: family variant "
-                   f"device dtype k batch latent data_dim mode regime seed): {why}.",
+        report.add("Cells not measured", f"{len(missing)} cells of the grid (identity: "
+                   f"{' '.join(IDENTITY)}): {why}.",
                    pd.DataFrame({"cell": missing}))
     noisy = frame[frame["status"] == "noisy"]
     if not noisy.empty:
@@ -484,8 +486,9 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
                    image="headline.png")
     _speed_sections(report, frame)
     if frame.loc[frame["status"].isin(TIMED), "peak_mem_bytes"].dropna().empty:
-        report.add("Peak memory", "Not measured: the CPU has no allocator statistics that can be "
-                   "reset per call, so the column is empty rather than guessed.")
+        report.add("Peak memory", "Not measured in this run: no timed cell has a peak-memory "
+                   "figure (on a CPU only torch.compile's cells lack one: its generated code is "
+                   "invisible to the tensor tracker), so the column is empty rather than guessed.")
     _accuracy_sections(report, frame)
     _status_sections(report, frame, record)
     if against is not None:

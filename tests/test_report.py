@@ -72,6 +72,9 @@ def test_report_sections_plots_and_noisy_cells(tmp_path):
     # the latent table holds the three widths at B=4, k=64
     latent_table = text.split("## Latent width: forward, float32")[1].split("##")[0]
     assert all(f"| 4 | 64 | {d} |" in latent_table for d in (16, 50, 200))
+    # the gradient-error section is the gradients' (1e-5 here), not the backward cells' bound error (1e-6)
+    gradient = text.split("## Gradient error: backward, realistic inputs")[1].split("##")[0]
+    assert "1e-05" in gradient and "1e-06" not in gradient
     # the saturated table: blog's errors beside torch's
     saturated = text.split("## Saturated logits")[1].split("##")[0]
     assert "| blog | 70 | 1 |" in saturated and "| torch | 1e-05 | 1e-06 |" in saturated

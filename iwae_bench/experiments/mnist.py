@@ -1,10 +1,12 @@
 """The seed's claim, measured: VAE vs multi-sample VAE vs IWAE on real (binarized) MNIST.
 
 ``python -m iwae_bench experiment`` trains one architecture (784-200-200-50, tanh, as in the
-IWAE paper's one-stochastic-layer model) with five objectives, evaluates each on held-out
-images as the paper does, and writes results/experiment/:
+IWAE paper's one-stochastic-layer model) with five objectives (and, on request, the IWAE
+with the STL and DReG estimators, and several seeds), evaluates each on held-out images as the
+paper does, and writes OUT (default results/runs/experiment/):
 
-    runs/<objective>-k<k>.csv   per-epoch training curve
+    runs/<run name>.csv         per-epoch training curve (name: objective-k-estimator-seed)
+    checkpoints/<run name>.pt   the trained model (the SNR benchmark loads it)
     summary.csv                 test NLL (IWAE bound, k = 5000), active units, ELBO, time
     lk_curve.csv                L_k and the ELBO on the test set for k = 1 ... 5000
     plots/, report.md, machine.json   (the report: ``mnist_report``)
