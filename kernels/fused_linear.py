@@ -93,9 +93,10 @@ import triton.language as tl
 
 from ._common import (SplitPlan, SplitWorkspace, Tiling, Tunable, cdiv, check_devices,
                       check_inputs, interpreted, next_pow2, shape_str, split_plan)
-from ._math import LN2, exp_, log2_, sigmoid_
-from .logw import (MASKED_LOGIT, PROD_GROUP, SPLIT_QUANTUM, _bernoulli_exact, _latent_log_ratio, _row_block,
-                   bound_coefficients, latent_block, log_weights_backward)
+from ._math import LN2, log2_, sigmoid_
+from .logw import (MASKED_LOGIT, PROD_GROUP, SPLIT_QUANTUM, _bernoulli_exact, _bernoulli_step,
+                   _latent_log_ratio, _row_block, bound_coefficients, latent_block,
+                   log_weights_backward)
 from .lse import _lse_combine, _store_example_bound
 
 MATMUL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -241,8 +242,7 @@ def _bernoulli_linear_block(
                                                stride_wd, stride_wh, stride_bias, HAS_BIAS,
                                                INPUT_PRECISION, DOT_IN_FP32, ALIGN)
             x_block = _row_block(x_ptr, b64, stride_xb, offs_d, stride_xd, mask_d)
-            acc += x_block[None, :] * logit_block - tl.maximum(logit_block, 0.0)
-            group_prod += group_prod * exp_(-tl.abs(logit_block))  # *= 1 + exp(-|l|), one FMA
+            acc, group_prod = _bernoulli_step(acc, group_prod, x_block[None, :], logit_block)
         acc -= LN2 * log2_(group_prod, FAST)
     log_px = tl.sum(acc, axis=1)
 

@@ -9,7 +9,11 @@ For example b and sample i (h = z[b, i], logits l = logits[b, i]):
 (the 2 pi terms of the two Gaussians cancel). x * logsigmoid(l) + (1 - x) * logsigmoid(-l)
 equals x * l - softplus(l) for any finite l and any x, binary or in [0, 1], with no clamping, and
 
-    softplus(l) = max(l, 0) + log(1 + exp(-|l|)).
+    softplus(l) = max(l, 0) + log(1 + exp(-|l|)),
+    x * l - max(l, 0) = (x - 0.5) * l - 0.5 * |l|
+
+(the second form shares |l| with the exp and takes two FMAs where the first takes a max, an
+FMA and an add; for x in {0, 1} it is exact, as the first).
 
 The last term costs an exp and a log per element, and those, not the bytes, bound the kernel
 once the logits are 16-bit. Each factor 1 + exp(-|l|) lies in (1, 2], so a lane multiplies up
@@ -28,8 +32,11 @@ otherwise (x in (0, 1) included); a NaN logit gives NaN. The fast formula above 
 second loop that runs only then (``_bernoulli_exact``): the hot loop pays nothing for the rule.
 
 Memory: a program owns one example b and BLOCK_K samples. It streams their logits in
-[BLOCK_K, BLOCK_D] tiles, reading each element once, while x[b, D-block] is loaded once per
-tile and broadcast over the BLOCK_K rows (x, mu and logvar are never repeated over k). The
+[BLOCK_K, BLOCK_D] tiles, reading each element once, while x[b, D-block] is read once per
+tile in the tile's own layout (every row the same columns, so a thread issues one load for
+the rows it holds and the repeats hit L1) rather than as a vector that a shared-memory round
+trip with two barriers per iteration would broadcast over the rows; x, mu and logvar are
+never repeated over k in memory. The
 sums live in a 2-D accumulator reduced once at the end, not once per tile.
 
 Backward, for c[b, i] = d loss / d log w[b, i] (given, or for the bound g[b] times the
@@ -80,6 +87,17 @@ def _tile_offsets(rows, cols, stride_r, stride_c):
 
 
 @triton.jit
+def _bernoulli_step(acc, group_prod, x_block, logit_block):
+    """One tile of the Bernoulli sums (module docstring), lane by lane: acc += x l - max(l, 0)
+    and group_prod *= 1 + exp(-|l|), in one |l|, two FMAs for acc, one multiply and one MUFU.EX2
+    for the exp and one FMA for the product. x_block broadcasts against the tile."""
+    magnitude = tl.abs(logit_block)
+    acc = tl.fma(magnitude, -0.5, tl.fma(x_block - 0.5, logit_block, acc))
+    group_prod = tl.fma(group_prod, exp_(-magnitude), group_prod)
+    return acc, group_prod
+
+
+@triton.jit
 def _bernoulli_exact(x_block, logit_block, mask):
     """x log sigmoid(l) + (1 - x) log sigmoid(-l) per element with 0 * inf = 0 (see the module
     docstring): = x min(l, 0) - (1 - x) max(l, 0) - log(1 + exp(-|l|)). 0 where masked."""
@@ -114,6 +132,10 @@ def _log_weight_block(
     logit_tile = _tile_offsets(tl.minimum(rows, k_stop - 1 - k0), cols, stride_lk, stride_ld)
     logit_base = logits_ptr + b64 * stride_lb + k64 * stride_lk  # this block's first sample
     x_base = x_ptr + b64 * stride_xb
+    # x's D-tile read straight into the logits tile's layout (every row the same columns: the
+    # repeats hit L1), not as a vector that a shared-memory round trip and two barriers per
+    # iteration would broadcast across the rows
+    x_tile = _tile_offsets(rows * 0, cols, 0, stride_xd)
 
     # log p(x|h): acc holds, lane by lane, x*l - max(l, 0) less the logs of finished groups of
     # factors (1 + exp(-|l|)); group_prod the factors of the group in progress. The ragged
@@ -128,15 +150,13 @@ def _log_weight_block(
         x_block = tl.load(x_base + (d0 + cols) * stride_xd, mask=mask_d, other=0.0).to(tl.float32)
         logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile, mask=mask_d[None, :],
                               other=MASKED_LOGIT).to(tl.float32)
-        acc += x_block[None, :] * logit_block - tl.maximum(logit_block, 0.0)
-        group_prod += group_prod * exp_(-tl.abs(logit_block))
+        acc, group_prod = _bernoulli_step(acc, group_prod, x_block[None, :], logit_block)
     for g0 in range(0, n_full, PROD_GROUP):
         for i in range(g0, tl.minimum(g0 + PROD_GROUP, n_full)):  # the hot loop: no masks
             d0 = i * BLOCK_D
-            x_block = tl.load(x_base + (d0 + cols) * stride_xd).to(tl.float32)
+            x_block = tl.load(x_base + d0 * stride_xd + x_tile).to(tl.float32)
             logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile).to(tl.float32)
-            acc += x_block[None, :] * logit_block - tl.maximum(logit_block, 0.0)
-            group_prod += group_prod * exp_(-tl.abs(logit_block))  # *= 1 + exp(-|l|), one FMA
+            acc, group_prod = _bernoulli_step(acc, group_prod, x_block, logit_block)
         acc -= LN2 * log2_(group_prod, FAST)
         group_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
     if n_full == 0:  # D < BLOCK_D: the ragged tile was all there was
