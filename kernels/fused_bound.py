@@ -38,6 +38,7 @@ def _fused_iwae_forward_kernel(
     SAVE_LOG_W: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
+    LOAD_STAGES: tl.constexpr = 1,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -52,7 +53,7 @@ def _fused_iwae_forward_kernel(
             b, k0, k_stop, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
             stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
             stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-            D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST,
+            D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST, LOAD_STAGES,
         )
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
@@ -62,7 +63,7 @@ def _fused_iwae_forward_kernel(
                          bound_ptr, log_k, SPLIT_K, BLOCK_S)
 
 
-_fused_forward = Tunable(_fused_iwae_forward_kernel, block_tiling("SPLITS", "SAVE_LOG_W"))
+_fused_forward = Tunable(_fused_iwae_forward_kernel, block_tiling("SPLITS", "SAVE_LOG_W", pipelined=True))
 
 
 def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None,

@@ -6,8 +6,10 @@ build on one.
 
 The real host functions run on meta tensors under ``capture_launches`` (nothing executes), for
 shapes and dtypes that walk every flag combination they launch with (split or not, saving
-log_w or not, dx or not, 32- and 16-bit logits, the head's exact, TF32 and 16-bit dots); each captured launch is compiled with its
-default tile and the specialization a launch gets (``iwae_bench.profile.kernels``).
+log_w or not, dx or not, 32- and 16-bit logits, the head's exact, TF32 and 16-bit dots);
+each captured launch is compiled with its default tile (and, once per kernel and dtype, a
+pipelined config of its autotune space) and the specialization a launch gets
+(``iwae_bench.profile.kernels``).
 
 Run as a script with TRITON_INTERPRET=0: ``python tests/compile_for_gpu.py``; it prints one
 line per distinct compile: ``compiled <kernel> <data dtype> <flags>``.
@@ -77,14 +79,26 @@ def launches():
     return captured
 
 
+def _tiles(launch, pipelined_done: set):
+    """The launch's default tile, and the first pipelined config (LOAD_STAGES > 1) of its
+    autotune space once per kernel and dtype: the autotuner may pick it on a GPU."""
+    yield launch.kernel.tiling.default(**launch.sizes)
+    key = (launch.kernel.fn.__name__, str(launch.named_args()[launch.kernel.tiling.data_arg].dtype))
+    for config in launch.kernel.tiling.configs:
+        if config.kwargs.get("LOAD_STAGES", 1) > 1 and key not in pipelined_done:
+            pipelined_done.add(key)
+            yield {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def main() -> int:
-    seen = set()
-    for launch in launches():
+    seen, pipelined = set(), set()
+    for launch, tile in ((launch, tile) for launch in launches() for tile in _tiles(launch, pipelined)):
         named = launch.named_args()
-        tile = launch.kernel.tiling.default(**launch.sizes)
         blocks = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
         signature, constexprs, aligned = specialization(launch.kernel.fn, named, blocks)
         flags = " ".join(f"{f}={int(bool(constexprs[f]))}" for f in FLAGS if f in constexprs)
+        if blocks.get("LOAD_STAGES", 1) > 1:
+            flags += f" LOAD_STAGES={blocks['LOAD_STAGES']}"
         if "INPUT_PRECISION" in constexprs:
             flags += f" {constexprs['INPUT_PRECISION']}"
         line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags}".strip()

@@ -22,6 +22,10 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
         for dx in (0, 1):
             assert f"_log_weights_backward_kernel *{dtype} NEED_DX={dx} FAST=1 TANH_SIGMOID={tanh}" in lines
         assert f"_log_weights_forward_kernel *{dtype} FAST=1" in lines
+        # the pipelined configs the autotuner may pick (loads two tiles ahead through cp.async)
+        assert f"_log_weights_forward_kernel *{dtype} FAST=1 LOAD_STAGES=3" in lines
+        assert any(line.startswith(f"_fused_iwae_forward_kernel *{dtype} ") and line.endswith("LOAD_STAGES=3")
+                   for line in lines)
         for split in (0, 1):
             assert f"_logsumexp_forward_kernel *{dtype} SPLIT_K={split}" in lines
         assert f"_logsumexp_backward_kernel *{dtype}" in lines

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .sass import analyze, compile_for_target, occupancy, per_element
+from .sass import analyze, bytes_in_flight_per_sm, compile_for_target, occupancy, per_element
 
 # the shapes of validate's GPU sweep (D = 784, d = 50) and of its reduction cells
 BOUND_SHAPES = [(1024, 64), (20, 5000), (256, 256), (8, 100_000)]
@@ -206,7 +206,10 @@ def _row(scenario: Scenario, launch, config, meta: dict, named: dict, compiled, 
     occ = occupancy(compiled.registers, compiled.shared_bytes, config.num_warps)
     launched_per_sm = math.ceil(programs / sm_count)
     resident = min(occ.programs_per_sm, launched_per_sm)
-    in_flight = resident * tile * data.element_size()
+    # a pipelined loop (LOAD_STAGES = s) keeps the loads of s - 1 iterations in flight, a
+    # plain one the loads of the iteration it is in
+    ahead = max(1, meta.get("LOAD_STAGES", 1) - 1)
+    in_flight = bytes_in_flight_per_sm(resident, tile * data.element_size() * ahead)
     mufu = sum(each.mufu.values())
     row = {
         "kernel": scenario.kernel, "direction": scenario.direction, "dtype": scenario.dtype,

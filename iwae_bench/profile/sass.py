@@ -570,8 +570,9 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int = 90)
 
 def bytes_in_flight_per_sm(programs_per_sm: int, bytes_loaded_per_iteration: int) -> int:
     """Bytes of global loads an SM can have outstanding at once, to first order: resident
-    programs per SM x the bytes each program loads per iteration of its hot loop (all of a
-    loop iteration's loads are issued before their first use). To stream at full bandwidth it
+    programs per SM x the bytes each program has outstanding in its hot loop: what it loads
+    per iteration (all of a loop iteration's loads are issued before their first use), times
+    the iterations a pipelined loop loads ahead. To stream at full bandwidth it
     must cover bandwidth x latency / SMs: roughly 3.35 TB/s x 0.6 us / 132, some 15 KB, on an
     H100 SXM (a rough figure: the latency under load is not a constant)."""
     return programs_per_sm * bytes_loaded_per_iteration
