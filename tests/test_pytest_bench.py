@@ -46,8 +46,11 @@ def test_rows_from_json_known_values(tmp_path):
 
 
 def test_benchmark_json_becomes_a_report_and_names_interpreted_runs(tmp_path):
-    # the CPU shapes, Triton interpreted (on a GPU machine too): a check of the plumbing
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    # the CPU shapes, Triton interpreted (on a GPU machine too): a check of the plumbing. The
+    # inner pytest is not an xdist worker even when this one is (pytest-benchmark would turn
+    # timing off where it sees PYTEST_XDIST_WORKER)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+           "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     out_json = tmp_path / "out.json"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
