@@ -231,12 +231,17 @@ def _bernoulli_linear_block(
                            mask_k[:, None] & mask_h[None, :], ALIGN)
     # acc holds, lane by lane, x*l - max(l, 0) less the logs of finished groups of factors
     # (1 + exp(-|l|)); group_prod the factors of the group of PROD_GROUP tiles in progress.
+    # The tiles are visited last one first: the ragged last tile's padded lanes (logit
+    # MASKED_LOGIT, x = 0) then pass 32752 - 32752 through an accumulator that is still 0,
+    # exactly, instead of rounding a lane's sum at the scale of 32752 (kernels/logw.py does its
+    # ragged tile first for the same reason).
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     n_tiles = tl.cdiv(D, BLOCK_D)
     for g0 in range(0, n_tiles, PROD_GROUP):
         group_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
         for i in range(g0, tl.minimum(g0 + PROD_GROUP, n_tiles)):  # the hot loop
-            offs_d = i * BLOCK_D + tl.arange(0, BLOCK_D)
+            tile = i - 1 + tl.where(i == 0, n_tiles, 0)  # n_tiles - 1, 0, 1, ..., n_tiles - 2
+            offs_d = tile * BLOCK_D + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
             w_tile, logit_block = _logits_tile(h_block, w_ptr, bias_ptr, offs_d, mask_d, offs_h, mask_h,
                                                stride_wd, stride_wh, stride_bias, HAS_BIAS,

@@ -103,6 +103,21 @@ def test_bound_and_gradients_match_float64(B, k, D, H, d, options, device):
     _check_gradients(ours, ref)
 
 
+def test_realistic_head_is_float32_accurate_in_every_lane(device):
+    """The decoder head at MNIST scale (D = 784, H = 200: a ragged last D-tile, log-weights
+    near -700): within 2e-3 nats of float64, absolute, like the logits path. Caught: the
+    padded lanes (logit -65504) visited after a lane's running sum is non-zero (0.02 nats)."""
+    from iwae_bench.problems import Problem, make_inputs
+
+    x, h, weight, bias, z, mu, logvar = make_inputs(Problem(4, 64, 50, 784, "float32", 0, "realistic", 200),
+                                                    torch.device(device))
+    want = reference_head_log_weights(*_leaves((x, h, weight, bias, z, mu, logvar), torch.float64))
+    got = fused_linear_log_weights(x, h, weight, bias, z, mu, logvar)
+    assert_close(got, want, rtol=0.0, atol=2e-3, what="log_w")
+    assert_close(fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar), reference.iwae_bound(want),
+                 rtol=0.0, atol=2e-3, what="bound")
+
+
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["exact", "tf32"])
 def test_float32_follows_torchs_tf32_switch(allow_tf32, device):
     """float32 h and W: tensor-core TF32 dots when torch.backends.cuda.matmul.allow_tf32 is on,
