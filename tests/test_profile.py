@@ -87,3 +87,35 @@ def test_specialization_of_a_launch():
     assert signature == {"x_ptr": "*bf16", "n": "i32", "odd": "i32", "scale": "fp32"}
     assert constexprs == {"BLOCK": 128, "stride": 1}
     assert sorted(aligned) == ["n", "x_ptr"]
+
+
+def test_summary_takes_each_shapes_best_config():
+    """profile.md's summary, on rows known by hand: at each shape of 2 MB or more the config
+    that meets the targets with the fewest instructions, else the one missing the fewest."""
+    import pandas as pd
+
+    from iwae_bench.profile.run import summarize
+
+    def row(kernel, shape, config, instructions, met, misses="", inputs=4 << 20, mufu=1.0, regs=64, flight=16384):
+        return {"kernel": kernel, "dtype": "float32", "shape": shape, "config": config,
+                "loop_instructions_per_element": instructions, "mufu_per_element": mufu, "registers": regs,
+                "bytes_in_flight_per_sm": flight, "input_bytes": inputs, "meets_static_targets": met,
+                "misses": misses}
+
+    frame = pd.DataFrame([
+        row("fwd", "a", "wide", 9.0, "yes", regs=90),
+        row("fwd", "a", "narrow", 7.0, "yes", regs=70, flight=32768),
+        row("fwd", "a", "fewest but spills", 6.0, "no", "8 B of spills"),
+        row("fwd", "b", "one miss", 8.0, "no", "2.0 MUFU/element > 1.0", mufu=2.0),
+        row("fwd", "b", "two misses", 5.0, "no", "2.0 MUFU/element > 1.0; 8 B of spills", mufu=2.0),
+        row("fwd", "tiny", "any", 1.0, "n/a (inputs under 2 MB)", inputs=1 << 20),
+        row("head", "a", "only", 25.0, "n/a (no static target)"),
+    ])
+    got = summarize(frame).set_index("kernel")
+    assert list(got.index) == ["fwd", "head"]
+    fwd = got.loc["fwd"]
+    assert fwd["shapes meeting the targets"] == "1 of 2"
+    assert fwd["instructions per element"] == "7-8" and fwd["MUFU per element"] == "1-2"
+    assert fwd["registers"] == "64-70" and fwd["KB in flight per SM"] == "16-32"
+    assert fwd["what the best config misses"] == "2.0 MUFU/element > 1.0"
+    assert got.loc["head", "shapes meeting the targets"] == "no target"

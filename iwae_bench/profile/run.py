@@ -30,6 +30,53 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="output folder (default results/runs/profile)")
 
 
+SUMMARY_COLUMNS = ["kernel", "dtype", "shapes meeting the targets", "instructions per element",
+                   "MUFU per element", "registers", "KB in flight per SM", "what the best config misses"]
+
+
+def _span(values, fmt="{:g}") -> str:
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+
+
+def summarize(frame):
+    """One row per (kernel, dtype): at each shape of 2 MB of inputs or more, its best config
+    (one meeting every static target with the fewest instructions per element, else the one
+    with the fewest misses, then the fewest instructions), and across those shapes how many
+    meet the targets and the range of each count."""
+    import pandas as pd
+
+    from .kernels import SMALL_INPUTS
+
+    big = frame[frame["input_bytes"] >= SMALL_INPUTS].copy()
+    big["_met"] = big["meets_static_targets"] == "yes"
+    big["_misses"] = big["misses"].fillna("").map(lambda text: len([m for m in text.split("; ") if m]))
+    best = (big.sort_values(["_met", "_misses", "loop_instructions_per_element"], ascending=[False, True, True])
+            .groupby(["kernel", "dtype", "shape"], sort=False).head(1))
+    order = {key: i for i, key in enumerate(dict.fromkeys(zip(frame["kernel"], frame["dtype"])))}
+    best = best.sort_values(["kernel", "dtype"], key=lambda _: [order[k] for k in zip(best["kernel"], best["dtype"])],
+                            kind="stable")
+    rows = []
+    for (kernel, dtype), part in best.groupby(["kernel", "dtype"], sort=False):
+        targeted = ~part["meets_static_targets"].str.startswith("n/a")
+        misses = sorted({m for text in part["misses"].fillna("") for m in text.split("; ") if m})
+        rows.append({
+            "kernel": kernel, "dtype": dtype,
+            "shapes meeting the targets": f"{int(part['_met'].sum())} of {len(part)}" if targeted.all() else "no target",
+            "instructions per element": _span(part["loop_instructions_per_element"]),
+            "MUFU per element": _span(part["mufu_per_element"]),
+            "registers": _span(part["registers"]),
+            "KB in flight per SM": _span(part["bytes_in_flight_per_sm"] / 1024, "{:.0f}"),
+            "what the best config misses": "; ".join(misses) if targeted.all() else "",
+        })
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _table(frame, columns) -> list[str]:
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(str(row[c]) for c in columns) + " |" for _, row in frame.iterrows()])
+
+
 def write(rows: list[dict], out: Path, arch: int, sms: int, record, run: dict) -> Path:
     import pandas as pd
     import triton
@@ -56,8 +103,12 @@ def write(rows: list[dict], out: Path, arch: int, sms: int, record, run: dict) -
         f"the loop, >= {TARGET_IN_FLIGHT // 1024} KB of loads in flight per SM, no spills.\n",
         f"{int(best.sum())} of {len(best)} (kernel, dtype, shape) combinations have at least one config "
         "meeting all of them.\n",
-        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+        "## Summary\n",
+        "Per kernel and dtype, over the validate shapes with 2 MB of inputs or more, the best config "
+        "at each shape (meeting every target with the fewest instructions, else missing the fewest):\n",
+        *_table(summarize(frame), SUMMARY_COLUMNS),
+        "\n## Every kernel, shape and config\n",
+        *_table(frame, COLUMNS)]
     write_text(out / "profile.md", "\n".join(lines) + "\n")
     return out / "profile.md"
 
