@@ -102,18 +102,19 @@ def _device(parser, name: str):
         parser.error(str(error))
 
 
-def _placed(args, top=None):
+def _placed(args, default_out=None):
     """The work's shard (``--shard`` or the launcher's; None when not split), its device (a
-    torchrun rank's own GPU) and its writable output folder (the shard's folder under ``top``,
-    default ``args.out``). Raises ValueError naming the flag."""
+    torchrun rank's own GPU), the top output folder (``args.out``, else ``default_out(device)``)
+    and the folder this process writes (the shard's under the top one). Raises ValueError
+    naming the flag."""
     from .harness.shard import resolve
 
     shard = resolve(args.shard)
     device = machine.resolve_device(args.device)
+    top = args.out or default_out(device)
     if shard:
         device = shard.device(device)
-    top = args.out if top is None else top
-    return shard, device, _writable_dir(shard.folder(top) if shard else top)
+    return shard, device, top, _writable_dir(shard.folder(top) if shard else top)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -124,8 +125,7 @@ def _cmd_sweep(args, parser) -> int:
     from .report import render
 
     try:
-        top = args.out or RUNS_DIR / machine.device_slug(machine.resolve_device(args.device))
-        shard, device, out = _placed(args, top)
+        shard, device, top, out = _placed(args, lambda device: RUNS_DIR / machine.device_slug(device))
         grid = Grid.preset(args.preset, device, variants=args.variants, seed=args.seed, k=args.k,
                            batch=args.batch, latent=args.latent, data_dim=args.data_dim,
                            dtype=args.dtype, mode=args.mode, regime=args.regime, hidden=args.hidden)
@@ -413,7 +413,7 @@ def _cmd_experiment(args, parser) -> int:
     from .experiments.mnist import default_schedule, full_schedule, run_experiment, work_list
     from .experiments.mnist_report import render_experiment
     try:
-        shard, device, out = _placed(args)
+        shard, device, _, out = _placed(args)
         if args.report_only and not (out / "summary.csv").exists():
             raise ValueError(f"--report-only: no summary.csv in {out}")
     except ValueError as error:
@@ -550,7 +550,7 @@ def _cmd_snr(args, parser) -> int:
     from .training.model import BernoulliVAE, load_checkpoint
 
     try:
-        shard, device, out = _placed(args)
+        shard, device, _, out = _placed(args)
         if args.report_only:
             if not (out / "snr.csv").is_file():
                 raise ValueError(f"--report-only: no snr.csv in {out}")
