@@ -144,3 +144,24 @@ def test_experiment_command_one_fused_run_and_report_only(tmp_path):
     done = subprocess.run([sys.executable, "-m", "iwae_bench", "experiment", "--report-only",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and (out / "report.md").exists()
+
+
+def test_paper_columns_only_beside_the_estimator_the_paper_used():
+    """The paper trained every model with the total gradient: its Table 1 sits beside the
+    iwae-estimator rows only, whatever an older summary.csv carried beside STL and DReG."""
+    import pandas as pd
+
+    from iwae_bench.experiments.mnist_report import aggregate
+    from iwae_bench.experiments.paper import paper_active_units, paper_nll
+
+    assert paper_nll("iwae", 50) == 84.78 and paper_active_units("elbo", 1) == 19
+    assert paper_nll("iwae", 50, "dreg") is None and paper_active_units("iwae", 5, "stl") is None
+    summary = pd.DataFrame([
+        {"objective": "iwae", "k": 50, "estimator": estimator, "seed": 0, "test_nll": nll,
+         "active_units": 20, "test_elbo": -110.0, "train_seconds": 1.0, "eval_seconds": 1.0,
+         "paper_nll": 84.78, "paper_active_units": 25}
+        for estimator, nll in (("iwae", 98.0), ("stl", 97.0), ("dreg", 97.5))])
+    table = aggregate(summary).set_index("estimator")
+    assert table.loc["iwae", "paper_nll"] == 84.78 and table.loc["iwae", "paper_active_units"] == 25
+    assert table.loc[["stl", "dreg"], "paper_nll"].isna().all()
+    assert table.loc[["stl", "dreg"], "paper_active_units"].isna().all()

@@ -242,8 +242,9 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
                         "train_seconds": history[-1]["seconds"], "eval_seconds": eval_seconds,
                         "train_objective": history[-1]["train_objective"],
                         "test_nll": result["test_nll"], "test_elbo": result["test_elbo"],
-                        "active_units": result["active_units"], "paper_nll": paper_nll(run.objective, run.k),
-                        "paper_active_units": paper_active_units(run.objective, run.k)})
+                        "active_units": result["active_units"],
+                        "paper_nll": paper_nll(run.objective, run.k, run.estimator),
+                        "paper_active_units": paper_active_units(run.objective, run.k, run.estimator)})
         curve_rows += [{"objective": run.objective, "k_train": run.k, "estimator": run.estimator,
                         "seed": run.seed, "k_eval": ke, "L_k": value, "elbo": result["test_elbo"]}
                        for ke, value in result["curve"].items()]
