@@ -85,6 +85,7 @@ minimum, bought for determinism and O(B k) memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -513,6 +514,18 @@ _fused_linear_backward_dw = Tunable(_fused_linear_backward_dw_kernel, _tiling(
 
 
 # --------------------------------------------------------------------------- host functions
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set to ``enabled`` for the block, then put back:
+    the switch the float32 head's dots follow (``_dot_options``)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _dot_options(h: torch.Tensor, weight: torch.Tensor) -> dict:

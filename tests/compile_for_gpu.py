@@ -27,7 +27,7 @@ from iwae_bench.profile.kernels import specialization  # noqa: E402
 from iwae_bench.profile.sass import compile_for_target  # noqa: E402
 from kernels._common import capture_launches  # noqa: E402
 from kernels.fused_bound import fused_iwae_forward  # noqa: E402
-from kernels.fused_linear import fused_linear_backward, fused_linear_forward  # noqa: E402
+from kernels.fused_linear import fused_linear_backward, fused_linear_forward, matmul_tf32  # noqa: E402
 from kernels.logw import log_weights_backward, log_weights_forward  # noqa: E402
 from kernels.lse import logsumexp_backward, logsumexp_forward  # noqa: E402
 from kernels.reweight import reweight  # noqa: E402
@@ -59,12 +59,10 @@ def launches():
         # the decoder head: 32- and 16-bit h and W, k split and not, with and without a bias;
         # float32 with torch's TF32 switch off (the exact dots, torch's default) and on
         H = 40
-        tf32_before = torch.backends.cuda.matmul.allow_tf32
-        try:
-            for dtype, tf32 in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True),
-                                (torch.float16, False)):
-                torch.backends.cuda.matmul.allow_tf32 = tf32
-                every = dtype == torch.bfloat16 or not (tf32 or dtype == torch.float16)
+        # (dtype, TF32 switch, every variant or the plain bound and backward at one shape)
+        for dtype, tf32, every in ((torch.float32, False, True), (torch.bfloat16, False, True),
+                                   (torch.float32, True, False), (torch.float16, False, False)):
+            with matmul_tf32(tf32):
                 for B, k in ((2, 3000), (1024, 8)) if every else ((1024, 8),):
                     head = (meta(B, D), meta(B, k, H, dtype=dtype), meta(D, H, dtype=dtype),
                             meta(D, dtype=dtype), meta(B, k, d), meta(B, d), meta(B, d))
@@ -74,8 +72,6 @@ def launches():
                     fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False))
                 if every:
                     fused_linear_forward(*head[:3], None, *head[4:])
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32_before
     return captured
 
 

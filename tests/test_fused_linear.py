@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 import kernels
 from iwae_bench import reference
 from kernels.fused_linear import (dw_row_plan, fused_linear_backward, fused_linear_forward,
-                                  fused_linear_iwae_bound, fused_linear_log_weights)
+                                  fused_linear_iwae_bound, fused_linear_log_weights, matmul_tf32)
 from kernels.logw import SPLIT_QUANTUM, bound_coefficients
 from kernels._common import split_plan
 
@@ -125,31 +125,23 @@ def test_float32_follows_torchs_tf32_switch(allow_tf32, device):
     suite) this checks the TF32 numbers against float64 within TF32's rounding (10-bit
     mantissas: logits off by ~1e-3, the bound by a fraction of a nat over D = 784); on a CPU
     the interpreter computes either in float32."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    try:
-        _check_tf32_switch(allow_tf32, device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def _check_tf32_switch(allow_tf32, device):
     from kernels.fused_linear import _dot_options
 
-    inputs = make_head_case(2, 5, 784, 64, 4, device=device)
-    assert _dot_options(inputs[1], inputs[2])["INPUT_PRECISION"] == ("tf32" if allow_tf32 else "ieee")
-    half = make_head_case(2, 5, 784, 64, 4, dtype=torch.bfloat16, device=device)
-    assert _dot_options(half[1], half[2])["INPUT_PRECISION"] == "tf32"
-    ours, ref = _leaves(inputs), _leaves(inputs, torch.float64)
-    got, want = fused_linear_iwae_bound(*ours), reference_head_bound(*ref)
-    rtol, atol = (1e-3, 0.5) if allow_tf32 else (2e-5, 2e-3)
-    assert_close(got, want, rtol=rtol, atol=atol, what="bound")
-    got.sum().backward()
-    want.sum().backward()
-    for name, a, b in zip(NAMES, ours, ref):
-        if a is not None and a.requires_grad:
-            tol = (2e-2, 2e-2) if allow_tf32 else GRAD_TOL[torch.float32]
-            assert_close(a.grad, b.grad, rtol=tol[0], atol=tol[1], what=f"d/d{name}")
+    with matmul_tf32(allow_tf32):
+        inputs = make_head_case(2, 5, 784, 64, 4, device=device)
+        assert _dot_options(inputs[1], inputs[2])["INPUT_PRECISION"] == ("tf32" if allow_tf32 else "ieee")
+        half = make_head_case(2, 5, 784, 64, 4, dtype=torch.bfloat16, device=device)
+        assert _dot_options(half[1], half[2])["INPUT_PRECISION"] == "tf32"
+        ours, ref = _leaves(inputs), _leaves(inputs, torch.float64)
+        got, want = fused_linear_iwae_bound(*ours), reference_head_bound(*ref)
+        rtol, atol = (1e-3, 0.5) if allow_tf32 else (2e-5, 2e-3)
+        assert_close(got, want, rtol=rtol, atol=atol, what="bound")
+        got.sum().backward()
+        want.sum().backward()
+        for name, a, b in zip(NAMES, ours, ref):
+            if a is not None and a.requires_grad:
+                tol = (2e-2, 2e-2) if allow_tf32 else GRAD_TOL[torch.float32]
+                assert_close(a.grad, b.grad, rtol=tol[0], atol=tol[1], what=f"d/d{name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

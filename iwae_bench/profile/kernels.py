@@ -114,12 +114,10 @@ def scenarios(kernel_filter: str | None = None) -> Iterator[Scenario]:
 def _tf32(fn, *args, **kwargs):
     """The head's float32 launches as a user who enabled TF32 gets them (torch's default is the
     exact, much slower, CUDA-core dot)."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    from kernels.fused_linear import matmul_tf32
+
+    with matmul_tf32(True):
         return fn(*args, **kwargs)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def specialization(fn, named: dict, constants: dict) -> tuple[dict, dict, list]:
