@@ -10,6 +10,10 @@ otherwise; a NaN logit gives NaN. Every stable variant follows the same rule.
     log w_i = log p(x|h_i) + log p(h_i) - log q(h_i|x)
     ELBO    L_1 = mean_i log w_i
     IWAE    L_k = logsumexp_i log w_i - log k
+
+and the rest of the importance-weighted family (iwae_bench/training/family.py), each from its
+paper's definition, on log w [..., k]: VR-alpha, MIWAE(M, K), CIWAE(beta); PIWAE and RWS report
+L_k (their difference is in the gradients, which the tests build from the definitions too).
 """
 
 from __future__ import annotations
@@ -66,3 +70,38 @@ def elbo(log_w: torch.Tensor) -> torch.Tensor:
 def bound(x, logits, z, mu, logvar) -> torch.Tensor:
     """L_k per example [B] in float64, from the five inputs."""
     return iwae_bound(log_weights(x, logits, z, mu, logvar))
+
+
+def vr_bound(log_w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Li & Turner's Renyi bound (1 / (1 - alpha)) log (1/k) sum_i w_i^(1 - alpha), float64;
+    alpha = 1 is its limit, the ELBO."""
+    if alpha == 1.0:
+        return elbo(log_w)
+    log_w = log_w.double()
+    return (torch.logsumexp((1.0 - alpha) * log_w, dim=-1) - math.log(log_w.shape[-1])) / (1.0 - alpha)
+
+
+def miwae_bound(log_w: torch.Tensor, M: int, K: int) -> torch.Tensor:
+    """Rainforth et al.'s MIWAE: the mean over M groups of K consecutive samples of each group's
+    IWAE bound, float64."""
+    groups = log_w.double().unflatten(-1, (M, K))
+    return iwae_bound(groups).mean(dim=-1)
+
+
+def ciwae_bound(log_w: torch.Tensor, beta: float) -> torch.Tensor:
+    """Rainforth et al.'s CIWAE: beta ELBO + (1 - beta) IWAE on the same samples, float64."""
+    return beta * elbo(log_w) + (1.0 - beta) * iwae_bound(log_w)
+
+
+def objective_bound(log_w: torch.Tensor, objective) -> torch.Tensor:
+    """The value an ``Objective`` (training/family.py) reports, from the definitions above."""
+    name, k = objective.name, log_w.shape[-1]
+    if name in ("elbo", "multi_sample_elbo"):
+        return elbo(log_w)
+    if name == "vr":
+        return vr_bound(log_w, objective.alpha)
+    if name == "miwae":
+        return miwae_bound(log_w, *objective.groups(k))
+    if name == "ciwae":
+        return ciwae_bound(log_w, objective.beta)
+    return iwae_bound(log_w)  # iwae, and the value piwae and rws report

@@ -2,6 +2,9 @@
 
     logsumexp(t)                              [..., K] -> [...]
     iwae_bound(log_w)                         [..., k] -> [...]   logsumexp - log k
+    Reduction(scale, groups, beta)            the bound's epilogue: the whole family (VR-alpha,
+                                              MIWAE, CIWAE, the ELBOs) as a keyword of the
+                                              iwae_bound / fused_* entry points
     log_weights(x, logits, z, mu, logvar)     -> [B, k]
     fused_iwae_bound(x, logits, z, mu, logvar) -> [B]             one kernel, no [B, k, D] temp
     fused_iwae_bound_with_weights(...)   -> (bound, log_w, lse)   the same, and the weights' logs
@@ -30,13 +33,14 @@ if interpreted():
     # - (-inf)) and discards them by design; numpy's warnings about it are noise.
     _warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
-from ._common import check_bound_inputs  # noqa: E402
+from ._common import IWAE, Reduction, check_bound_inputs  # noqa: E402
 from .fused_bound import fused_iwae_bound, fused_iwae_bound_with_weights  # noqa: E402
-from .fused_linear import fused_linear_iwae_bound, fused_linear_log_weights  # noqa: E402
+from .fused_linear import (fused_linear_iwae_bound, fused_linear_iwae_bound_with_weights,  # noqa: E402
+                           fused_linear_log_weights)
 from .logw import log_weights  # noqa: E402
 from .lse import iwae_bound, logsumexp  # noqa: E402
 from .reweight import reweight  # noqa: E402
 
 __all__ = ["logsumexp", "iwae_bound", "log_weights", "fused_iwae_bound",
-           "fused_iwae_bound_with_weights", "fused_linear_iwae_bound", "fused_linear_log_weights",
-           "reweight", "check_bound_inputs", "interpreted"]
+           "fused_iwae_bound_with_weights", "fused_linear_iwae_bound", "fused_linear_iwae_bound_with_weights", "fused_linear_log_weights",
+           "reweight", "check_bound_inputs", "interpreted", "Reduction", "IWAE"]

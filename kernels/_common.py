@@ -8,6 +8,7 @@ reject bad input with the same messages.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -152,6 +153,70 @@ def check_log_weights(name: str, t, allow_empty: bool = False, for_kernel: bool 
     return k
 
 
+# --------------------------------------------------------------------------- the bound's epilogue
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How the bound reduces an example's log-weights, the one epilogue every bound kernel takes:
+    the k samples form ``groups`` (M) groups of K = k / M consecutive samples, and
+
+        bound = (1 / M) sum_g [ (1 - beta) (logsumexp_{i in g} (scale log w_i) - log K) / scale
+                               + beta mean_{i in g} log w_i ]
+
+    The IWAE bound is (scale 1, 1 group, beta 0); VR-alpha is scale 1 - alpha; MIWAE(M, K) is M
+    groups; CIWAE is beta; the ELBOs are beta = 1 (``iwae_bench.training.family`` maps every
+    objective onto one). scale = 0 (VR at alpha = 1) is the limit beta = 1, and is stored so.
+
+    Its gradient, for the kernels' backward: d bound / d log w_i = (1 - beta) / M w~_i + beta / k,
+    w~_i = exp(scale log w_i - lse_g(i)) the softmax within sample i's group.
+    """
+
+    scale: float = 1.0
+    groups: int = 1
+    beta: float = 0.0
+
+    def __post_init__(self):
+        for name in ("scale", "beta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {self.beta!r}")
+        if not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"groups must be an integer >= 1, got {self.groups!r}")
+        if self.scale == 0.0:  # the limit scale -> 0 of (lse(s t) - log K) / s is mean(t)
+            object.__setattr__(self, "scale", 1.0)
+            object.__setattr__(self, "beta", 1.0)
+
+    @property
+    def linear(self) -> bool:
+        """Whether the mean of the log-weights enters (beta > 0): the kernels sum them too."""
+        return self.beta > 0.0
+
+    def group_length(self, k: int, name: str = "k") -> int:
+        """K = k / M, or a ValueError naming the group count that does not divide k."""
+        if k % self.groups:
+            raise ValueError(f"groups = {self.groups} does not divide {name} = {k}: the k samples must "
+                             f"split into groups of equal length")
+        return k // self.groups
+
+    def weights(self, log_w: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """d bound / d log w [B, k] float32 from log_w [B, k] and the groups' logsumexps of
+        scale log w [B * M] (a group whose lse is -inf has no weights to give: zeros)."""
+        B, k = log_w.shape
+        M = self.groups
+        lse = lse.view(B, M, 1)
+        soft = torch.where(torch.isneginf(lse), 0.0,
+                           torch.exp(self.scale * log_w.view(B, M, k // M) - lse)).view(B, k)
+        if not self.linear:
+            return soft if M == 1 else soft / M
+        return (1.0 - self.beta) / M * soft + self.beta / k
+
+
+IWAE = Reduction()
+
+
 # --------------------------------------------------------------------------- tiling
 
 
@@ -289,20 +354,32 @@ def split_plan(rows: int, k: int, device: torch.device, quantum: int,
 
 @dataclass
 class SplitWorkspace:
-    """What a split launch combines its partials in: ``partial`` [rows, splits] float32 and one
-    ``ticket`` counter per row group (int32). The kernel leaves every ticket at 0, so a
-    workspace can serve launch after launch (the autotuner reruns one launch many times)."""
+    """What a split launch combines its partials in: ``partial`` [rows, splits] float32 (the
+    logsumexps), ``linear`` [rows, splits] float32 (the plain sums, for a reduction that mixes
+    in the mean; None when it does not) and one ``ticket`` counter per row group (int32). The
+    kernel leaves every ticket at 0, so a workspace can serve launch after launch (the
+    autotuner reruns one launch many times)."""
 
     partial: torch.Tensor
     ticket: torch.Tensor
+    linear: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, rows: int, plan: SplitPlan, device: torch.device) -> "SplitWorkspace":
-        return cls(torch.empty((rows, plan.splits), device=device, dtype=torch.float32),
-                   torch.zeros(rows, device=device, dtype=torch.int32))
+    def allocate(cls, rows: int, plan: SplitPlan, device: torch.device, linear: bool = False) -> "SplitWorkspace":
+        partial = torch.empty((rows, plan.splits), device=device, dtype=torch.float32)
+        return cls(partial, torch.zeros(rows, device=device, dtype=torch.int32),
+                   torch.empty_like(partial) if linear else None)
 
-    def check(self, rows: int, plan: SplitPlan) -> None:
+    @property
+    def linear_partial(self) -> torch.Tensor:
+        """The tensor the kernel's linear-partials pointer gets (``partial`` when never read)."""
+        return self.partial if self.linear is None else self.linear
+
+    def check(self, rows: int, plan: SplitPlan, linear: bool = False) -> None:
         if tuple(self.partial.shape) != (rows, plan.splits) or self.ticket.numel() < rows:
             raise ValueError(f"workspace holds partials {shape_str(self.partial)} and "
                              f"{self.ticket.numel()} tickets; this launch needs [{rows}, {plan.splits}] "
                              f"and {rows}")
+        if linear and (self.linear is None or self.linear.shape != self.partial.shape):
+            raise ValueError("this launch mixes in the mean (beta > 0) and needs the workspace's "
+                             "linear partials: allocate it with linear=True")

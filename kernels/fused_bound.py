@@ -22,30 +22,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2, split_plan
+from ._common import (IWAE, Reduction, SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2,
+                      split_plan)
 from .logw import (PROD_GROUP, SPLIT_QUANTUM, _log_weight_block, block_tiling, input_strides,
                    bound_coefficients, int32_tiles, latent_block, log_weights_backward)
-from .lse import _lse_combine, _store_example_bound
+from .lse import _fold_samples, _group_samples, _store_row_bound
 
 
 @triton.jit
 def _fused_iwae_forward_kernel(
     x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
-    bound_ptr, lse_ptr, log_w_ptr, partial_ptr, ticket_ptr,
+    bound_ptr, lse_ptr, log_w_ptr, partial_ptr, linear_ptr, ticket_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-    B, k, D, d, k_per_split, SPLITS, log_k,
-    SAVE_LOG_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    B, k, D, d, M, K, k_per_split, SPLITS, log_K, scale, beta, inv_K,
+    SAVE_LOG_W: tl.constexpr, LINEAR: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
     LOAD_STAGES: tl.constexpr = 1,
 ):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    k_start = split * k_per_split
-    k_stop = tl.minimum(k_start + k_per_split, k)
+    # Program (r, s): group g of example b (r = b M + g: its K samples g K .. g K + K - 1), split
+    # s of them. It walks its samples in BLOCK_K blocks, folds each block's log-weights into the
+    # group's running logsumexp of scale log w (and their sum with LINEAR), and ends with the
+    # group's value (kernels/lse.py ``_store_row_bound``). The IWAE bound is one group, scale 1.
+    b, k_start, k_stop = _group_samples(tl.program_id(0), tl.program_id(1), M, K, k_per_split)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
+    run_lin = tl.zeros([1], tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_stop
@@ -57,58 +60,78 @@ def _fused_iwae_forward_kernel(
         )
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
-        log_w = tl.where(mask_k, log_w, float("-inf"))
-        run_max, run_sum = _lse_combine(run_max, run_sum, log_w[None, :])
-    _store_example_bound(run_max, run_sum, b, split, SPLITS, partial_ptr, ticket_ptr, lse_ptr,
-                         bound_ptr, log_k, SPLIT_K, BLOCK_S)
+        run_max, run_sum, run_lin = _fold_samples(run_max, run_sum, run_lin, log_w, mask_k, scale, LINEAR)
+    _store_row_bound(run_max, run_sum, run_lin, tl.program_id(0), tl.program_id(1), SPLITS,
+                     partial_ptr, linear_ptr, ticket_ptr, lse_ptr, bound_ptr, log_K, scale, beta,
+                     inv_K, LINEAR, SPLIT_K, BLOCK_S)
 
 
 _fused_forward = Tunable(_fused_iwae_forward_kernel, block_tiling("SPLITS", "SAVE_LOG_W", pipelined=True))
 
 
-def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None,
-                       workspace: SplitWorkspace | None = None):
-    """Return (bound [B], lse [B], log_w [B, k] or None), all float32 (inputs already checked).
+def reduction_args(reduction: Reduction, k: int) -> tuple:
+    """(M, K, log K, scale, beta, 1 / K): the bound kernels' epilogue arguments."""
+    K = reduction.group_length(k)
+    return (reduction.groups, K, math.log(K), float(reduction.scale), float(reduction.beta), 1.0 / K)
 
-    ``splits`` overrides the split plan and ``workspace`` supplies the split's partials and
-    tickets (tests use them to walk the multi-split path and to reuse one ticket buffer).
+
+def example_bound(row_bound: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """The per-example bound [B] from the kernels' per-group values [B * M]: their mean."""
+    M = reduction.groups
+    return row_bound if M == 1 else row_bound.view(-1, M).mean(1)
+
+
+def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None,
+                       workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE):
+    """Return (bound [B], lse [B * M], log_w [B, k] or None), all float32 (inputs already
+    checked); lse holds each group's logsumexp of scale log w (``reduction``; one group per
+    example for the IWAE bound).
+
+    ``splits`` overrides the split plan of each group and ``workspace`` supplies the split's
+    partials and tickets (tests use them to walk the multi-split path and to reuse one ticket
+    buffer).
     """
     B, k, D = logits.shape
     d = z.shape[2]
     device = logits.device
-    plan = split_plan(B, k, device, SPLIT_QUANTUM, splits)
-    bound = torch.empty(B, device=device, dtype=torch.float32)
-    lse = torch.empty(B, device=device, dtype=torch.float32)
-    log_w = torch.empty((B, k), device=device, dtype=torch.float32) if save_log_w else bound
-    if plan.is_split:  # the [B, splits] partials and one ticket per example
-        workspace = workspace or SplitWorkspace.allocate(B, plan, device)
-        workspace.check(B, plan)
+    epilogue = reduction_args(reduction, k)
+    rows, K = B * reduction.groups, epilogue[1]
+    plan = split_plan(rows, K, device, SPLIT_QUANTUM, splits)
+    row_bound = torch.empty(rows, device=device, dtype=torch.float32)
+    lse = torch.empty(rows, device=device, dtype=torch.float32)
+    log_w = torch.empty((B, k), device=device, dtype=torch.float32) if save_log_w else lse
+    if plan.is_split:  # the [rows, splits] partials and one ticket per group
+        workspace = workspace or SplitWorkspace.allocate(rows, plan, device, linear=reduction.linear)
+        workspace.check(rows, plan, reduction.linear)
     else:
-        workspace = SplitWorkspace(bound, bound)  # never read: SPLIT_K is off
+        workspace = SplitWorkspace(lse, lse)  # never read: SPLIT_K is off
     _fused_forward.launch(
-        lambda meta: (B, plan.splits),
-        x, logits, z, mu, logvar, bound, lse, log_w, workspace.partial, workspace.ticket,
-        *input_strides(x, logits, z, mu, logvar),
-        B, k, D, d, plan.per_split, plan.splits, math.log(k),
-        SAVE_LOG_W=save_log_w, SPLIT_K=plan.is_split, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
-        FAST=not interpreted(),
-        BLOCK_S=next_pow2(plan.splits), sizes={"k": min(k, plan.per_split), "D": D},
+        lambda meta: (rows, plan.splits),
+        x, logits, z, mu, logvar, row_bound, lse, log_w, workspace.partial, workspace.linear_partial,
+        workspace.ticket, *input_strides(x, logits, z, mu, logvar),
+        B, k, D, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
+        SAVE_LOG_W=save_log_w, LINEAR=reduction.linear, SPLIT_K=plan.is_split, BLOCK_L=latent_block(d),
+        PROD_GROUP=PROD_GROUP, FAST=not interpreted(), BLOCK_S=next_pow2(plan.splits),
+        sizes={"k": min(K, plan.per_split), "D": D},
     )
-    return bound, lse, (log_w if save_log_w else None)
+    return example_bound(row_bound, reduction), lse, (log_w if save_log_w else None)
 
 
 class FusedIWAEBoundFunction(torch.autograd.Function):
-    """Forward in one kernel. For a backward it keeps log_w [B, k] and lse [B] (O(B*k)) beside
-    the inputs; the backward turns them into normalized importance weights and recomputes
-    sigmoid(logits) instead of storing anything of size [B, k, D]. With ``return_weights`` it
-    also hands out log_w and lse (not differentiable), from which the normalized importance
-    weights exp(log_w - lse) follow (DReG's reweighting uses them)."""
+    """Forward in one kernel. For a backward it keeps log_w [B, k] and lse [B * M] (O(B*k))
+    beside the inputs; the backward turns them into the bound's weights d bound / d log w
+    (``Reduction.weights``: the normalized importance weights for the IWAE bound) and
+    recomputes sigmoid(logits) instead of storing anything of size [B, k, D]. With
+    ``return_weights`` it also hands out log_w and lse (not differentiable), from which the
+    weights follow (DReG's reweighting uses them)."""
 
     @staticmethod
-    def forward(ctx, x, logits, z, mu, logvar, return_weights: bool = False):
+    def forward(ctx, x, logits, z, mu, logvar, reduction: Reduction, return_weights: bool = False):
         inputs = (x, logits, z, mu, logvar)
         wants_grad = any(t.requires_grad for t in inputs)
-        bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=wants_grad or return_weights)
+        bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=wants_grad or return_weights,
+                                               reduction=reduction)
+        ctx.reduction = reduction
         if wants_grad:
             ctx.save_for_backward(*inputs, log_w, lse)
         if not return_weights:
@@ -119,26 +142,29 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_bound, *_):
         *inputs, log_w, lse = ctx.saved_tensors
-        return (*log_weights_backward(*inputs, bound_coefficients(grad_bound, log_w, lse),
-                                      need_dx=ctx.needs_input_grad[0]), None)
+        coef = bound_coefficients(grad_bound, log_w, lse, ctx.reduction)
+        return (*log_weights_backward(*inputs, coef, need_dx=ctx.needs_input_grad[0]), None, None)
 
 
-def fused_iwae_bound(x, logits, z, mu, logvar) -> torch.Tensor:
-    """IWAE bound L_k per example, [B] float32, in one kernel from the inputs.
+def fused_iwae_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE) -> torch.Tensor:
+    """IWAE bound L_k per example, [B] float32, in one kernel from the inputs; any member of
+    the family with ``reduction`` (``kernels.Reduction``: scale, groups, beta).
 
     Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory
     (O(B*k) when a gradient is needed). Differentiable (backward in Triton).
     """
-    B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[0]
+    B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[:2]
+    reduction.group_length(k)
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
-    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, reduction)
 
 
-def fused_iwae_bound_with_weights(x, logits, z, mu, logvar):
-    """(bound [B], log_w [B, k], lse [B]) from one kernel; only the bound is differentiable."""
+def fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction: Reduction = IWAE):
+    """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
     B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[:2]
+    reduction.group_length(k)
     if B == 0:
         empty = torch.empty(0, device=logits.device, dtype=torch.float32)
         return empty, empty.view(0, k), empty
-    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, True)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, reduction, True)

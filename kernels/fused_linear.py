@@ -92,13 +92,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SplitPlan, SplitWorkspace, Tiling, Tunable, cdiv, check_devices,
+from ._common import (IWAE, Reduction, SplitPlan, SplitWorkspace, Tiling, Tunable, cdiv, check_devices,
                       check_inputs, interpreted, next_pow2, shape_str, split_plan)
+from .fused_bound import example_bound, reduction_args
 from ._math import LN2, log2_, sigmoid_
 from .logw import (MASKED_LOGIT, PROD_GROUP, SPLIT_QUANTUM, _bernoulli_exact, _bernoulli_step,
                    _latent_log_ratio, _row_block, bound_coefficients, latent_block,
                    log_weights_backward)
-from .lse import _lse_combine, _store_example_bound
+from .lse import _fold_samples, _group_samples, _store_row_bound
 
 MATMUL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_QUANTUM = 128  # rows per split of the dW kernel are a multiple of this (any BLOCK_M <= 128)
@@ -274,25 +275,25 @@ def _bernoulli_linear_block(
 @triton.jit
 def _fused_linear_forward_kernel(
     x_ptr, h_ptr, w_ptr, bias_ptr, z_ptr, mu_ptr, logvar_ptr,
-    bound_ptr, lse_ptr, log_w_ptr, partial_ptr, ticket_ptr,
+    bound_ptr, lse_ptr, log_w_ptr, partial_ptr, linear_ptr, ticket_ptr,
     stride_xb, stride_xd, stride_hb, stride_hk, stride_hh, stride_wd, stride_wh, stride_bias,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-    B, k, D, H, d, k_per_split, SPLITS, log_k,
+    B, k, D, H, d, M, K, k_per_split, SPLITS, log_K, scale, beta, inv_K,
     HAS_BIAS: tl.constexpr, SAVE_LOG_W: tl.constexpr, BOUND: tl.constexpr,
-    SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    LINEAR: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_L: tl.constexpr, PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # grid (B, SPLITS): example b, samples [k_start, k_stop) in BLOCK_K blocks. Per block the
-    # log-weights are built in registers from h and W (no logits in memory), written to the
-    # contiguous [B, k] log_w when SAVE_LOG_W, and with BOUND folded into a running
-    # (max, sum); with SPLIT_K the splits' partial logsumexps are combined by the last one.
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    k_start = split * k_per_split
-    k_stop = tl.minimum(k_start + k_per_split, k)
+    # grid (B M, SPLITS): group g of example b (row b M + g, kernels/fused_bound.py's layout),
+    # its split's samples [k_start, k_stop) in BLOCK_K blocks. Per block the log-weights are
+    # built in registers from h and W (no logits in memory), written to the contiguous [B, k]
+    # log_w when SAVE_LOG_W, and with BOUND folded into the group's running logsumexp of
+    # scale log w (and sum, LINEAR); with SPLIT_K the splits' partials are combined by the
+    # last one, and the group's value stored (kernels/lse.py ``_store_row_bound``).
+    b, k_start, k_stop = _group_samples(tl.program_id(0), tl.program_id(1), M, K, k_per_split)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
+    run_lin = tl.zeros([1], tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_stop
@@ -309,11 +310,11 @@ def _fused_linear_forward_kernel(
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
         if BOUND:
-            log_w = tl.where(mask_k, log_w, float("-inf"))
-            run_max, run_sum = _lse_combine(run_max, run_sum, log_w[None, :])
+            run_max, run_sum, run_lin = _fold_samples(run_max, run_sum, run_lin, log_w, mask_k, scale, LINEAR)
     if BOUND:
-        _store_example_bound(run_max, run_sum, b, split, SPLITS, partial_ptr, ticket_ptr, lse_ptr,
-                             bound_ptr, log_k, SPLIT_K, BLOCK_S)
+        _store_row_bound(run_max, run_sum, run_lin, tl.program_id(0), tl.program_id(1), SPLITS,
+                         partial_ptr, linear_ptr, ticket_ptr, lse_ptr, bound_ptr, log_K, scale, beta,
+                         inv_K, LINEAR, SPLIT_K, BLOCK_S)
 
 
 @triton.jit
@@ -555,41 +556,47 @@ def _head_strides(x, h, weight, bias) -> tuple:
 
 def fused_linear_forward(x, h, weight, bias, z, mu, logvar, *, bound: bool = True,
                          save_log_w: bool = False, splits: int | None = None,
-                         workspace: SplitWorkspace | None = None):
-    """Return (bound [B] or None, lse [B] or None, log_w [B, k] or None), float32 (inputs
-    already checked). ``bound`` computes the IWAE bound, ``save_log_w`` writes log w.
+                         workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE):
+    """Return (bound [B] or None, lse [B * M] or None, log_w [B, k] or None), float32 (inputs
+    already checked). ``bound`` computes the bound (the IWAE bound, or the member of the
+    family ``reduction`` names: lse then holds each group's logsumexp of scale log w),
+    ``save_log_w`` writes log w.
 
-    ``splits`` overrides the split plan over k and ``workspace`` supplies the split's partials
-    and tickets (tests walk the multi-split path with them).
+    ``splits`` overrides the split plan over each group's samples and ``workspace`` supplies
+    the split's partials and tickets (tests walk the multi-split path with them).
     """
     B, k, H = h.shape
     D = weight.shape[0]
     d = z.shape[2]
     device = h.device
-    plan = split_plan(B, k, device, SPLIT_QUANTUM, splits)
-    out = torch.empty(B, device=device, dtype=torch.float32) if bound else None
-    lse = torch.empty(B, device=device, dtype=torch.float32) if bound else None
+    reduction = reduction if bound else IWAE  # log_w alone: one group, never reduced
+    epilogue = reduction_args(reduction, k)
+    rows, K = B * reduction.groups, epilogue[1]
+    plan = split_plan(rows, K, device, SPLIT_QUANTUM, splits)
+    out = torch.empty(rows, device=device, dtype=torch.float32) if bound else None
+    lse = torch.empty(rows, device=device, dtype=torch.float32) if bound else None
     log_w = torch.empty((B, k), device=device, dtype=torch.float32) if save_log_w else None
     split_k = bound and plan.is_split
-    if split_k:  # the [B, splits] partials and one ticket per example
-        workspace = workspace or SplitWorkspace.allocate(B, plan, device)
-        workspace.check(B, plan)
+    if split_k:  # the [rows, splits] partials and one ticket per group
+        workspace = workspace or SplitWorkspace.allocate(rows, plan, device, linear=reduction.linear)
+        workspace.check(rows, plan, reduction.linear)
     any_out = next(t for t in (out, log_w) if t is not None)  # stands in for unused pointers
-    partial, ticket = (workspace.partial, workspace.ticket) if split_k else (any_out, any_out)
+    partial, linear, ticket = ((workspace.partial, workspace.linear_partial, workspace.ticket) if split_k
+                               else (any_out, any_out, any_out))
     dots = _dot_options(h, weight)
     _fused_linear_forward.launch(
-        lambda meta: (B, plan.splits),
+        lambda meta: (rows, plan.splits),
         x, h, weight, bias if bias is not None else weight, z, mu, logvar,
         out if bound else any_out, lse if bound else any_out, log_w if save_log_w else any_out,
-        partial, ticket, *_head_strides(x, h, weight, bias),
+        partial, linear, ticket, *_head_strides(x, h, weight, bias),
         *z.stride(), *mu.stride(), *logvar.stride(),
-        B, k, D, H, d, plan.per_split, plan.splits, math.log(k),
-        HAS_BIAS=bias is not None, SAVE_LOG_W=save_log_w, BOUND=bound, SPLIT_K=split_k,
-        BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(),
+        B, k, D, H, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
+        HAS_BIAS=bias is not None, SAVE_LOG_W=save_log_w, BOUND=bound, LINEAR=reduction.linear,
+        SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(),
         BLOCK_S=next_pow2(plan.splits), BLOCK_H=hidden_block(H), **dots,
-        sizes=_sizes(min(k, plan.per_split), D, H, h, dots),
+        sizes=_sizes(min(K, plan.per_split), D, H, h, dots),
     )
-    return out, lse, log_w
+    return (example_bound(out, reduction) if bound else None), lse, log_w
 
 
 def dw_row_plan(rows: int, D: int, device: torch.device, splits: int | None = None) -> SplitPlan:
@@ -665,19 +672,24 @@ class FusedLinearBoundFunction(torch.autograd.Function):
     the inputs; the backward rebuilds the logits tiles from h and W instead of storing them."""
 
     @staticmethod
-    def forward(ctx, x, h, weight, bias, z, mu, logvar):
+    def forward(ctx, x, h, weight, bias, z, mu, logvar, reduction: Reduction, return_weights: bool = False):
         inputs = (x, h, weight, bias, z, mu, logvar)
         wants_grad = any(t is not None and t.requires_grad for t in inputs)
-        bound, lse, log_w = fused_linear_forward(*inputs, save_log_w=wants_grad)
+        bound, lse, log_w = fused_linear_forward(*inputs, save_log_w=wants_grad or return_weights,
+                                                 reduction=reduction)
+        ctx.reduction = reduction
         if wants_grad:
             ctx.save_for_backward(*inputs, log_w, lse)
-        return bound
+        if not return_weights:
+            return bound
+        ctx.mark_non_differentiable(log_w, lse)
+        return bound, log_w, lse
 
     @staticmethod
-    def backward(ctx, grad_bound):
+    def backward(ctx, grad_bound, *_):
         *inputs, log_w, lse = ctx.saved_tensors
-        return fused_linear_backward(*inputs, bound_coefficients(grad_bound, log_w, lse),
-                                     needs=ctx.needs_input_grad)
+        coef = bound_coefficients(grad_bound, log_w, lse, ctx.reduction)
+        return (*fused_linear_backward(*inputs, coef, needs=ctx.needs_input_grad[:7]), None, None)
 
 
 class FusedLinearLogWeightsFunction(torch.autograd.Function):
@@ -694,18 +706,30 @@ class FusedLinearLogWeightsFunction(torch.autograd.Function):
         return fused_linear_backward(*ctx.saved_tensors, grad_log_w, needs=ctx.needs_input_grad)
 
 
-def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar) -> torch.Tensor:
+def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, from the decoder's last hidden layer: the
     logits h W^T + bias are built on chip and never stored (forward or backward).
 
     x [B, D] (binary or in [0, 1]); h [B, k, H], weight [D, H] and bias [D] (or None) of the
     output nn.Linear, h and weight of one dtype (float32, bfloat16 or float16); z [B, k, d],
     mu and logvar [B, d]. Differentiable in every tensor (backward in Triton, O(B k) saved).
+    ``reduction`` (``kernels.Reduction``) computes any member of the family instead.
     """
-    B = check_head_inputs(x, h, weight, bias, z, mu, logvar, for_kernel=True)[0]
+    B, k = check_head_inputs(x, h, weight, bias, z, mu, logvar, for_kernel=True)[:2]
+    reduction.group_length(k)
     if B == 0:
         return torch.empty(0, device=h.device, dtype=torch.float32)
-    return FusedLinearBoundFunction.apply(x, h, weight, bias, z, mu, logvar)
+    return FusedLinearBoundFunction.apply(x, h, weight, bias, z, mu, logvar, reduction)
+
+
+def fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE):
+    """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
+    B, k = check_head_inputs(x, h, weight, bias, z, mu, logvar, for_kernel=True)[:2]
+    reduction.group_length(k)
+    if B == 0:
+        empty = torch.empty(0, device=h.device, dtype=torch.float32)
+        return empty, empty.view(0, k), empty
+    return FusedLinearBoundFunction.apply(x, h, weight, bias, z, mu, logvar, reduction, True)
 
 
 def fused_linear_log_weights(x, h, weight, bias, z, mu, logvar) -> torch.Tensor:

@@ -63,8 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, interpreted, next_pow2,
-                      split_plan)
+from ._common import (IWAE, Reduction, SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, interpreted,
+                      next_pow2, split_plan)
 from ._math import LN2, exp_, log2_, sigmoid_
 
 PROD_GROUP = 64  # factors in (1, 2] multiplied before one log: product <= 2**64
@@ -388,11 +388,11 @@ def log_weights_forward(x, logits, z, mu, logvar) -> torch.Tensor:
     return log_w
 
 
-def bound_coefficients(grad_bound, log_w, lse) -> torch.Tensor:
-    """d loss / d log w [B, k] of the bound: g[b] times the normalized importance weights
-    exp(log_w - lse), from what the fused forward saved; a row of lse -inf gets zeros."""
-    weights = torch.where(torch.isneginf(lse)[:, None], 0.0, torch.exp(log_w - lse[:, None]))
-    return grad_bound.to(torch.float32)[:, None] * weights
+def bound_coefficients(grad_bound, log_w, lse, reduction: Reduction = IWAE) -> torch.Tensor:
+    """d loss / d log w [B, k] of the bound: g[b] times the bound's weights (the normalized
+    importance weights exp(log_w - lse) for the IWAE bound; ``Reduction.weights``), from what
+    the fused forward saved; a group of lse -inf gets zeros."""
+    return grad_bound.to(torch.float32)[:, None] * reduction.weights(log_w, lse)
 
 
 def log_weights_backward(x, logits, z, mu, logvar, coef, need_dx=False, plan: SplitPlan | None = None):

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SplitWorkspace, Tiling, Tunable, cdiv, check_log_weights, next_pow2, split_plan
+from ._common import (IWAE, Reduction, SplitWorkspace, Tiling, Tunable, cdiv, check_log_weights, next_pow2,
+                      split_plan)
 from ._math import exp_
 
 
@@ -53,15 +54,19 @@ def _lse_finalize(run_max, run_sum):
 
 
 @triton.jit
-def _combine_split_partials(part, rows, mask_r, split, SPLITS, partial_ptr, ticket_ptr,
-                            ticket_index, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+def _combine_split_partials(part, lin, rows, mask_r, split, SPLITS, partial_ptr, linear_ptr,
+                            ticket_ptr, ticket_index, LINEAR: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
     """Split-k epilogue, in the same launch. Each of SPLITS programs holds ``part`` [BLOCK_R],
-    the logsumexp of its share of the rows ``rows``; it stores it to the [R, SPLITS] partials
-    and takes a ticket. The holder of the last ticket reads every partial of these rows and gets
-    their logsumexp with ``is_last`` true on its valid rows (false for everyone else), and puts
-    the ticket back to 0 so the next launch (or the autotuner's rerun) starts clean."""
+    the logsumexp of its share of the rows ``rows`` (and with LINEAR ``lin``, the plain sum of
+    that share); it stores them to the [R, SPLITS] partials and takes a ticket. The holder of
+    the last ticket reads every partial of these rows and gets their logsumexp (and the sum of
+    the sums) with ``is_last`` true on its valid rows (false for everyone else), and puts the
+    ticket back to 0 so the next launch (or the autotuner's rerun) starts clean."""
     rows64 = rows.to(tl.int64)
     tl.store(partial_ptr + rows64 * SPLITS + split, part, mask=mask_r)
+    if LINEAR:
+        tl.store(linear_ptr + rows64 * SPLITS + split, lin, mask=mask_r)
     # Every thread's partial store is issued before the ticket (barrier), and the ticket is
     # acq_rel (the default): our partial is visible before our ticket is, and the last holder,
     # acquiring, sees every partial stored before the other tickets were taken.
@@ -70,43 +75,86 @@ def _combine_split_partials(part, rows, mask_r, split, SPLITS, partial_ptr, tick
     tl.debug_barrier()
     n_read = tl.where(ticket == SPLITS - 1, SPLITS, 0)
     offs_s = tl.arange(0, BLOCK_S)
-    parts = tl.load(partial_ptr + rows64[:, None] * SPLITS + offs_s[None, :],
-                    mask=mask_r[:, None] & (offs_s[None, :] < n_read), other=float("-inf"),
-                    volatile=True)
+    read_mask = mask_r[:, None] & (offs_s[None, :] < n_read)
+    parts = tl.load(partial_ptr + rows64[:, None] * SPLITS + offs_s[None, :], mask=read_mask,
+                    other=float("-inf"), volatile=True)
     lse = _lse_finalize(*_lse_combine(tl.full([BLOCK_R], float("-inf"), tl.float32),
                                       tl.zeros([BLOCK_R], tl.float32), parts))
+    if LINEAR:
+        lin = tl.sum(tl.load(linear_ptr + rows64[:, None] * SPLITS + offs_s[None, :], mask=read_mask,
+                             other=0.0, volatile=True), axis=1)
     is_last = mask_r & ((tl.zeros([BLOCK_R], tl.int32) + n_read) > 0)
     one = tl.arange(0, 1)
     tl.store(ticket_ptr + ticket_index + one, tl.zeros([1], tl.int32), mask=one < n_read)
-    return lse, is_last
+    return lse, lin, is_last
 
 
 @triton.jit
-def _store_example_bound(run_max, run_sum, b, split, SPLITS, partial_ptr, ticket_ptr, lse_ptr,
-                         bound_ptr, log_k, SPLIT_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The end of a program that streamed one example's log-weights (the fused bounds): the
-    logsumexp of its share, combined with the other splits' by the last one to finish when k is
-    split, stored as lse[b] and as the bound lse[b] - log k."""
+def _row_value(lse, lin, log_K, scale, beta, inv_K, LINEAR: tl.constexpr):
+    """A group's share of the bound (``kernels._common.Reduction``), from the logsumexp of its
+    scaled log-weights and, with LINEAR, their plain sum: (1 - beta) (lse - log K) / scale +
+    beta sum / K. The first term is dropped outright at beta = 1 (0 * inf would be NaN)."""
+    value = (lse - log_K) / scale
+    if LINEAR:
+        value = tl.where(beta == 1.0, 0.0, (1.0 - beta) * value) + beta * (lin * inv_K)
+    return value
+
+
+@triton.jit
+def _fold_samples(run_max, run_sum, run_lin, log_w, mask_k, scale, LINEAR: tl.constexpr):
+    """Fold a block of log-weights [BLOCK_K] (``mask_k``: the real ones) into a group's running
+    logsumexp of scale log w and, with LINEAR, the running sum of log w."""
+    scaled = tl.where(mask_k, scale * log_w, float("-inf"))
+    run_max, run_sum = _lse_combine(run_max, run_sum, scaled[None, :])
+    if LINEAR:
+        run_lin += tl.sum(tl.where(mask_k, log_w, 0.0), axis=0)
+    return run_max, run_sum, run_lin
+
+
+@triton.jit
+def _group_samples(row, split, M, K, k_per_split):
+    """Program row ``row`` of a bound kernel owns group g of example b (row = b M + g, the
+    group's K samples g K .. g K + K - 1) and split ``split`` of it: (b, first, stop)."""
+    b = row // M
+    first = (row - b * M) * K + split * k_per_split
+    stop = tl.minimum(first + k_per_split, (row - b * M) * K + K)
+    return b, first, stop
+
+
+@triton.jit
+def _store_row_bound(run_max, run_sum, run_lin, row, split, SPLITS, partial_ptr, linear_ptr,
+                     ticket_ptr, lse_ptr, bound_ptr, log_K, scale, beta, inv_K,
+                     LINEAR: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The end of a program that streamed one group's log-weights (the fused bounds): the
+    logsumexp of its share, combined with the other splits' by the last one to finish when the
+    group is split, stored as lse[row], and the group's value (``_row_value``) as bound[row]."""
     lse = _lse_finalize(run_max, run_sum)  # [1]: logsumexp over this split's samples
+    lin = run_lin
     one = tl.arange(0, 1)
     store_mask = one < 1
     if SPLIT_K:
-        lse, store_mask = _combine_split_partials(lse, b + one, one < 1, split, SPLITS, partial_ptr,
-                                                  ticket_ptr, b, 1, BLOCK_S)
-    tl.store(lse_ptr + b + one, lse, mask=store_mask)
-    tl.store(bound_ptr + b + one, lse - log_k, mask=store_mask)
+        lse, lin, store_mask = _combine_split_partials(lse, lin, row + one, one < 1, split, SPLITS,
+                                                       partial_ptr, linear_ptr, ticket_ptr, row,
+                                                       LINEAR, 1, BLOCK_S)
+    tl.store(lse_ptr + row + one, lse, mask=store_mask)
+    tl.store(bound_ptr + row + one, _row_value(lse, lin, log_K, scale, beta, inv_K, LINEAR),
+             mask=store_mask)
 
 
 @triton.jit
 def _logsumexp_forward_kernel(
-    t_ptr, lse_ptr, out_ptr, partial_ptr, ticket_ptr,
-    R, K, stride_r, stride_k, offset, k_per_split, SPLITS,
-    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    t_ptr, lse_ptr, out_ptr, partial_ptr, linear_ptr, ticket_ptr,
+    R, K, stride_r, stride_k, offset, scale, beta, inv_K, k_per_split, SPLITS,
+    LINEAR: tl.constexpr, SCALED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # Program (i, s) owns BLOCK_R rows and walks columns [s * k_per_split, (s+1) * k_per_split)
-    # of them in [BLOCK_R, BLOCK_K] tiles: each element is read once. Per row it writes lse and
-    # lse - offset; with SPLIT_K the splits' partials are combined by the last one to finish
-    # (a few rows of a huge K would otherwise leave most SMs idle).
+    # of them in [BLOCK_R, BLOCK_K] tiles: each element is read once. Per row it writes lse, the
+    # logsumexp of scale * t, and the row's value (lse - offset) / scale (with LINEAR, mixed
+    # with the row's mean as ``_row_value`` says; SCALED: scale is not 1, so the hot loop of
+    # the plain logsumexp has no multiply); with SPLIT_K the splits' partials are
+    # combined by the last one to finish (a few rows of a huge K would otherwise leave most
+    # SMs idle).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(1)
     mask_r = rows < R
@@ -115,30 +163,37 @@ def _logsumexp_forward_kernel(
     k_stop = tl.minimum(k_start + k_per_split, K)
     run_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_R], tl.float32)
+    run_lin = tl.zeros([BLOCK_R], tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_r[:, None] & (offs_k < k_stop)[None, :]
         tile = tl.load(row_ptrs + offs_k[None, :].to(tl.int64) * stride_k, mask=mask,
-                       other=float("-inf"))
-        run_max, run_sum = _lse_combine(run_max, run_sum, tile.to(tl.float32))
+                       other=float("-inf")).to(tl.float32)
+        if LINEAR:
+            run_lin += tl.sum(tl.where(mask, tile, 0.0), axis=1)
+        if SCALED:  # masked after scaling: a negative scale would turn a masked -inf into +inf
+            tile = tl.where(mask, tile * scale, float("-inf"))
+        run_max, run_sum = _lse_combine(run_max, run_sum, tile)
     lse = _lse_finalize(run_max, run_sum)
     store_mask = mask_r
     if SPLIT_K:
-        lse, store_mask = _combine_split_partials(lse, rows, mask_r, split, SPLITS, partial_ptr,
-                                                  ticket_ptr, tl.program_id(0), BLOCK_R, BLOCK_S)
+        lse, run_lin, store_mask = _combine_split_partials(lse, run_lin, rows, mask_r, split, SPLITS,
+                                                           partial_ptr, linear_ptr, ticket_ptr,
+                                                           tl.program_id(0), LINEAR, BLOCK_R, BLOCK_S)
     tl.store(lse_ptr + rows, lse, mask=store_mask)
-    tl.store(out_ptr + rows, lse - offset, mask=store_mask)
+    tl.store(out_ptr + rows, _row_value(lse, run_lin, offset, scale, beta, inv_K, LINEAR), mask=store_mask)
 
 
 @triton.jit
 def _logsumexp_backward_kernel(
     t_ptr, lse_ptr, grad_out_ptr, grad_t_ptr,
-    R, K, stride_r, stride_k,
+    R, K, stride_r, stride_k, scale, beta, inv_K,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # grad_t[r, j] = grad_out[r] * exp(t[r, j] - lse[r]): one [BLOCK_R, BLOCK_K] tile per
-    # program, t read once, grad_t (contiguous [R, K]) written once. An all -inf row has no
-    # weights to give; it gets zero gradient rather than exp(-inf + inf) = NaN.
+    # grad_t[r, j] = grad_out[r] * ((1 - beta) exp(scale t[r, j] - lse[r]) + beta / K): the
+    # softmax of the scaled row, mixed with the mean's uniform weights. One [BLOCK_R, BLOCK_K]
+    # tile per program, t read once, grad_t (contiguous [R, K]) written once. An all -inf row
+    # has no softmax weights to give: 0 rather than exp(-inf + inf) = NaN.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_r = rows < R
@@ -148,8 +203,8 @@ def _logsumexp_backward_kernel(
                    mask=mask, other=float("-inf")).to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=mask_r, other=0.0)
     grad_out = tl.load(grad_out_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
-    weights = tl.where(lse[:, None] == float("-inf"), 0.0, exp_(tile - lse[:, None]))
-    grad = grad_out[:, None] * weights
+    weights = tl.where(lse[:, None] == float("-inf"), 0.0, exp_(tile * scale - lse[:, None]))
+    grad = grad_out[:, None] * ((1.0 - beta) * weights + beta * inv_K)
     tl.store(grad_t_ptr + rows64[:, None] * K + offs_k[None, :],
              grad.to(grad_t_ptr.dtype.element_ty), mask=mask)
 
@@ -212,8 +267,10 @@ SPLIT_QUANTUM = 8192  # columns per split are a multiple of the widest tile
 
 
 def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None = None,
-                      workspace: SplitWorkspace | None = None):
-    """Return (out, lse): out = logsumexp(t, -1) - offset in float32, lse the raw row values.
+                      workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE):
+    """Return (out, lse) per row of t [..., K], float32: lse = logsumexp(scale t) and out the
+    row's value under ``reduction`` (``_row_value``; (lse - offset) / scale for beta = 0, so
+    logsumexp(t) - offset by default). ``reduction.groups`` is not read here: a row is a group.
 
     ``splits`` overrides the split plan and ``workspace`` supplies the split's partials and
     tickets (tests use them to walk the split-k path and to reuse one ticket buffer).
@@ -226,21 +283,25 @@ def logsumexp_forward(t: torch.Tensor, offset: float = 0.0, splits: int | None =
         return out.view(t.shape[:-1]), lse
     plan = split_plan(R, K, t.device, SPLIT_QUANTUM, splits)
     if plan.is_split:  # the [R, splits] partials and one ticket per row block (at most R)
-        workspace = workspace or SplitWorkspace.allocate(R, plan, t.device)
-        workspace.check(R, plan)
+        workspace = workspace or SplitWorkspace.allocate(R, plan, t.device, linear=reduction.linear)
+        workspace.check(R, plan, reduction.linear)
     else:
         workspace = SplitWorkspace(lse, lse)  # never read: SPLIT_K is off
     _lse_forward.launch(
         lambda m: (cdiv(R, m["BLOCK_R"]), plan.splits),
-        rows, lse, out, workspace.partial, workspace.ticket, R, K, rows.stride(0), rows.stride(1),
-        float(offset), plan.per_split, plan.splits, SPLIT_K=plan.is_split,
+        rows, lse, out, workspace.partial, workspace.linear_partial, workspace.ticket, R, K,
+        rows.stride(0), rows.stride(1), float(offset), float(reduction.scale), float(reduction.beta),
+        1.0 / K, plan.per_split, plan.splits, LINEAR=reduction.linear, SCALED=reduction.scale != 1.0,
+        SPLIT_K=plan.is_split,
         BLOCK_S=next_pow2(plan.splits), sizes={"K": min(K, plan.per_split)},
     )
     return out.view(t.shape[:-1]), lse
 
 
-def logsumexp_backward(t: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """Gradient of logsumexp(t, -1) for incoming ``grad_out`` [...]: a tensor like t."""
+def logsumexp_backward(t: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                       reduction: Reduction = IWAE) -> torch.Tensor:
+    """Gradient of the rows' values (``logsumexp_forward``) for incoming ``grad_out`` [...]:
+    a tensor like t."""
     rows = _as_rows(t)
     R, K = rows.shape
     grad = torch.empty((R, K), device=t.device, dtype=t.dtype)
@@ -248,32 +309,39 @@ def logsumexp_backward(t: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tenso
         _lse_backward.launch(
             lambda m: (cdiv(R, m["BLOCK_R"]), cdiv(K, m["BLOCK_K"])),
             rows, lse, grad_out.reshape(R).contiguous(), grad, R, K, rows.stride(0), rows.stride(1),
-            sizes={"K": K},
+            float(reduction.scale), float(reduction.beta), 1.0 / K, sizes={"K": K},
         )
     return grad.view(t.shape)
 
 
 class LogSumExpFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: torch.Tensor, offset: float):
-        out, lse = logsumexp_forward(t, offset)
+    def forward(ctx, t: torch.Tensor, offset: float, reduction: Reduction):
+        out, lse = logsumexp_forward(t, offset, reduction=reduction)
         ctx.save_for_backward(t, lse)
+        ctx.reduction = reduction
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         t, lse = ctx.saved_tensors
-        return logsumexp_backward(t, lse, grad_out), None
+        return logsumexp_backward(t, lse, grad_out, ctx.reduction), None, None
 
 
 def logsumexp(t: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dimension of ``t`` [..., K] -> [...] in float32."""
     if check_log_weights("t", t, allow_empty=True, for_kernel=True) == 0:
         return torch.full(t.shape[:-1], float("-inf"), device=t.device, dtype=torch.float32)  # as torch
-    return LogSumExpFunction.apply(t, 0.0)
+    return LogSumExpFunction.apply(t, 0.0, IWAE)
 
 
-def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
-    """IWAE bound from log-weights [..., k] -> [...]: logsumexp over k minus log k, float32."""
+def iwae_bound(log_w: torch.Tensor, reduction: Reduction = IWAE) -> torch.Tensor:
+    """The bound from log-weights [..., k] -> [...] float32: logsumexp over k minus log k by
+    default, any member of the family with ``reduction`` (groups of K consecutive samples: each
+    group a row of the kernel, their values averaged)."""
     k = check_log_weights("log_w", log_w, for_kernel=True)
-    return LogSumExpFunction.apply(log_w, math.log(k))
+    K = reduction.group_length(k, "k (log_w's last dim)")
+    M = reduction.groups
+    grouped = log_w if M == 1 else log_w.unflatten(-1, (M, K))
+    values = LogSumExpFunction.apply(grouped, math.log(K), reduction)
+    return values if M == 1 else values.mean(-1)

@@ -74,14 +74,18 @@ def test_each_objective_equals_its_definition(backend, device):
             assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, what=f"{objective} d/d{name}")
 
 
-@pytest.mark.parametrize("objective, estimator", [("iwae", "iwae"), ("iwae", "dreg"),
-                                                  ("multi_sample_elbo", "stl")])
-def test_training_through_the_fused_head_matches_the_logits(objective, estimator, device):
-    """The fused head (logits never stored) trains exactly as torch on the logits, estimators
-    included (they act at z, which reaches the encoder through dh)."""
-    on_logits = _train(objective, "torch", 5, 12, device, estimator)
-    fused_head = _train(objective, "fused", 5, 12, device, estimator, head=True)
-    torch_head = _train(objective, "torch", 5, 12, device, estimator, head=True)
+HEAD_CASES = [("iwae", "iwae", 5), ("iwae", "dreg", 5), ("multi_sample_elbo", "stl", 5),
+              ("vr:0.5", "dreg", 6), ("miwae:2x3", "iwae", 6), ("ciwae:0.3", "dreg", 6),
+              ("piwae:2x3", "dreg", 6), ("rws", "wake", 6)]
+
+
+@pytest.mark.parametrize("objective, estimator, k", HEAD_CASES, ids=[f"{o}-{e}" for o, e, _ in HEAD_CASES])
+def test_training_through_the_fused_head_matches_the_logits(objective, estimator, k, device):
+    """The fused head (logits never stored) trains exactly as torch on the logits, for every
+    member of the family and its estimators (they act at z, which reaches the encoder through dh)."""
+    on_logits = _train(objective, "torch", k, 12, device, estimator)
+    fused_head = _train(objective, "fused", k, 12, device, estimator, head=True)
+    torch_head = _train(objective, "torch", k, 12, device, estimator, head=True)
     assert_close(torch_head, on_logits, rtol=1e-6, atol=1e-6, what="torch head vs logits")
     assert_close(fused_head, on_logits, rtol=1e-4, atol=1e-4, what=f"fused head {objective} {estimator}")
     assert fused_head[-3:].mean() < fused_head[:3].mean()
@@ -91,7 +95,7 @@ def test_objective_choices_are_checked():
     inputs = make_case(2, 3, 5, 2)
     with pytest.raises(ValueError, match="objective 'elbo' is the one-sample VAE bound and needs k = 1, got k = 3"):
         objective_bound(*inputs, objective="elbo")
-    with pytest.raises(ValueError, match="objective must be one of elbo, multi_sample_elbo, iwae, got 'vae'"):
+    with pytest.raises(ValueError, match="objective must be one of elbo, multi_sample_elbo, iwae, vr, miwae, ciwae, piwae, rws, got 'vae'"):
         IWAELoss("vae")
     with pytest.raises(ValueError, match="backend must be one of torch, fused, got 'cuda'"):
         IWAELoss("iwae", backend="cuda")

@@ -3,27 +3,27 @@ the benchmark's variants all call these functions.
 
     log w_i = log p(x|h_i) + log p(h_i) - log q(h_i|x)       log_weights      [B, k]
     IWAE    L_k = logsumexp_i log w_i - log k                 iwae_bound       [B]
-    ELBOs   L_1 = log w (k = 1), mean_i log w_i (any k)       objective_bound  [B]
-            or, kl="analytic": mean_i log p(x|h_i) - KL(q(h|x) || p(h)) in closed form
+    family  any kernels.Reduction of log w (VR, MIWAE, ...)   reduced_bound    [B]
+    named   an objective of training/family.py                objective_bound  [B]
+            (ELBOs also with kl="analytic": mean_i log p(x|h_i) - KL(q(h|x) || p(h)) in closed form)
 
 ``backend="torch"``: stable PyTorch with autograd (broadcasting over k, BCE with logits,
-``torch.logsumexp``). ``backend="fused"``: the Triton kernels (the fused bound for the IWAE,
-the log-weights kernel for the ELBOs), backward passes in Triton. Both return float32 and
-follow the same rule for infinite logits as the float64 reference (kernels/logw.py).
+``torch.logsumexp``). ``backend="fused"``: the Triton kernels (one fused kernel from the inputs
+to any member of the family), backward passes in Triton. Both return float32 and follow the
+same rule for infinite logits as the float64 reference (kernels/logw.py).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import check_bound_inputs
+from kernels import IWAE, Reduction, check_bound_inputs
+
+from .family import OBJECTIVES, as_objective, default_estimator, torch_reduce  # noqa: F401 (re-exported)
 
 BACKENDS = ("torch", "fused")
-OBJECTIVES = ("elbo", "multi_sample_elbo", "iwae")
 KLS = ("sampled", "analytic")
 
 
@@ -81,13 +81,25 @@ def log_weights(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tenso
     return torch_log_weights(x, logits, z, mu, logvar)
 
 
-def iwae_bound(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
-    """L_k per example, [B] float32."""
+def reduced_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, backend: str = "torch",
+                  with_log_w: bool = False):
+    """The bound ``reduction`` (``kernels.Reduction``: the IWAE bound by default, any member of
+    the family) per example, [B] float32; with ``with_log_w`` also log w [B, k] (detached: the
+    estimators' weights are constants of the forward pass)."""
     check_choice("backend", backend, BACKENDS)
     if backend == "fused":
-        return kernels.fused_iwae_bound(x, logits, z, mu, logvar)
+        if with_log_w:
+            bound, log_w, _ = kernels.fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction)
+            return bound, log_w
+        return kernels.fused_iwae_bound(x, logits, z, mu, logvar, reduction)
     log_w = log_weights(x, logits, z, mu, logvar, "torch")
-    return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
+    bound = torch_reduce(log_w, reduction)
+    return (bound, log_w.detach()) if with_log_w else bound
+
+
+def iwae_bound(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
+    """L_k per example, [B] float32."""
+    return reduced_bound(x, logits, z, mu, logvar, IWAE, backend)
 
 
 def log_likelihood(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
@@ -100,41 +112,21 @@ def log_likelihood(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Te
     return torch_log_likelihood(x, logits)
 
 
-def iwae_bound_with_weights(x, logits, z, mu, logvar, backend: str = "torch"):
-    """(L_k [B], reweight) where ``reweight(g)`` multiplies a per-sample gradient g [B, k, d]
-    by the normalized importance weights exp(log w - logsumexp log w) of this forward (as
-    constants): in Triton for the fused backend, without materializing the weights."""
-    check_choice("backend", backend, BACKENDS)
-    if backend == "fused":
-        bound, log_w, lse = kernels.fused_iwae_bound_with_weights(x, logits, z, mu, logvar)
-        return bound, lambda g: kernels.reweight(g, log_w, lse)
-    log_w = log_weights(x, logits, z, mu, logvar, "torch")
-    lse = torch.logsumexp(log_w, dim=1)
-    frozen = log_w.detach() - lse.detach()[:, None]
-    weights = torch.where(torch.isneginf(lse.detach())[:, None], 0.0, torch.exp(frozen))
-    return lse - math.log(log_w.shape[1]), lambda g: g * weights.unsqueeze(-1).to(g.dtype)
-
-
-def objective_bound(x, logits, z, mu, logvar, objective: str = "iwae",
-                    backend: str = "torch", kl: str = "sampled") -> torch.Tensor:
-    """The objective's lower bound per example, [B] float32 (to be maximized). ``kl``:
-    "sampled" (log p(h) - log q(h|x) at the samples, the default) or "analytic" (the ELBOs'
-    Gaussian KL in closed form: mean_i log p(x|h_i) - KL(q || p))."""
-    check_choice("objective", objective, OBJECTIVES)
+def objective_bound(x, logits, z, mu, logvar, objective="iwae", backend: str = "torch",
+                    kl: str = "sampled", **params) -> torch.Tensor:
+    """The objective's bound per example, [B] float32 (to be maximized): a name with its
+    parameters as keywords (``objective="vr", alpha=0.5``), a spelling (``"miwae:8x8"``) or an
+    ``Objective`` (training/family.py). PIWAE and RWS report the IWAE bound. ``kl``: "sampled"
+    (log p(h) - log q(h|x) at the samples, the default) or "analytic" (the ELBOs' Gaussian KL
+    in closed form: mean_i log p(x|h_i) - KL(q || p))."""
+    objective = as_objective(objective, **params)
     check_choice("backend", backend, BACKENDS)
     check_choice("kl", kl, KLS)
     _, k, _, _ = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=backend == "fused")
-    if objective == "elbo" and k != 1:
-        raise ValueError(f"objective 'elbo' is the one-sample VAE bound and needs k = 1, got k = {k}; "
-                         "use 'multi_sample_elbo' for the average over k samples")
+    objective.check(k, default_estimator(objective), kl)
     if kl == "analytic":
-        if objective == "iwae":
-            raise ValueError("kl='analytic' applies to the ELBOs (elbo, multi_sample_elbo): the IWAE "
-                             "bound has no KL term to take in closed form; use kl='sampled'")
         return log_likelihood(x, logits, z, mu, logvar, backend).mean(dim=1) - gaussian_kl(mu, logvar)
-    if objective == "iwae":
-        return iwae_bound(x, logits, z, mu, logvar, backend)
-    return log_weights(x, logits, z, mu, logvar, backend).mean(dim=1)
+    return reduced_bound(x, logits, z, mu, logvar, objective.value(k), backend)
 
 
 # --------------------------------------------------------------------------- the decoder head
@@ -150,27 +142,22 @@ def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch") 
     return log_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch")
 
 
-def head_objective_bound(x, h, weight, bias, z, mu, logvar, objective: str = "iwae",
-                         backend: str = "torch") -> torch.Tensor:
+def head_reduced_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE,
+                       backend: str = "torch", with_log_w: bool = False):
+    """``reduced_bound`` from h and the output layer (the fused backend never stores logits)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "torch":
+        return reduced_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction, "torch", with_log_w)
+    if with_log_w:
+        bound, log_w, _ = kernels.fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar,
+                                                                       reduction)
+        return bound, log_w
+    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction)
+
+
+def head_objective_bound(x, h, weight, bias, z, mu, logvar, objective="iwae", backend: str = "torch",
+                         **params) -> torch.Tensor:
     """``objective_bound`` with the output layer fused in (kl sampled)."""
-    check_choice("objective", objective, OBJECTIVES)
-    check_choice("backend", backend, BACKENDS)
-    if objective == "elbo" and h.shape[1] != 1:
-        raise ValueError(f"objective 'elbo' is the one-sample VAE bound and needs k = 1, got k = "
-                         f"{h.shape[1]}; use 'multi_sample_elbo' for the average over k samples")
-    if backend == "torch":
-        return objective_bound(x, F.linear(h, weight, bias), z, mu, logvar, objective, "torch")
-    if objective == "iwae":
-        return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar)
-    return kernels.fused_linear_log_weights(x, h, weight, bias, z, mu, logvar).mean(dim=1)
-
-
-def head_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch"):
-    """``iwae_bound_with_weights`` from h and the output layer (DReG through the fused head)."""
-    check_choice("backend", backend, BACKENDS)
-    if backend == "torch":
-        return iwae_bound_with_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch")
-    log_w = kernels.fused_linear_log_weights(x, h, weight, bias, z, mu, logvar)
-    lse = torch.logsumexp(log_w, dim=1)
-    frozen_log_w, frozen_lse = log_w.detach(), lse.detach()
-    return lse - math.log(log_w.shape[1]), lambda g: kernels.reweight(g, frozen_log_w, frozen_lse)
+    objective = as_objective(objective, **params)
+    objective.check(h.shape[1] if h.dim() == 3 else 1, default_estimator(objective))
+    return head_reduced_bound(x, h, weight, bias, z, mu, logvar, objective.value(h.shape[1]), backend)

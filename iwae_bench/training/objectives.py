@@ -1,32 +1,35 @@
-"""Training objectives and their gradient estimators, one argument apart.
+"""The training loss: any objective of the family with any estimator that applies, one
+argument apart (training/family.py has the math and the derivations).
 
-Objectives (the loss is minus the batch mean of the bound, whatever the estimator):
+    loss = IWAELoss("iwae")(x, logits, z, mu, logvar)                    the IWAE bound
+    loss = IWAELoss("vr", alpha=0.5, estimator="dreg")(...)              VR-alpha with DReG
+    loss = IWAELoss("miwae", M=8, K=8)(...), IWAELoss("piwae:8x8")(...)  groups of the k samples
+    loss = IWAELoss("rws")(...)                                          wake-theta + wake-phi
 
-    elbo               k = 1:  log w                      (the VAE)
-    multi_sample_elbo  any k:  mean_i log w_i             ("average of logs")
-    iwae               any k:  logsumexp_i log w_i - log k ("log of average", the IWAE)
+The loss is minus the batch mean of the objective's value (PIWAE and RWS: the IWAE bound over
+all samples), whatever the estimator; only the gradients differ:
 
-Estimators of the gradient, for z_i = mu + exp(logvar / 2) eps_i and w~ = softmax_k(log w):
+    iwae   the total gradient of the encoder's bound, through z_i and through q's own
+           parameters (mu and logvar inside log q)
+    stl    "sticking the landing" (Roeder, Wu & Duvenaud 2017): log q with mu and logvar held
+           fixed, so the score-function term is dropped. Unbiased on the ELBOs; biased on the
+           importance-weighted bounds with k > 1 (Tucker et al. 2019)
+    dreg   doubly reparameterized (Tucker, Lawson, Gu & Maddison 2019): the score term moved
+           onto the path through z_i, weight omega_i per sample (family.py derives each)
+    wake   RWS's wake-phi: sum_i w~_i grad log q(z_i|x), z_i held fixed (objective "rws" only)
 
-    iwae   the total gradient: sum_i w~_i grad log w_i, through z_i and through q's own
-           parameters (mu and logvar inside log q).
-    stl    "sticking the landing" (Roeder, Wu & Duvenaud 2017): log q(z_i | x) evaluated with
-           mu and logvar held fixed, so the score-function term is dropped; the decoder's
-           gradient is unchanged. Unbiased on the ELBOs; on the IWAE bound with k > 1 it is
-           biased (Tucker et al. 2019).
-    dreg   doubly reparameterized (Tucker, Lawson, Gu & Maddison 2019), IWAE bound only: the
-           decoder's gradient as in iwae; the encoder's sum_i w~_i^2 (d log w_i / d z_i)
-           (d z_i / d phi), again with log q's mu and logvar held fixed. Implemented as the
-           stl surrogate plus a hook on z that multiplies the gradient arriving at each z_i
-           (through the decoder and through log p(z) - log q(z) alike) by w~_i once more.
-
-DReG is exact under these conditions: ``z`` is the reparameterized sample that fed the decoder
-(``logits = decoder(z)``) and reaches the encoder's parameters only through mu and logvar; z
-is used by nothing else in the loss; and the loss is backpropagated once per forward. The
-extra weights are constants of the forward pass (no gradient flows through them).
+How: the decoder's surrogate (its bound, log q's parameters held fixed unless the estimator is
+the plain total gradient) gives the decoder its exact gradient; a hook on z multiplies the
+gradient arriving at each z_i by the ratio of the encoder's weight to the surrogate's
+(``kernels.reweight`` on the fused backend), and a score surrogate adds the q-parameter term
+where the estimator keeps one. Exact under these conditions: ``z`` is the reparameterized
+sample that fed the decoder (``logits = decoder(z)``), each sample's logits depend on its own
+z_i only (no batch norm across samples), z reaches the encoder's parameters only through mu
+and logvar, z is used by nothing else in the loss, and the loss is backpropagated once per
+forward. The weights are constants of the forward pass (no gradient flows through them).
 
 ``backend="torch"`` computes everything with stable PyTorch, ``backend="fused"`` with the
-Triton kernels (the bound's backward and DReG's reweighting in Triton), so training code
+Triton kernels (the bound, its backward and the reweighting in Triton), so training code
 switches with one argument.
 """
 
@@ -34,10 +37,11 @@ from __future__ import annotations
 
 import torch
 
-from .bounds import (BACKENDS, KLS, OBJECTIVES, check_choice, head_iwae_bound_with_weights,
-                     head_objective_bound, iwae_bound_with_weights, objective_bound)
+import kernels
 
-ESTIMATORS = ("iwae", "stl", "dreg")
+from .bounds import (BACKENDS, KLS, check_choice, gaussian_kl, head_reduced_bound, latent_log_ratio,
+                     log_likelihood, reduced_bound)
+from .family import ESTIMATORS, as_objective, check_estimator, default_estimator
 
 
 class IWAELoss(torch.nn.Module):
@@ -45,38 +49,35 @@ class IWAELoss(torch.nn.Module):
 
     x [B, D]; logits [B, k, D] from the decoder at the samples z [B, k, d] drawn (with the
     reparameterization) from q = N(mu, exp(logvar)) of the encoder; mu, logvar [B, d].
-    ``estimator``: "iwae" (the total gradient), "stl" or "dreg" (see the module docstring);
-    ``kl``: "sampled" or "analytic" (the ELBOs only). The loss value does not depend on the
-    estimator, only its gradients do.
+    ``objective``: a name of training/family.py with its parameters as keywords (``alpha``;
+    ``M`` and/or ``K``; ``beta``), a spelling such as ``"vr:0.5"`` or ``"miwae:8x8"``, or an
+    ``Objective``. ``estimator``: "iwae" (the total gradient; the default), "stl", "dreg" or,
+    for "rws", "wake" (its default). ``kl``: "sampled" or "analytic" (the ELBOs only). The loss
+    value does not depend on the estimator, only its gradients do.
     """
 
-    def __init__(self, objective: str = "iwae", backend: str = "fused", *, estimator: str = "iwae",
-                 kl: str = "sampled"):
+    def __init__(self, objective="iwae", backend: str = "fused", *, estimator: str | None = None,
+                 kl: str = "sampled", alpha=None, M=None, K=None, beta=None):
         super().__init__()
-        check_choice("objective", objective, OBJECTIVES)
+        self.spec = as_objective(objective, alpha=alpha, M=M, K=K, beta=beta)
+        estimator = default_estimator(self.spec) if estimator is None else estimator
         check_choice("backend", backend, BACKENDS)
         check_choice("estimator", estimator, ESTIMATORS)
         check_choice("kl", kl, KLS)
-        if kl == "analytic" and objective == "iwae":
-            raise ValueError("kl='analytic' applies to the ELBOs (elbo, multi_sample_elbo): the IWAE "
-                             "bound has no KL term to take in closed form; use kl='sampled'")
-        if estimator == "dreg" and objective != "iwae":
-            raise ValueError(f"estimator 'dreg' reweights the IWAE bound's gradient; objective "
-                             f"{objective!r} weighs every sample equally, where DReG reduces to "
-                             "'stl': use estimator='stl'")
-        if estimator == "stl" and kl == "analytic":
-            raise ValueError("estimator 'stl' drops the score term of the sampled log q; with "
-                             "kl='analytic' there is none to drop: use estimator='iwae'")
-        self.objective = objective
+        check_estimator(self.spec, estimator, kl)
+        self.objective = self.spec.name
         self.backend = backend
         self.estimator = estimator
         self.kl = kl
 
     def forward(self, x, logits, z, mu, logvar) -> torch.Tensor:
-        return self._loss(
-            x, z, mu, logvar,
-            lambda mu, logvar, kl: objective_bound(x, logits, z, mu, logvar, self.objective, self.backend, kl),
-            lambda mu, logvar: iwae_bound_with_weights(x, logits, z, mu, logvar, self.backend))
+        self._check_k(logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None)
+        if self.kl == "analytic":
+            bound = (log_likelihood(x, logits, z, mu, logvar, self.backend).mean(dim=1)
+                     - gaussian_kl(mu, logvar))
+            return self._mean(x, bound)
+        return self._loss(x, z, mu, logvar, lambda mu, logvar, reduction, with_log_w: reduced_bound(
+            x, logits, z, mu, logvar, reduction, self.backend, with_log_w))
 
     def from_hidden(self, x, h, linear: torch.nn.Linear, z, mu, logvar) -> torch.Tensor:
         """The same loss from the decoder's last hidden layer h [B, k, H] and its output layer
@@ -85,29 +86,46 @@ class IWAELoss(torch.nn.Module):
         layer's weight share one dtype. The estimators act on the gradient at z as before."""
         if self.kl == "analytic":
             raise ValueError("from_hidden takes kl='sampled' only; kl='analytic' needs the logits")
+        self._check_k(h.shape[1] if isinstance(h, torch.Tensor) and h.dim() == 3 else None)
         weight, bias = linear.weight, linear.bias
-        return self._loss(
-            x, z, mu, logvar,
-            lambda mu, logvar, kl: head_objective_bound(x, h, weight, bias, z, mu, logvar,
-                                                        self.objective, self.backend),
-            lambda mu, logvar: head_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, self.backend))
+        return self._loss(x, z, mu, logvar, lambda mu, logvar, reduction, with_log_w: head_reduced_bound(
+            x, h, weight, bias, z, mu, logvar, reduction, self.backend, with_log_w))
 
-    def _loss(self, x, z, mu, logvar, bound, weighted) -> torch.Tensor:
-        """-mean bound; ``bound(mu, logvar, kl)`` and ``weighted(mu, logvar)`` compute it (the
-        latter with DReG's reweighting) from the rest of the inputs."""
+    def _check_k(self, k) -> None:
+        if k is not None:
+            self.spec.check(k, self.estimator, self.kl)
+
+    def _loss(self, x, z, mu, logvar, bound) -> torch.Tensor:
+        """-mean bound; ``bound(mu, logvar, reduction, with_log_w)`` computes the reduction's
+        bound (and the detached log w) from the rest of the inputs."""
+        k = z.shape[1]
+        reduction = self.spec.value(k)
+        if self.estimator == "iwae" and self.spec.name not in ("piwae", "rws"):
+            return self._mean(x, bound(mu, logvar, reduction, False))
+        # q's parameters held fixed in the decoder's surrogate; the encoder's terms added after
+        value, log_w = bound(mu.detach(), logvar.detach(), reduction, True)
+        form, offset, score = self.spec.encoder_terms(self.estimator, log_w)
+        if form is not None and z.requires_grad:
+            z.register_hook(self._reweighter(log_w, offset, form))
+        if score is not None:
+            surrogate = (score * latent_log_ratio(z.detach(), mu, logvar)).sum(1)
+            value = value + (surrogate - surrogate.detach())
+        return self._mean(x, value)
+
+    def _reweighter(self, log_w, offset, form):
+        """The hook on z: the gradient at each z_i times f_i (``kernels.reweight``'s form)."""
+        if self.backend == "fused":
+            return lambda g: kernels.reweight(g, log_w, offset, form)
+        factor = form.factor(log_w, offset)
+        return lambda g: g * factor.unsqueeze(-1).to(g.dtype)
+
+    @staticmethod
+    def _mean(x, bound) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 0:
             raise ValueError("IWAELoss needs a batch of at least one example: x has shape "
                              f"[{', '.join(map(str, x.shape))}] (the mean over no examples is undefined)")
-        if self.estimator == "iwae":
-            value = bound(mu, logvar, self.kl)
-        elif self.estimator == "stl":  # log q with q's parameters held fixed; z keeps its path
-            value = bound(mu.detach(), logvar.detach(), "sampled")
-        else:  # dreg: the stl surrogate, and the gradient at each z_i reweighted once more
-            value, reweight = weighted(mu.detach(), logvar.detach())
-            if z.requires_grad:
-                z.register_hook(reweight)
-        return -value.mean()
+        return -bound.mean()
 
     def extra_repr(self) -> str:
-        return (f"objective={self.objective!r}, backend={self.backend!r}, "
+        return (f"objective={self.spec.label!r}, backend={self.backend!r}, "
                 f"estimator={self.estimator!r}, kl={self.kl!r}")
