@@ -10,9 +10,10 @@ from torch.utils._pytree import tree_leaves
 
 import kernels
 from iwae_bench import reference
-from kernels.fused_linear import (dw_row_plan, fused_linear_backward, fused_linear_forward,
-                                  fused_linear_iwae_bound, fused_linear_log_weights, matmul_tf32)
-from kernels.logw import SPLIT_QUANTUM, bound_coefficients
+from kernels.fused_linear import (_fused_linear_forward, dw_row_plan, fused_linear_backward,
+                                  fused_linear_forward, fused_linear_iwae_bound,
+                                  fused_linear_log_weights, matmul_tf32)
+from kernels.logw import PROD_GROUP, SPLIT_QUANTUM, bound_coefficients
 from kernels._common import split_plan
 
 from .helpers import assert_close
@@ -67,12 +68,13 @@ def _leaves(inputs, dtype=None, x_grad=False):
     return out
 
 
-def _check_gradients(ours, ref):
+def _check_gradients(ours, ref, tol=None):
+    """Each gradient against float64 within ``tol`` (rtol, atol), by default its dtype's."""
     for name, got, want in zip(NAMES, ours, ref):
         if got is None or not got.requires_grad:
             continue
         assert got.grad is not None and got.grad.dtype == got.dtype, f"d/d{name}"
-        rtol, atol = GRAD_TOL[got.dtype]
+        rtol, atol = tol or GRAD_TOL[got.dtype]
         assert_close(got.grad, want.grad, rtol=rtol, atol=atol, what=f"d/d{name}")
 
 
@@ -182,6 +184,60 @@ def test_split_paths_match_float64(device):
                                       row_plan=dw_row_plan(B * k, D, device, splits=3))
         for name, got, leaf in zip(NAMES, grads, ref):
             assert_close(got, leaf.grad, *GRAD_TOL[torch.float32], what=f"d/d{name}")
+
+
+def _flush_case(device):
+    """D = 40 000 pixels, logits near 0 (std about 0.18): factors 1 + exp(-|l|) near 2, so one
+    lane's product over its D-tiles passes 2**128 (float32 overflows) well before the last
+    tile. Checked here for the widest D-tile any tiling of the forward uses (the interpreter's;
+    a narrower tile's lane multiplies the factors of several of these lanes, so more)."""
+    B, k, D, H, d = 1, 3, 40_000, 16, 3
+    x, h, weight, bias, z, mu, logvar = make_head_case(B, k, D, H, d, logit_scale=0.25, device=device)
+    inputs = (x, h, weight, bias * 0.1, z, mu, logvar)
+    tiling = _fused_linear_forward.tiling
+    widest = max([config.kwargs["BLOCK_D"] for config in tiling.configs]
+                 + [tiling.interpreter(rows=k, D=D, H=H, elem=4, precision="ieee")["BLOCK_D"]])
+    assert math.ceil(D / widest) > 2 * PROD_GROUP  # three groups, the last one partial
+    logits = _logits64(*inputs[1:4])
+    padded = torch.nn.functional.pad(logits, (0, -D % widest), value=math.inf)  # factor 1
+    lane_bits = torch.log2(1 + torch.exp(-padded.abs())).unflatten(-1, (-1, widest)).sum(-2)
+    assert lane_bits.min() > 128, "the test needs products that overflow float32 unflushed"
+    return inputs
+
+
+@pytest.mark.parametrize("entry, reference_fn, grad_tol", [
+    (fused_linear_log_weights, reference_head_log_weights, None),
+    (fused_linear_iwae_bound, reference_head_bound, (2e-3, 1e-4)),
+], ids=["log_weights", "iwae_bound"])
+def test_product_groups_flush_past_the_group_length(entry, reference_fn, grad_tol, device):
+    """More than 2 PROD_GROUP D-tiles (``_flush_case``): each lane's product of factors is
+    flushed (one log) and restarted twice, the last group partial. Unflushed, the product
+    overflows and log w is -inf; a group's log dropped or counted twice moves log w by
+    thousands of nats; one lane's factor lost, by about 0.6 nats: the forward is held to
+    1e-6 relative (0.03 nats at log w near -3.2e4). The backward kernels take no products
+    (one sigmoid per logit) but rebuild the same tiles (dh sums over them, dW has one program
+    per tile), and for the bound take the weights exp(log w - lse) from the forward: float32
+    resolves log w and lse near -3.2e4 to about 1e-3 nats, so those gradients only to about
+    1e-3 relative (``grad_tol``)."""
+    inputs = _flush_case(device)
+    ours = _leaves(inputs, x_grad=True)
+    got = entry(*ours)
+    ref = _leaves(inputs, torch.float64, x_grad=True)
+    want = reference_fn(*ref)
+    assert_close(got, want, rtol=1e-6, what=entry.__name__)
+    weights = torch.randn(got.shape, device=device)
+    (got * weights).sum().backward()
+    (want * weights.double()).sum().backward()
+    _check_gradients(ours, ref, grad_tol)
+
+
+def test_product_groups_flush_in_every_split_of_k(device):
+    """The same flush with k split over two forward programs per example (the split path
+    shares the D loop; its partial logsumexps are combined by the last program)."""
+    inputs = _flush_case(device)
+    bound, _, log_w = fused_linear_forward(*inputs, save_log_w=True, splits=2)
+    assert_close(log_w, reference_head_log_weights(*inputs), rtol=1e-6, what="log_w")
+    assert_close(bound, reference_head_bound(*inputs), rtol=1e-6, what="bound")
 
 
 def test_infinite_bias_follows_the_rule(device):
