@@ -259,13 +259,11 @@ def _cmd_merge(args, parser) -> int:
     from .merge import MergeError, merge
 
     try:
-        for folder in args.shards:
-            if not folder.is_dir():
-                raise ValueError(f"{folder}: no such folder")
         result = merge(args.shards, _writable_dir(args.out))
-    except (ValueError, MergeError, TableError) as error:
+    except (ValueError, MergeError, TableError, OSError) as error:  # OSError: a file it cannot read
         parser.error(str(error))
-    print(f"merged {len(args.shards)} {result['kind']} shards into {args.out}: {result['rows']} rows"
+    count = len(result["folders"])
+    print(f"merged {count} {result['kind']} folder{'s' * (count != 1)} into {args.out}: {result['rows']} rows"
           + (f", {result['duplicates']} duplicates dropped" if result["duplicates"] else ""))
     if result["missing"]:
         print(f"{len(result['missing'])} cells missing (listed in {args.out / 'machine.json'} and the report):")
@@ -282,7 +280,9 @@ def _add_merge(sub) -> None:
                                    "records every machine in machine.json and renders the report.",
                        epilog="Example:\n  python -m iwae_bench merge results/runs/cpu/shard-* --out results/runs/cpu",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shards", type=Path, nargs="+", metavar="SHARD_DIR", help="the shards' folders")
+    p.add_argument("shards", type=Path, nargs="+", metavar="SHARD_DIR",
+                   help="the shards' folders; a merged folder (rank 0's, an earlier merge's) counts as "
+                        "the shards it came from, and a folder holding only shard-I-of-N folders as those")
     p.add_argument("--out", type=Path, required=True, help="the merged results folder")
     p.set_defaults(handler=_cmd_merge, parser=p)
 

@@ -5,11 +5,17 @@ refuses shards that disagree on a setting that changes the numbers (naming it), 
 once, reports the work no shard finished, records every machine the rows came from, and renders
 the report. Three kinds of folder merge, told apart by their files: a sweep (results.csv), the
 MNIST experiment (summary.csv) and the SNR benchmark (snr.csv).
+
+A merged folder merges like the shards it came from: its rows are all there, its machine.json
+lists every machine and keeps every shard's run entries (the settings are read from the last of
+those, not from the merge's own entry). A folder with no results file but ``shard-I-of-N``
+folders in it stands for those folders.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ class Kind:
     settings: Callable[[dict], dict]               # a shard's last run entry -> settings to agree on
     expected: Callable[[dict, list[dict]], set]    # settings, merged marker rows -> keys of all the work
     render: Callable[[Path], Path]
+    made: str                                      # the run entry's field that says how the rows were made
     copy: tuple[str, ...] = ()                     # sub-folders whose files are copied over
 
 
@@ -90,21 +97,64 @@ def _snr_settings(run: dict) -> dict:
 
 
 KINDS = [
-    Kind("sweep", "results.csv", {"results.csv": ()}, _sweep_settings, _sweep_expected, _sweep_render),
+    Kind("sweep", "results.csv", {"results.csv": ()}, _sweep_settings, _sweep_expected, _sweep_render,
+         "grid"),
     Kind("experiment", "summary.csv",
          {"summary.csv": ("objective", "k", "estimator", "seed"),
           "lk_curve.csv": ("objective", "k_train", "estimator", "seed", "k_eval")},
-         _experiment_settings, _experiment_expected, _experiment_render, copy=("runs", "checkpoints")),
-    Kind("snr", "snr.csv", {"snr.csv": ("k", "estimator", "group")}, _snr_settings, _snr_expected, _snr_render),
+         _experiment_settings, _experiment_expected, _experiment_render, "runs", copy=("runs", "checkpoints")),
+    Kind("snr", "snr.csv", {"snr.csv": ("k", "estimator", "group")}, _snr_settings, _snr_expected, _snr_render,
+         "settings"),
 ]
 
 
-def _kind_of(folder: Path) -> Kind:
-    for kind in KINDS:
-        if (folder / kind.marker).is_file():
-            return kind
-    raise MergeError(f"{folder}: no results.csv, summary.csv or snr.csv: not a shard of a sweep, "
-                     "an experiment or an SNR run")
+SHARD_FOLDER = re.compile(r"shard-\d+-of-\d+")
+
+
+def _kind_of(folder: Path) -> Kind | None:
+    return next((kind for kind in KINDS if (folder / kind.marker).is_file()), None)
+
+
+def _folders(paths: list[Path], log) -> list[Path]:
+    """The folders to merge: each results folder given (a shard's, a whole run's or a merged
+    one), and in place of a folder with no results file its ``shard-I-of-N`` folders that have
+    one (``merge OUT`` for ``merge OUT/shard-*``; a shard that wrote nothing yet is left out,
+    its cells reported missing)."""
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise MergeError(f"{path}: {'not a folder' if path.exists() else 'no such folder'}")
+        shards = sorted(p for p in path.iterdir() if p.is_dir() and SHARD_FOLDER.fullmatch(p.name))
+        if _kind_of(path) is not None:
+            if shards:
+                log(f"{path} is a merged folder: taking its rows, not its {len(shards)} shard folders "
+                    f"(pass {path}/shard-* to merge those afresh)")
+            found.append(path)
+            continue
+        with_rows = [shard for shard in shards if _kind_of(shard) is not None]
+        if not with_rows:
+            raise MergeError(f"{path}: no results.csv, summary.csv or snr.csv, nor shard folders holding one: "
+                             "pass the folders of a sweep's, an experiment's or an SNR run's shards")
+        for shard in sorted(set(shards) - set(with_rows)):
+            log(f"{shard}: no rows yet, left out")
+        found += with_rows
+    return found
+
+
+def _made(folder: Path, record: dict, kind: Kind) -> dict:
+    """The last run entry of a folder that made its rows (a merge's or validate's own entry
+    says nothing of the settings, the shard runs it carries do)."""
+    runs = [run for run in record.get("runs") or []
+            if isinstance(run, dict) and isinstance(run.get(kind.made), (dict, list))]
+    if not runs:
+        raise MergeError(f"{folder}: no {kind.name} run in machine.json (no run entry with {kind.made!r}), "
+                         "so nothing says how its rows were made")
+    return runs[-1]
+
+
+def _machines(folder: Path, record: dict) -> list[dict]:
+    """Every machine a folder's rows came from: a merged folder's list, else its own machine."""
+    return record.get("machines") or [{"folder": str(folder), **record.get("machine", {})}]
 
 
 def _read(path: Path, kind: Kind) -> tuple[list[str], list[dict]]:
@@ -118,7 +168,12 @@ def _read(path: Path, kind: Kind) -> tuple[list[str], list[dict]]:
         return [], []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
+        columns, rows = list(reader.fieldnames or []), list(reader)
+    lacking = [c for c in kind.tables[path.name] if c not in columns]
+    if rows and lacking:
+        raise MergeError(f"{path}: no {', '.join(lacking)} column, which every {path.name} of a "
+                         f"{kind.name} run has")
+    return columns, rows
 
 
 def _key(kind: Kind, table: str, row: dict) -> tuple:
@@ -130,10 +185,11 @@ def _key(kind: Kind, table: str, row: dict) -> tuple:
 
 
 def merge(folders: list[Path], out: Path, log=print) -> dict:
-    """Merge shard folders into ``out``; returns {"rows", "duplicates", "missing", "report"}."""
-    folders = [Path(f) for f in folders]
+    """Merge shard folders into ``out``; returns {"rows", "duplicates", "missing", "report", "kind",
+    "folders"}."""
     if not folders:
         raise MergeError("no shard folders given")
+    folders = _folders(folders, log)
     kinds = {f: _kind_of(f) for f in folders}
     names = {k.name for k in kinds.values()}
     if len(names) > 1:
@@ -141,12 +197,7 @@ def merge(folders: list[Path], out: Path, log=print) -> dict:
         raise MergeError(f"the folders are not shards of one kind of run: {listed}")
     kind = kinds[folders[0]]
     records = {f: read_json(f / "machine.json") for f in folders}
-    settings = {}
-    for folder, record in records.items():
-        runs = record.get("runs") or []
-        if not runs:
-            raise MergeError(f"{folder}: no runs in machine.json, so nothing says how it was made")
-        settings[folder] = kind.settings(runs[-1])
+    settings = {folder: kind.settings(_made(folder, record, kind)) for folder, record in records.items()}
     first = folders[0]
     for folder in folders[1:]:
         clash = _first_difference(settings[first], settings[folder])
@@ -185,15 +236,21 @@ def merge(folders: list[Path], out: Path, log=print) -> dict:
     done = {_key(kind, kind.marker, row) for row in merged_marker}
     missing = sorted(kind.expected(settings[first], merged_marker) - done)
     record = MachineRecord(out / "machine.json", records[first].get("machine", {}),
-                           [{**run, "folder": str(folder)} for folder in folders
-                            for run in records[folder].get("runs", [])])
-    record.machines = [{"folder": str(folder), **records[folder].get("machine", {})} for folder in folders]
+                           _once([{"folder": str(folder), **run} for folder in folders
+                                  for run in records[folder].get("runs", [])]))
+    record.machines = _once([machine for folder in folders for machine in _machines(folder, records[folder])])
     entry = record.start_run(command=command_line(), merge={"kind": kind.name, "shards": [str(f) for f in folders],
                                                            "rows": totals["rows"], "duplicates": totals["duplicates"]},
                              missing_cells=[" ".join(map(str, key)) for key in missing])
     record.finish(entry)
     report = kind.render(out) if merged_marker else None
-    return {**totals, "missing": missing, "report": report, "kind": kind.name}
+    return {**totals, "missing": missing, "report": report, "kind": kind.name, "folders": folders}
+
+
+def _once(entries: list[dict]) -> list[dict]:
+    """Each entry once, in order: a merged folder merged beside one of its own shards carries
+    that shard's machine and runs twice."""
+    return [entry for i, entry in enumerate(entries) if entry not in entries[:i]]
 
 
 def _first_difference(a, b, path: str = ""):

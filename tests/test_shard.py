@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from iwae_bench.cli import main
 from iwae_bench.harness.shard import Shard, from_environment, parse, resolve
 from iwae_bench.harness.table import IDENTITY
 
@@ -27,6 +28,12 @@ GRID = [*CELLS, "--min-time", "0.01"]
 def _cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "iwae_bench", *args], capture_output=True, text=True,
                           env=ENV, cwd=ROOT, **kwargs)
+
+
+def _merge(capsys, *args) -> str:
+    """``merge ARGS`` in this process (no interpreter to start): its output, or SystemExit."""
+    assert main(["merge", *map(str, args)]) == 0
+    return capsys.readouterr().out
 
 
 def _rows(path: Path) -> dict:
@@ -90,6 +97,17 @@ def unsharded(tmp_path_factory):
     return _rows(out / "results.csv")
 
 
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A folder holding the two shard folders of the GRID sweep, not merged."""
+    out = tmp_path_factory.mktemp("parts")
+    for i in range(2):
+        done = _cli("sweep", *GRID, "--out", str(out), "--shard", f"{i}/2")
+        assert done.returncode == 0, done.stderr
+        assert "combine the shards with: python -m iwae_bench merge" in done.stdout
+    return out
+
+
 def _same_cells(merged: dict, whole: dict):
     assert set(merged) == set(whole)
     for key, row in whole.items():
@@ -97,14 +115,10 @@ def _same_cells(merged: dict, whole: dict):
         assert merged[key]["max_abs_err"] == row["max_abs_err"], key
 
 
-def test_two_shards_merge_into_the_unsharded_run(tmp_path, unsharded):
-    for i in range(2):
-        done = _cli("sweep", *GRID, "--out", str(tmp_path), "--shard", f"{i}/2")
-        assert done.returncode == 0, done.stderr
-        assert "combine the shards with: python -m iwae_bench merge" in done.stdout
-    parts = [_rows(tmp_path / f"shard-00{i}-of-002" / "results.csv") for i in range(2)]
-    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])  # disjoint work
-    done = _cli("merge", str(tmp_path / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
+def test_two_shards_merge_into_the_unsharded_run(tmp_path, parts, unsharded):
+    shard_rows = [_rows(parts / f"shard-00{i}-of-002" / "results.csv") for i in range(2)]
+    assert shard_rows[0] and shard_rows[1] and not set(shard_rows[0]) & set(shard_rows[1])  # disjoint work
+    done = _cli("merge", str(parts / "shard-000-of-002"), str(parts / "shard-001-of-002"),
                 "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     _same_cells(_rows(tmp_path / "results.csv"), unsharded)
@@ -161,10 +175,84 @@ def test_merging_shards_of_different_runs_names_the_setting(tmp_path):
     assert not (tmp_path / "merged" / "results.csv").exists()
 
 
+def _machines(folder: Path) -> list:
+    return json.loads((folder / "machine.json").read_text())["machines"]
+
+
+def test_a_folder_of_shards_and_a_merged_folder_merge_like_the_shards(tmp_path, parts, unsharded, capsys):
+    shards = [str(parts / f"shard-00{i}-of-002") for i in range(2)]
+    assert "merged 2 sweep folders" in _merge(capsys, parts, "--out", tmp_path / "merged")  # descends
+    _same_cells(_rows(tmp_path / "merged" / "results.csv"), unsharded)
+    assert [m["folder"] for m in _machines(tmp_path / "merged")] == shards
+
+    # what rank 0 writes (its shard folders inside), or an earlier merge: merging it again is
+    # merging its shards again
+    shutil.copytree(parts / "shard-001-of-002", tmp_path / "merged" / "shard-001-of-002")
+    out = _merge(capsys, tmp_path / "merged", "--out", tmp_path / "again")
+    assert "is a merged folder: taking its rows, not its 1 shard folders" in out
+    assert "merged 1 sweep folder " in out
+    _same_cells(_rows(tmp_path / "again" / "results.csv"), unsharded)
+    record = json.loads((tmp_path / "again" / "machine.json").read_text())
+    assert [m["folder"] for m in record["machines"]] == shards  # the shards' machines, not the merge's
+    assert record["runs"][-1]["missing_cells"] == []
+    assert sorted(r["folder"] for r in record["runs"] if r.get("shard")) == shards
+
+    # beside one of its own shards: that shard's rows, machine and runs are there once
+    out = _merge(capsys, tmp_path / "merged", shards[0], "--out", tmp_path / "both")
+    assert "8 rows, 4 duplicates dropped" in out
+    _same_cells(_rows(tmp_path / "both" / "results.csv"), unsharded)
+    assert [m["folder"] for m in _machines(tmp_path / "both")] == shards
+
+
+def test_a_shard_folder_without_rows_is_left_out_and_its_cells_reported(tmp_path, parts, capsys):
+    shutil.copytree(parts / "shard-000-of-002", tmp_path / "shard-000-of-002")
+    (tmp_path / "shard-001-of-002").mkdir()  # started, killed before its first row
+    out = _merge(capsys, tmp_path, "--out", tmp_path)
+    assert "shard-001-of-002: no rows yet, left out" in out and "4 cells missing" in out
+
+
+def _folder(path: Path, files: dict) -> Path:
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+SNR_RECORD = json.dumps({"runs": [{"settings": {"k": [1], "estimators": ["iwae"]}}]})
+BAD_INPUTS = {
+    "missing": (lambda tmp, parts: [tmp / "nope"], "nope: no such folder"),
+    "a-file": (lambda tmp, parts: [parts / "shard-000-of-002" / "results.csv"], "results.csv: not a folder"),
+    "empty": (lambda tmp, parts: [_folder(tmp / "empty", {})],
+              "empty: no results.csv, summary.csv or snr.csv, nor shard folders holding one"),
+    "unknown-kind": (lambda tmp, parts: [_folder(tmp / "prof", {"profile.csv": "a\n1\n"})],
+                     "prof: no results.csv, summary.csv or snr.csv"),
+    "two-kinds": (lambda tmp, parts: [parts / "shard-000-of-002",
+                                      _folder(tmp / "snr", {"snr.csv": "k\n1\n", "machine.json": SNR_RECORD})],
+                  "the folders are not shards of one kind of run"),
+    "no-run": (lambda tmp, parts: [_folder(tmp / "bare", {"results.csv": (parts / "shard-000-of-002" /
+                                                                         "results.csv").read_text()})],
+               "bare: no sweep run in machine.json"),
+    "no-key-column": (lambda tmp, parts: [_folder(tmp / "snr", {"snr.csv": "k,snr\n1,2\n",
+                                                                "machine.json": SNR_RECORD})],
+                      "snr.csv: no estimator, group column"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_merge_inputs_give_one_clear_line_and_status_2(case, tmp_path, parts, capsys):
+    make, message = BAD_INPUTS[case]
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", *map(str, make(tmp_path, parts)), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 # --------------------------------------------------------------------------- the experiment
 
 
-def test_experiment_shards_merge_with_every_run_once(tmp_path):
+def test_experiment_shards_merge_with_every_run_once(tmp_path, capsys):
     common = ["experiment", "--epochs", "1", "--train-size", "40", "--test-size", "4", "--eval-k", "64",
               "--backend", "torch", "--seeds", "2", "--out", str(tmp_path)]
     for i in range(2):
@@ -182,11 +270,18 @@ def test_experiment_shards_merge_with_every_run_once(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "2 training seeds per model" in report and "Seed to seed" in report
 
+    # the merged folder merges again: every row, checkpoint and machine of its shards
+    assert "merged 1 experiment folder " in _merge(capsys, tmp_path, "--out", tmp_path / "again")
+    with open(tmp_path / "again" / "summary.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == summary
+    assert len(list((tmp_path / "again" / "checkpoints").glob("*.pt"))) == 10
+    assert len(_machines(tmp_path / "again")) == 2
+
 
 # --------------------------------------------------------------------------- the SNR benchmark
 
 
-def test_snr_shards_merge_into_the_unsharded_run(tmp_path):
+def test_snr_shards_merge_into_the_unsharded_run(tmp_path, capsys):
     common = ["snr", "--k", "1", "2", "3", "--estimators", "iwae", "dreg", "--draws", "3",
               "--resamples", "20", "--batch", "2", "--hidden", "8", "--latent", "2"]
     assert _cli(*common, "--out", str(tmp_path / "whole"), timeout=600).returncode == 0
@@ -203,3 +298,6 @@ def test_snr_shards_merge_into_the_unsharded_run(tmp_path):
 
     assert snr(tmp_path / "parts") == snr(tmp_path / "whole")  # the same numbers, each once
     assert (tmp_path / "parts" / "report.md").exists()
+    assert "merged 1 snr folder " in _merge(capsys, tmp_path / "parts", "--out", tmp_path / "again")
+    assert snr(tmp_path / "again") == snr(tmp_path / "whole")
+    assert len(_machines(tmp_path / "again")) == 2

@@ -224,6 +224,26 @@ def test_resume_refuses_to_mix_seeds(tmp_path):
     assert (tmp_path / "results.csv").read_text() == before
 
 
+def test_resume_refuses_a_folder_made_with_other_software_or_another_gpu(tmp_path):
+    """The folder's own machine.json is what a resume compares with this machine: edited to
+    another torch, Triton or device, the resume stops (exit 2) naming the field, and leaves
+    the CSV and the record as they were."""
+    base = ["sweep", *TINY, "--k", "1", "--batch", "2", "--latent", "3", "--variants", "torch",
+            "--mode", "forward", "--out", str(tmp_path)]
+    assert _cli(*base).returncode == 0
+    made = json.loads((tmp_path / "machine.json").read_text())
+    rows = (tmp_path / "results.csv").read_text()
+    for field, there in [("torch", "2.0.0"), ("triton", "2.1.0"), ("device_name", "NVIDIA H100 80GB HBM3")]:
+        edited = json.dumps({**made, "machine": {**made["machine"], field: there}})
+        (tmp_path / "machine.json").write_text(edited)
+        done = _cli(*base, "--resume")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"{field} {there!r} there, {made['machine'][field]!r} now" in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert (tmp_path / "results.csv").read_text() == rows
+        assert (tmp_path / "machine.json").read_text() == edited
+
+
 def test_check_resume_names_every_clash():
     rows = [{"seed": 0, "threads": 2, "device": "cpu"}]
     check_resume(rows, {"torch": "2.13"}, {"seed": 0, "threads": 2, "device": "cpu", "device_name": "x",
