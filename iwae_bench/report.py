@@ -64,36 +64,47 @@ def _panel_title(keys: tuple[str, ...], values: tuple) -> str:
     return ", ".join(f"{names.get(key, key)}={value}" for key, value in zip(keys, values))
 
 
+def _panel_rows(frame: pd.DataFrame, panels: tuple[str, ...]) -> list[list[tuple[tuple, pd.DataFrame]]]:
+    """(values of ``panels``, their rows) for each combination that has rows, in one list per value
+    of the first key: a pair the grid never ran (B=4, d=16) gets no panel, rather than an empty one."""
+    rows: dict = {}
+    for values, part in frame.groupby(list(panels)):  # sorted, keys always tuples
+        rows.setdefault(values[0], []).append((values, part))
+    return list(rows.values())
+
+
 def _facet_grid(frame: pd.DataFrame, draw, ylabel: str, title: str, path: Path,
                 panels: tuple[str, ...] = ("batch", "latent"), xlabel: str = "k (samples per example)") -> None:
-    """One panel per value of ``panels`` (rows: the first key, columns: the second, if any);
-    ``draw(ax, panel_rows)`` fills each panel."""
-    row_key, col_key = panels[0], (panels[1] if len(panels) > 1 else None)
-    row_values = sorted(frame[row_key].unique())
-    col_values = sorted(frame[col_key].unique()) if col_key else [None]
-    fig, axes = plt.subplots(len(row_values), len(col_values), squeeze=False, sharex=True,
-                             figsize=(4.2 * len(col_values) + 1, 3.2 * len(row_values) + 0.6))
-    for i, row_value in enumerate(row_values):
-        for j, col_value in enumerate(col_values):
-            ax = axes[i][j]
-            part = frame[frame[row_key] == row_value]
-            if col_key:
-                part = part[part[col_key] == col_value]
+    """One panel per value of ``panels`` that has data: a row per value of the first key, holding
+    its values of the second (if any), left-aligned; ``draw(ax, panel_rows)`` fills each panel."""
+    rows = _panel_rows(frame, panels)
+    width = max(map(len, rows))
+    fig = plt.figure(figsize=(4.2 * width + 1, 3.2 * len(rows) + 0.6))
+    grid = fig.add_gridspec(len(rows), width)
+    first = None
+    for i, row in enumerate(rows):
+        for j, (values, part) in enumerate(row):
+            ax = fig.add_subplot(grid[i, j], sharex=first)
+            first = first or ax
             draw(ax, part)
             _log_x(ax)
-            keys = (row_key, col_key) if col_key else (row_key,)
-            ax.set_title(_panel_title(keys, (row_value, col_value)), fontsize=9)
+            ax.set_title(_panel_title(panels, values), fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            if i == len(row_values) - 1:
+            if i + 1 < len(rows) and j < len(rows[i + 1]):  # the panel below carries the x axis
+                ax.tick_params(labelbottom=False)
+            else:
                 ax.set_xlabel(xlabel)
             if j == 0:
                 ax.set_ylabel(ylabel)
     legend = {}
-    for ax in axes.flat:  # every label once, whichever panel drew it
+    for ax in fig.axes:  # every label once, whichever panel drew it
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    if legend:
-        axes[0][-1].legend(legend.values(), legend.keys(), fontsize=8, loc="best")
+    if legend and len(rows[0]) < width:  # in the top row's free corner, clear of the data
+        corner = grid[0, width - 1].get_position(fig)
+        fig.legend(legend.values(), legend.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(corner.x0, corner.y1))
+    elif legend:
+        fig.axes[width - 1].legend(legend.values(), legend.keys(), fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
     save_figure(fig, path)
 
@@ -218,19 +229,24 @@ def headline_plot(frame: pd.DataFrame, path: Path) -> bool:
     at_batch = forward[forward["batch"] == batch]
     latent = at_batch.groupby("latent")["k"].nunique().idxmax()  # the d with the most k
     panel = at_batch[at_batch["latent"] == latent]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     speed = _with_throughput_bars(panel[panel["status"].isin(TIMED)])
     errors, top = error_frame(panel)
-    if not speed.empty:
-        _draw_series(left, speed, "k", "samples_per_s", ("samples_per_s_low", "samples_per_s_high"))
-    _draw_series(right, errors, "k", "max_abs_err")
-    device = panel["device"].iloc[0]
-    left.set(yscale="log", xlabel="k", ylabel="samples (B*k) per second",
-             title=f"throughput, {device}, B={batch}, d={latent}, {dtype}")
-    right.set(yscale="log", xlabel="k", ylabel=f"max |bound - float64 reference| ({NATS})",
-              title="error against the float64 reference")
-    _mark_non_finite(right, top)
-    for ax in (left, right):
+    # a half only where it has data: a run of interpreted kernels times nothing
+    halves = [half for half, rows in (("speed", speed), ("error", errors)) if not rows.empty]
+    if not halves:
+        return False
+    where = f"{panel['device'].iloc[0]}, B={batch}, d={latent}, {dtype}"
+    fig, axes = plt.subplots(1, len(halves), figsize=(5 * len(halves), 3.8), squeeze=False)
+    for ax, half in zip(axes[0], halves):
+        if half == "speed":
+            _draw_series(ax, speed, "k", "samples_per_s", ("samples_per_s_low", "samples_per_s_high"))
+            ax.set(ylabel="samples (B*k) per second", title=f"throughput, {where}")
+        else:
+            _draw_series(ax, errors, "k", "max_abs_err")
+            ax.set(ylabel=f"max |bound - float64 reference| ({NATS})",
+                   title="error against the float64 reference" + ("" if "speed" in halves else f", {where}"))
+            _mark_non_finite(ax, top)
+        ax.set(yscale="log", xlabel="k")
         _log_x(ax)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
