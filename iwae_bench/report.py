@@ -19,7 +19,7 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .files import read_json, save_figure, write_text  # noqa: E402
-from .harness.table import COLUMNS, IDENTITY, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
+from .harness.table import COLUMNS, IDENTITY, MODES, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
 from .harness.timing import NOISE_LIMIT  # noqa: E402
 
 VARIANT_ORDER = ["naive", "blog", "torch", "compile", "triton", "fused", "fused_linear"]
@@ -49,6 +49,14 @@ def load(csv_path: Path) -> tuple[pd.DataFrame, list[str]]:
 def _ordered(variants) -> list[str]:
     present = set(variants)
     return [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER))
+
+
+def _groups(frame: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    """``frame.groupby(keys)`` in the report's order: sorted, but forward before backward (the
+    order of MODES, not the alphabet's), so a backward section follows its forward one."""
+    def rank(group):
+        return tuple((MODES.index(v), v) if key == "mode" else (0, v) for key, v in zip(keys, group[0]))
+    return sorted(frame.groupby(keys), key=rank)
 
 
 # --------------------------------------------------------------------------- plots
@@ -314,7 +322,7 @@ class Report:
 def _speed_sections(report: Report, frame: pd.DataFrame) -> None:
     timed = frame[frame["status"].isin(TIMED)]
     bound = timed[(timed["family"] == "bound") & (timed["regime"] == "realistic")]
-    for (mode, dtype), part in sorted(bound.groupby(["mode", "dtype"])):
+    for (mode, dtype), part in _groups(bound, ["mode", "dtype"]):
         _speed_group(report, part, f"{mode}_{dtype}", f"{mode}, {dtype} logits", ("batch", "latent"))
         table = latent_plot(part, report.plots / f"latent_{mode}_{dtype}.png",
                             f"throughput against the latent width d, {mode}, {dtype} logits")
@@ -323,11 +331,11 @@ def _speed_sections(report: Report, frame: pd.DataFrame) -> None:
                        "latent width d at the (B, k) the grid ran at several d. Table: median time "
                        "of one call, ms.", table, f"latent_{mode}_{dtype}.png")
     reduction = timed[timed["family"] == "reduction"]
-    for dtype, part in sorted(reduction.groupby("dtype")):
+    for (dtype,), part in _groups(reduction, ["dtype"]):
         _speed_group(report, part, f"reduction_{dtype}", f"the reduction alone on [B, k] {dtype} "
                      "log-weights", ("batch",))
     head = timed[timed["family"] == "head"]
-    for (mode, dtype), part in sorted(head.groupby(["mode", "dtype"])):
+    for (mode, dtype), part in _groups(head, ["mode", "dtype"]):
         what = f"the decoder head (output layer + bound), {mode}, {dtype} h and weight"
         tag = f"head_{mode}_{dtype}"
         _speed_group(report, part, tag, what, ("batch", "hidden"))
@@ -377,7 +385,7 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
                    f"against k: the gap the importance weights close. Table: the IWAE-ELBO gap in {NATS} "
                    "(each variant's mean bound minus the float64 ELBO of the same inputs).",
                    pivot(forward, "iwae_elbo_gap"), "bounds.png")
-    for (family, regime, mode), part in sorted(frame.groupby(["family", "regime", "mode"])):
+    for (family, regime, mode), part in _groups(frame, ["family", "regime", "mode"]):
         panels = {"reduction": ("batch",), "head": ("batch", "hidden")}.get(family, ("batch", "latent"))
         index = [*panels, "k"]
         what = {"reduction": "the reduction alone", "head": f"the decoder head, {mode}"}.get(
@@ -402,7 +410,7 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
     if not saturated.empty:
         table = pd.DataFrame({
             f"{metric} ({mode})": part.groupby("variant")[metric].max()
-            for mode, part in sorted(saturated.groupby("mode"))
+            for (mode,), part in _groups(saturated, ["mode"])
             for metric in ("max_abs_err", "grad_max_abs_err") if part[metric].notna().any()})
         report.add("Saturated logits: where code on probabilities breaks",
                    "Inputs where 2% of pixels get logits of 20-40 nats on the wrong side, so "

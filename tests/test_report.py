@@ -4,6 +4,7 @@ known rows, so every expectation is a known value."""
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,19 @@ def test_no_plot_of_the_report_has_an_empty_panel(holey):
     assert [bool(xlabel) for *_, xlabel in grid] == [False, True, True, True]
     empty = [(name, title) for name, panels in figures.items() for title, points, _ in panels if not points]
     assert not empty
+
+
+def test_report_puts_forward_before_backward(holey):
+    text = (holey[0] / "report.md").read_text()
+    headings = re.findall(r"^## (.*)$", text, re.M)
+    backward = [h for h in headings if "backward" in h]
+    paired = [h for h in backward if h.replace("backward", "forward") in headings]
+    assert len(paired) == 6, headings  # throughput, speedup, bandwidth; bound error x2, gradient error
+    for heading in paired:
+        assert headings.index(heading.replace("backward", "forward")) < headings.index(heading), heading
+    saturated = text.split("## Saturated logits")[1].split("##")[0]
+    header = next(line for line in saturated.splitlines() if line.startswith("| variant"))
+    assert header.index("(forward)") < header.index("(backward)"), header
 
 
 def _cli(*args, cwd=ROOT):
