@@ -8,7 +8,9 @@ report; the HTML is rendered from it by markdown-it-py.
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +32,7 @@ STYLE = {"naive": ("tab:gray", "x", 9), "blog": ("tab:brown", "v", 9), "torch": 
          "fused_linear": ("tab:purple", "P", 5)}
 NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS]
 NATS = "nats"
+TITLE = "iwae-bench report"
 
 
 def load(csv_path: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -537,14 +540,43 @@ def _machine_lines(record: dict) -> list[tuple[str, str]]:
     return lines
 
 
+def _anchors(headings: list[str]) -> list[str]:
+    """Each heading's id as GitHub makes it (lower case, punctuation but - and _ dropped, spaces to
+    hyphens, a repeat numbered -1, -2, ...): the contents' links work in report.md on GitHub and,
+    with these ids set by _html, in report.html."""
+    seen: dict[str, int] = {}
+    anchors = []
+    for heading in headings:
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.append(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def _contents(titles: list[str], anchors: list[str]) -> str:
+    """The sections as a list of links; neighbours on one subject ("Throughput: forward, float32
+    logits", "Peak memory: forward, float32 logits") share a line, which keeps the list short."""
+    lines = []
+    for subject, run in itertools.groupby(zip(titles, anchors), key=lambda pair: pair[0].partition(": ")[2]):
+        run = list(run)
+        if subject and len(run) > 1:
+            lines.append(f"- {subject}: " + " · ".join(f"[{title.partition(': ')[0]}](#{anchor})"
+                                                        for title, anchor in run))
+        else:
+            lines += [f"- [{title}](#{anchor})" for title, anchor in run]
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(frame, record, sections, problems) -> str:
     timed = frame[frame["status"].isin(TIMED)]
     noisy = int((frame["status"] == "noisy").sum())
-    parts = ["# iwae-bench report\n\n",
+    titles = ["Machine", *(title for title, *_ in sections)]
+    parts = [f"# {TITLE}\n\n",
              f"{len(frame)} cells from `results.csv`; {noisy} of {len(timed)} timed cells are noisy "
              f"(p80/p20 > {NOISE_LIMIT} after a second measurement){': see Noisy cells' if noisy else ''}. "
              "Rendered by `python -m iwae_bench report`: every number below is a cell of that CSV or "
-             "a field of `machine.json`.\n\n"]
+             "a field of `machine.json`.\n\n",
+             "Contents:\n\n" + _contents(titles, _anchors([TITLE, *titles])[1:]) + "\n"]
     if problems:
         parts.append(f"{len(problems)} malformed lines of the CSV were skipped: "
                      + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else "") + "\n\n")
@@ -566,8 +598,13 @@ def _html(markdown: str) -> str | None:
         from markdown_it import MarkdownIt
     except ImportError:
         return None
-    body = MarkdownIt("commonmark").enable("table").render(markdown)
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>iwae-bench report</title>"
+    parser = MarkdownIt("commonmark").enable("table")
+    tokens = parser.parse(markdown)
+    heads = [(token, tokens[i + 1].content) for i, token in enumerate(tokens) if token.type == "heading_open"]
+    for (token, _), anchor in zip(heads, _anchors([text for _, text in heads])):
+        token.attrSet("id", anchor)  # commonmark gives headings no id: the contents link to these
+    body = parser.renderer.render(tokens, parser.options, {})
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{TITLE}</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
             "</style></head><body>\n" + body + "</body></html>\n")

@@ -2,6 +2,7 @@
 comparison with another results folder. The CSVs here are written by the table's writer from
 known rows, so every expectation is a known value."""
 
+import html
 import math
 import os
 import re
@@ -179,6 +180,23 @@ def test_report_puts_forward_before_backward(holey):
     saturated = text.split("## Saturated logits")[1].split("##")[0]
     header = next(line for line in saturated.splitlines() if line.startswith("| variant"))
     assert header.index("(forward)") < header.index("(backward)"), header
+
+
+def test_report_opens_with_contents_that_link_every_section(holey):
+    out = holey[0]
+    text, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert text.index("Contents:") < text.index("## Machine")
+    sections = [(anchor, html.unescape(title)) for anchor, title in re.findall(r'<h2 id="([^"]+)">(.*?)</h2>', page)]
+    assert len(sections) == len(re.findall(r"^## ", text, re.M)) > 20
+    contents = page.split("<ul>", 1)[1].split("</ul>", 1)[0]
+    entries = re.findall(r"<li>(.*?)</li>", contents, re.S)
+    links = [link for entry in entries for link in re.findall(r'href="#([^"]+)"', entry)]
+    assert links == [anchor for anchor, _ in sections]  # each section once, in order, to an id that exists
+    for anchor, title in sections:  # the line linking a section names it
+        entry = html.unescape(re.sub(r"<[^>]+>", "", next(e for e in entries if f'href="#{anchor}"' in e)))
+        kind, _, subject = title.partition(": ")
+        assert kind in entry and subject in entry, (title, entry)
+    assert len(entries) < len(sections)  # neighbours on one subject share a line
 
 
 def _cli(*args, cwd=ROOT):
