@@ -8,7 +8,9 @@ report; the HTML is rendered from it by markdown-it-py.
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +21,7 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .files import read_json, save_figure, write_text  # noqa: E402
-from .harness.table import COLUMNS, IDENTITY, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
+from .harness.table import COLUMNS, IDENTITY, MODES, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
 from .harness.timing import NOISE_LIMIT  # noqa: E402
 
 VARIANT_ORDER = ["naive", "blog", "torch", "compile", "triton", "fused", "fused_linear"]
@@ -30,6 +32,7 @@ STYLE = {"naive": ("tab:gray", "x", 9), "blog": ("tab:brown", "v", 9), "torch": 
          "fused_linear": ("tab:purple", "P", 5)}
 NUMERIC = [c for c in COLUMNS if c not in TEXT_COLUMNS]
 NATS = "nats"
+TITLE = "iwae-bench report"
 
 
 def load(csv_path: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -51,6 +54,14 @@ def _ordered(variants) -> list[str]:
     return [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER))
 
 
+def _groups(frame: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    """``frame.groupby(keys)`` in the report's order: sorted, but forward before backward (the
+    order of MODES, not the alphabet's), so a backward section follows its forward one."""
+    def rank(group):
+        return tuple((MODES.index(v), v) if key == "mode" else (0, v) for key, v in zip(keys, group[0]))
+    return sorted(frame.groupby(keys), key=rank)
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -64,36 +75,47 @@ def _panel_title(keys: tuple[str, ...], values: tuple) -> str:
     return ", ".join(f"{names.get(key, key)}={value}" for key, value in zip(keys, values))
 
 
+def _panel_rows(frame: pd.DataFrame, panels: tuple[str, ...]) -> list[list[tuple[tuple, pd.DataFrame]]]:
+    """(values of ``panels``, their rows) for each combination that has rows, in one list per value
+    of the first key: a pair the grid never ran (B=4, d=16) gets no panel, rather than an empty one."""
+    rows: dict = {}
+    for values, part in frame.groupby(list(panels)):  # sorted, keys always tuples
+        rows.setdefault(values[0], []).append((values, part))
+    return list(rows.values())
+
+
 def _facet_grid(frame: pd.DataFrame, draw, ylabel: str, title: str, path: Path,
                 panels: tuple[str, ...] = ("batch", "latent"), xlabel: str = "k (samples per example)") -> None:
-    """One panel per value of ``panels`` (rows: the first key, columns: the second, if any);
-    ``draw(ax, panel_rows)`` fills each panel."""
-    row_key, col_key = panels[0], (panels[1] if len(panels) > 1 else None)
-    row_values = sorted(frame[row_key].unique())
-    col_values = sorted(frame[col_key].unique()) if col_key else [None]
-    fig, axes = plt.subplots(len(row_values), len(col_values), squeeze=False, sharex=True,
-                             figsize=(4.2 * len(col_values) + 1, 3.2 * len(row_values) + 0.6))
-    for i, row_value in enumerate(row_values):
-        for j, col_value in enumerate(col_values):
-            ax = axes[i][j]
-            part = frame[frame[row_key] == row_value]
-            if col_key:
-                part = part[part[col_key] == col_value]
+    """One panel per value of ``panels`` that has data: a row per value of the first key, holding
+    its values of the second (if any), left-aligned; ``draw(ax, panel_rows)`` fills each panel."""
+    rows = _panel_rows(frame, panels)
+    width = max(map(len, rows))
+    fig = plt.figure(figsize=(4.2 * width + 1, 3.2 * len(rows) + 0.6))
+    grid = fig.add_gridspec(len(rows), width)
+    first = None
+    for i, row in enumerate(rows):
+        for j, (values, part) in enumerate(row):
+            ax = fig.add_subplot(grid[i, j], sharex=first)
+            first = first or ax
             draw(ax, part)
             _log_x(ax)
-            keys = (row_key, col_key) if col_key else (row_key,)
-            ax.set_title(_panel_title(keys, (row_value, col_value)), fontsize=9)
+            ax.set_title(_panel_title(panels, values), fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            if i == len(row_values) - 1:
+            if i + 1 < len(rows) and j < len(rows[i + 1]):  # the panel below carries the x axis
+                ax.tick_params(labelbottom=False)
+            else:
                 ax.set_xlabel(xlabel)
             if j == 0:
                 ax.set_ylabel(ylabel)
     legend = {}
-    for ax in axes.flat:  # every label once, whichever panel drew it
+    for ax in fig.axes:  # every label once, whichever panel drew it
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    if legend:
-        axes[0][-1].legend(legend.values(), legend.keys(), fontsize=8, loc="best")
+    if legend and len(rows[0]) < width:  # in the top row's free corner, clear of the data
+        corner = grid[0, width - 1].get_position(fig)
+        fig.legend(legend.values(), legend.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(corner.x0, corner.y1))
+    elif legend:
+        fig.axes[width - 1].legend(legend.values(), legend.keys(), fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
     save_figure(fig, path)
 
@@ -218,19 +240,24 @@ def headline_plot(frame: pd.DataFrame, path: Path) -> bool:
     at_batch = forward[forward["batch"] == batch]
     latent = at_batch.groupby("latent")["k"].nunique().idxmax()  # the d with the most k
     panel = at_batch[at_batch["latent"] == latent]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     speed = _with_throughput_bars(panel[panel["status"].isin(TIMED)])
     errors, top = error_frame(panel)
-    if not speed.empty:
-        _draw_series(left, speed, "k", "samples_per_s", ("samples_per_s_low", "samples_per_s_high"))
-    _draw_series(right, errors, "k", "max_abs_err")
-    device = panel["device"].iloc[0]
-    left.set(yscale="log", xlabel="k", ylabel="samples (B*k) per second",
-             title=f"throughput, {device}, B={batch}, d={latent}, {dtype}")
-    right.set(yscale="log", xlabel="k", ylabel=f"max |bound - float64 reference| ({NATS})",
-              title="error against the float64 reference")
-    _mark_non_finite(right, top)
-    for ax in (left, right):
+    # a half only where it has data: a run of interpreted kernels times nothing
+    halves = [half for half, rows in (("speed", speed), ("error", errors)) if not rows.empty]
+    if not halves:
+        return False
+    where = f"{panel['device'].iloc[0]}, B={batch}, d={latent}, {dtype}"
+    fig, axes = plt.subplots(1, len(halves), figsize=(5 * len(halves), 3.8), squeeze=False)
+    for ax, half in zip(axes[0], halves):
+        if half == "speed":
+            _draw_series(ax, speed, "k", "samples_per_s", ("samples_per_s_low", "samples_per_s_high"))
+            ax.set(ylabel="samples (B*k) per second", title=f"throughput, {where}")
+        else:
+            _draw_series(ax, errors, "k", "max_abs_err")
+            ax.set(ylabel=f"max |bound - float64 reference| ({NATS})",
+                   title="error against the float64 reference" + ("" if "speed" in halves else f", {where}"))
+            _mark_non_finite(ax, top)
+        ax.set(yscale="log", xlabel="k")
         _log_x(ax)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -298,7 +325,7 @@ class Report:
 def _speed_sections(report: Report, frame: pd.DataFrame) -> None:
     timed = frame[frame["status"].isin(TIMED)]
     bound = timed[(timed["family"] == "bound") & (timed["regime"] == "realistic")]
-    for (mode, dtype), part in sorted(bound.groupby(["mode", "dtype"])):
+    for (mode, dtype), part in _groups(bound, ["mode", "dtype"]):
         _speed_group(report, part, f"{mode}_{dtype}", f"{mode}, {dtype} logits", ("batch", "latent"))
         table = latent_plot(part, report.plots / f"latent_{mode}_{dtype}.png",
                             f"throughput against the latent width d, {mode}, {dtype} logits")
@@ -307,11 +334,11 @@ def _speed_sections(report: Report, frame: pd.DataFrame) -> None:
                        "latent width d at the (B, k) the grid ran at several d. Table: median time "
                        "of one call, ms.", table, f"latent_{mode}_{dtype}.png")
     reduction = timed[timed["family"] == "reduction"]
-    for dtype, part in sorted(reduction.groupby("dtype")):
+    for (dtype,), part in _groups(reduction, ["dtype"]):
         _speed_group(report, part, f"reduction_{dtype}", f"the reduction alone on [B, k] {dtype} "
                      "log-weights", ("batch",))
     head = timed[timed["family"] == "head"]
-    for (mode, dtype), part in sorted(head.groupby(["mode", "dtype"])):
+    for (mode, dtype), part in _groups(head, ["mode", "dtype"]):
         what = f"the decoder head (output layer + bound), {mode}, {dtype} h and weight"
         tag = f"head_{mode}_{dtype}"
         _speed_group(report, part, tag, what, ("batch", "hidden"))
@@ -361,7 +388,7 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
                    f"against k: the gap the importance weights close. Table: the IWAE-ELBO gap in {NATS} "
                    "(each variant's mean bound minus the float64 ELBO of the same inputs).",
                    pivot(forward, "iwae_elbo_gap"), "bounds.png")
-    for (family, regime, mode), part in sorted(frame.groupby(["family", "regime", "mode"])):
+    for (family, regime, mode), part in _groups(frame, ["family", "regime", "mode"]):
         panels = {"reduction": ("batch",), "head": ("batch", "hidden")}.get(family, ("batch", "latent"))
         index = [*panels, "k"]
         what = {"reduction": "the reduction alone", "head": f"the decoder head, {mode}"}.get(
@@ -386,7 +413,7 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
     if not saturated.empty:
         table = pd.DataFrame({
             f"{metric} ({mode})": part.groupby("variant")[metric].max()
-            for mode, part in sorted(saturated.groupby("mode"))
+            for (mode,), part in _groups(saturated, ["mode"])
             for metric in ("max_abs_err", "grad_max_abs_err") if part[metric].notna().any()})
         report.add("Saturated logits: where code on probabilities breaks",
                    "Inputs where 2% of pixels get logits of 20-40 nats on the wrong side, so "
@@ -513,14 +540,43 @@ def _machine_lines(record: dict) -> list[tuple[str, str]]:
     return lines
 
 
+def _anchors(headings: list[str]) -> list[str]:
+    """Each heading's id as GitHub makes it (lower case, punctuation but - and _ dropped, spaces to
+    hyphens, a repeat numbered -1, -2, ...): the contents' links work in report.md on GitHub and,
+    with these ids set by _html, in report.html."""
+    seen: dict[str, int] = {}
+    anchors = []
+    for heading in headings:
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.append(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def _contents(titles: list[str], anchors: list[str]) -> str:
+    """The sections as a list of links; neighbours on one subject ("Throughput: forward, float32
+    logits", "Peak memory: forward, float32 logits") share a line, which keeps the list short."""
+    lines = []
+    for subject, run in itertools.groupby(zip(titles, anchors), key=lambda pair: pair[0].partition(": ")[2]):
+        run = list(run)
+        if subject and len(run) > 1:
+            lines.append(f"- {subject}: " + " · ".join(f"[{title.partition(': ')[0]}](#{anchor})"
+                                                        for title, anchor in run))
+        else:
+            lines += [f"- [{title}](#{anchor})" for title, anchor in run]
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(frame, record, sections, problems) -> str:
     timed = frame[frame["status"].isin(TIMED)]
     noisy = int((frame["status"] == "noisy").sum())
-    parts = ["# iwae-bench report\n\n",
+    titles = ["Machine", *(title for title, *_ in sections)]
+    parts = [f"# {TITLE}\n\n",
              f"{len(frame)} cells from `results.csv`; {noisy} of {len(timed)} timed cells are noisy "
              f"(p80/p20 > {NOISE_LIMIT} after a second measurement){': see Noisy cells' if noisy else ''}. "
              "Rendered by `python -m iwae_bench report`: every number below is a cell of that CSV or "
-             "a field of `machine.json`.\n\n"]
+             "a field of `machine.json`.\n\n",
+             "Contents:\n\n" + _contents(titles, _anchors([TITLE, *titles])[1:]) + "\n"]
     if problems:
         parts.append(f"{len(problems)} malformed lines of the CSV were skipped: "
                      + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else "") + "\n\n")
@@ -542,8 +598,13 @@ def _html(markdown: str) -> str | None:
         from markdown_it import MarkdownIt
     except ImportError:
         return None
-    body = MarkdownIt("commonmark").enable("table").render(markdown)
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>iwae-bench report</title>"
+    parser = MarkdownIt("commonmark").enable("table")
+    tokens = parser.parse(markdown)
+    heads = [(token, tokens[i + 1].content) for i, token in enumerate(tokens) if token.type == "heading_open"]
+    for (token, _), anchor in zip(heads, _anchors([text for _, text in heads])):
+        token.attrSet("id", anchor)  # commonmark gives headings no id: the contents link to these
+    body = parser.renderer.render(tokens, parser.options, {})
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{TITLE}</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
             "</style></head><body>\n" + body + "</body></html>\n")

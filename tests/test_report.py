@@ -2,7 +2,10 @@
 comparison with another results folder. The CSVs here are written by the table's writer from
 known rows, so every expectation is a known value."""
 
+import html
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +13,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+import iwae_bench.report
 from iwae_bench.harness.table import RowWriter
-from iwae_bench.report import render
+from iwae_bench.report import facet_plot, headline_plot, load, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +102,101 @@ def test_report_compares_with_another_run(tmp_path):
     assert f"{len(_rows()) - 1} cells in both runs, 0 only in this one, 1 only in the reference" in section
     assert "| torch |" in section and "| 0.5 |" in section  # median time ratio this / reference
     assert (out / "plots" / "against_reference.png").exists()
+
+
+def _record_figures(monkeypatch) -> dict[str, list[tuple[str, int, str]]]:
+    """Every figure the report saves, by file name: [(panel title, how many points it draws, its x
+    label)]. A point is a finite marker of a data line; reference lines (axhline) have no markers."""
+    figures = {}
+    save = iwae_bench.report.save_figure
+
+    def recording(fig, path):
+        figures[Path(path).name] = [
+            (ax.get_title(), sum(math.isfinite(x) and math.isfinite(y) for line in ax.get_lines()
+                                 if line.get_marker() not in (None, "None", "")
+                                 for x, y in zip(line.get_xdata(), line.get_ydata())), ax.get_xlabel())
+            for ax in fig.axes]
+        save(fig, path)
+
+    monkeypatch.setattr(iwae_bench.report, "save_figure", recording)
+    return figures
+
+
+def test_facet_grid_draws_only_the_panels_with_data(tmp_path, monkeypatch):
+    # the grid B in {4, 32} x d in {16, 50, 200} ran 4 of its 6 (B, d) pairs
+    pairs = [(4, 50), (32, 16), (32, 50), (32, 200)]
+    rows = [_row(variant, k, 1.0 + k, batch=batch, latent=latent)
+            for batch, latent in pairs for variant in ("torch", "compile") for k in (1, 8)]
+    frame, _ = load(_write(tmp_path, rows) / "results.csv")
+    figures = _record_figures(monkeypatch)
+    assert facet_plot(frame, "samples_per_s", "samples / s", "throughput", tmp_path / "grid.png")
+    panels = figures["grid.png"]
+    assert sorted(title for title, *_ in panels) == sorted(f"B={b}, d={d}" for b, d in pairs)
+    assert all(points == 4 for _, points, _ in panels), panels  # 2 variants x 2 k in each
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_headline_draws_no_throughput_panel_when_nothing_was_timed(tmp_path, monkeypatch):
+    rows = [_row(variant, k, 500.0, status="interpreted") for variant in ("triton", "fused") for k in (1, 8)]
+    frame, _ = load(_write(tmp_path, rows) / "results.csv")
+    figures = _record_figures(monkeypatch)
+    assert headline_plot(frame, tmp_path / "headline.png")
+    assert [title for title, *_ in figures["headline.png"]] == [
+        "error against the float64 reference, cpu, B=4, d=50, float32"]
+    assert figures["headline.png"][0][1] == 4
+
+
+@pytest.fixture(scope="module")
+def holey(tmp_path_factory):
+    """One report, and its figures, over a grid with holes (B=32 ran only d=50) and saturated
+    cells in both modes."""
+    rows = _rows() + [_row("torch", 8, 5.0, batch=32),
+                      _row("torch", 8, 10.0, mode="backward", regime="saturated", err=1e-5, grad_err=1e-6)]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        figures = _record_figures(monkeypatch)
+        out = render(_write(tmp_path_factory.mktemp("holey"), rows)).parent
+    return out, figures
+
+
+def test_no_plot_of_the_report_has_an_empty_panel(holey):
+    _, figures = holey
+    assert len(figures) > 15 and "throughput_forward_float32.png" in figures
+    grid = figures["throughput_forward_float32.png"]
+    assert [title for title, *_ in grid] == ["B=4, d=16", "B=4, d=50", "B=4, d=200", "B=32, d=50"]
+    # the k axis is labelled under each column's lowest panel: B=32 has none under d=50 and d=200
+    assert [bool(xlabel) for *_, xlabel in grid] == [False, True, True, True]
+    empty = [(name, title) for name, panels in figures.items() for title, points, _ in panels if not points]
+    assert not empty
+
+
+def test_report_puts_forward_before_backward(holey):
+    text = (holey[0] / "report.md").read_text()
+    headings = re.findall(r"^## (.*)$", text, re.M)
+    backward = [h for h in headings if "backward" in h]
+    paired = [h for h in backward if h.replace("backward", "forward") in headings]
+    assert len(paired) == 6, headings  # throughput, speedup, bandwidth; bound error x2, gradient error
+    for heading in paired:
+        assert headings.index(heading.replace("backward", "forward")) < headings.index(heading), heading
+    saturated = text.split("## Saturated logits")[1].split("##")[0]
+    header = next(line for line in saturated.splitlines() if line.startswith("| variant"))
+    assert header.index("(forward)") < header.index("(backward)"), header
+
+
+def test_report_opens_with_contents_that_link_every_section(holey):
+    out = holey[0]
+    text, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert text.index("Contents:") < text.index("## Machine")
+    sections = [(anchor, html.unescape(title)) for anchor, title in re.findall(r'<h2 id="([^"]+)">(.*?)</h2>', page)]
+    assert len(sections) == len(re.findall(r"^## ", text, re.M)) > 20
+    contents = page.split("<ul>", 1)[1].split("</ul>", 1)[0]
+    entries = re.findall(r"<li>(.*?)</li>", contents, re.S)
+    links = [link for entry in entries for link in re.findall(r'href="#([^"]+)"', entry)]
+    assert links == [anchor for anchor, _ in sections]  # each section once, in order, to an id that exists
+    for anchor, title in sections:  # the line linking a section names it
+        entry = html.unescape(re.sub(r"<[^>]+>", "", next(e for e in entries if f'href="#{anchor}"' in e)))
+        kind, _, subject = title.partition(": ")
+        assert kind in entry and subject in entry, (title, entry)
+    assert len(entries) < len(sections)  # neighbours on one subject share a line
 
 
 def _cli(*args, cwd=ROOT):
