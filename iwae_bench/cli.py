@@ -56,6 +56,16 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _objective(text: str) -> str:
+    """An objective's spelling (training/family.py), read back as its one label."""
+    from .training.family import Objective
+
+    try:
+        return Objective.parse(text).label
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -128,7 +138,8 @@ def _cmd_sweep(args, parser) -> int:
         shard, device, top, out = _placed(args, lambda device: RUNS_DIR / machine.device_slug(device))
         grid = Grid.preset(args.preset, device, variants=args.variants, seed=args.seed, k=args.k,
                            batch=args.batch, latent=args.latent, data_dim=args.data_dim,
-                           dtype=args.dtype, mode=args.mode, regime=args.regime, hidden=args.hidden)
+                           dtype=args.dtype, mode=args.mode, regime=args.regime, hidden=args.hidden,
+                           objective=args.objective)
         against = _results_dir(args.against, "--against") if args.against else _reference_for(top)
         csv_path = run_sweep(grid, device, out, resume=args.resume, shard=shard,
                              progress=False if args.no_progress else None, min_time=args.min_time)
@@ -166,12 +177,14 @@ def _add_sweep(sub) -> None:
                     "are rendered from the CSV at the end, beside the committed reference run of\n"
                     "the same name (results/reference/<name>) when there is one.\n\n"
                     "The preset's grid is a few blocks: k x B at d = 50, a few (B, k) at other\n"
-                    "latent widths, a saturated-logits block, a decoder-head block (H = 200) and\n"
-                    "the reduction alone. Any of --k, --batch, --latent, --data-dim, --hidden,\n"
-                    "--dtype, --mode, --regime replaces it by one product: the flags given, the\n"
+                    "latent widths, a saturated-logits block, a decoder-head block (H = 200), a\n"
+                    "block of the importance-weighted family (--objective) and the reduction\n"
+                    "alone. Any of --k, --batch, --latent, --data-dim, --hidden, --dtype, --mode,\n"
+                    "--regime, --objective replaces it by one product: the flags given, the\n"
                     "preset's main block for the rest.",
         epilog="Examples:\n  python -m iwae_bench sweep                       quick preset on this machine\n"
                "  python -m iwae_bench sweep --k 1 64 5000 --batch 20 --mode forward backward\n"
+               "  python -m iwae_bench sweep --k 64 --objective iwae vr:0.5 miwae:8x8 ciwae:0.05\n"
                "  python -m iwae_bench sweep --resume                continue an interrupted sweep\n"
                "  python -m iwae_bench promote results/runs/cpu      make this run the reference",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +205,12 @@ def _add_sweep(sub) -> None:
     p.add_argument("--hidden", type=_non_negative_int, nargs="+",
                    help="decoder-head widths H: cells of the head family (the output layer h W^T + b "
                         "and the bound); 0 is the bound family on logits (preset: 0, and 200 on a few cells)")
+    p.add_argument("--objective", type=_objective, nargs="+", metavar="OBJ",
+                   help="members of the family every variant computes (default iwae; the preset adds "
+                        "a block of multi_sample_elbo vr:0.5 miwae:8x8 ciwae:0.05): iwae, elbo (k = 1), "
+                        "multi_sample_elbo, vr:ALPHA (Renyi; ALPHA < 0 is not a lower bound), "
+                        "miwae:MxK (M groups of K, M K = k), ciwae:BETA (BETA in [0, 1]); piwae:MxK "
+                        "and rws report the IWAE bound")
     p.add_argument("--regime", nargs="+", choices=list(REGIMES),
                    help="inputs: realistic (MNIST-like) or saturated (2%% of logits 20-40 nats on the wrong side)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from .training.family import Objective, default_estimator
 from .training.sampling import sample_noise
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -46,6 +47,7 @@ class Problem:
     seed: int = 0
     regime: str = "realistic"
     hidden: int = 0  # > 0: the decoder-head family (h and an output layer instead of logits)
+    objective: str = "iwae"  # the member of the family its variants compute (training/family.py)
 
     def __post_init__(self):
         for name in ("batch", "k", "latent", "data_dim"):
@@ -63,6 +65,13 @@ class Problem:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.regime not in REGIMES:
             raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {self.regime!r}")
+        spec = Objective.parse(self.objective)
+        spec.check(self.k, default_estimator(spec))  # groups that divide k, the ELBO at k = 1
+        object.__setattr__(self, "objective", spec.label)  # one spelling per objective
+
+    @property
+    def spec(self) -> Objective:
+        return Objective.parse(self.objective)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -424,6 +424,30 @@ def _accuracy_sections(report: Report, frame: pd.DataFrame) -> None:
                    table.loc[_ordered(table.index)])
 
 
+def _objective_sections(report: Report, family: pd.DataFrame) -> None:
+    """The family block (rows whose objective is not the IWAE bound): per objective and mode,
+    each variant's error against the float64 value of that objective, and its time."""
+    if family.empty:
+        return
+    index = ["objective", "batch", "k"]
+    for (mode,), part in _groups(family, ["mode"]):
+        report.add(f"The family: bound error, {mode}",
+                   f"Each objective of the family (training/family.py: vr:alpha, miwae:MxK, ciwae:beta, "
+                   f"the ELBOs) computed by every variant on the same inputs: largest |bound - float64 "
+                   f"bound of that objective, written from its paper's definition| in {NATS}. naive "
+                   "computes each without the max shift (non-finite on realistic log-weights); blog "
+                   "computes the IWAE bound only.", pivot(part, "max_abs_err", index))
+        if part["grad_max_abs_err"].notna().any():
+            report.add(f"The family: gradient error, {mode}", "Largest |gradient - float64 autograd "
+                       "gradient of the objective| over every input but x.",
+                       pivot(part, "grad_max_abs_err", index))
+        timed = part[part["status"].isin(TIMED)]
+        if not timed.empty:
+            report.add(f"The family: time, {mode}", "Median time per call in ms (timed variants only; "
+                       "the IWAE bound's cells of the same (B, k) are in the sections above).",
+                       pivot(timed, "time_ms", index))
+
+
 def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
     columns = ["family", "variant", "mode", "dtype", "regime", "batch", "latent", "hidden", "k"]
     last = (record.get("runs") or [{}])[-1]
@@ -495,9 +519,11 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
     """Write plots, report.md and (with markdown-it-py) report.html into ``out`` from its CSV;
     ``against`` adds a comparison with another results folder. Returns report.md."""
     csv_path = csv_path or out / "results.csv"
-    frame, problems = load(csv_path)
+    everything, problems = load(csv_path)
     record = read_json(csv_path.parent / "machine.json")
     report = Report(out)
+    # the IWAE bound's rows feed the plots and sections; the rest of the family its own tables
+    frame = everything[everything["objective"] == "iwae"]
 
     if (frame["device"] == "cuda").any():
         from .targets import targets_table
@@ -517,11 +543,12 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
                    "figure (on a CPU only torch.compile's cells lack one: its generated code is "
                    "invisible to the tensor tracker), so the column is empty rather than guessed.")
     _accuracy_sections(report, frame)
-    _status_sections(report, frame, record)
+    _objective_sections(report, everything[everything["objective"] != "iwae"])
+    _status_sections(report, everything, record)
     if against is not None:
-        _comparison_section(report, frame, against)
+        _comparison_section(report, everything, against)
 
-    markdown = _markdown(frame, record, report.sections, problems)
+    markdown = _markdown(everything, record, report.sections, problems)
     write_text(out / "report.md", markdown)
     html = _html(markdown)
     if html is not None:

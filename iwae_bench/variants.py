@@ -2,11 +2,16 @@
 
 Three families share the registry and its flags:
 
-- ``bound``: ``fn(x, logits, z, mu, logvar) -> [B] float32`` (shapes as in
+- ``bound``: ``fn(x, logits, z, mu, logvar, objective) -> [B] float32`` (shapes as in
   ``kernels.log_weights``), from the five inputs;
 - ``reduction``: ``fn(log_w [B, k]) -> [B] float32``, the last step alone (the logsumexp over k);
-- ``head``: ``fn(x, h, weight, bias, z, mu, logvar) -> [B] float32``, the decoder's output
-  layer (l = h weight^T + bias) and the bound together.
+- ``head``: ``fn(x, h, weight, bias, z, mu, logvar, objective) -> [B] float32``, the decoder's
+  output layer (l = h weight^T + bias) and the bound together.
+
+``objective`` (training/family.py; the IWAE bound when not given) is the member of the family a
+bound or head variant computes: each variant computes every member in its own style (naive
+without the max shift, torch stable, triton and fused through ``kernels.Reduction``), except
+``blog``, which stands for one blog's IWAE code and computes that bound only.
 
 Every variant checks its inputs with the same function as the kernels, so bad input reads
 the same whichever variant meets it. The harness reads a variant's flags (``uses_triton``:
@@ -28,11 +33,12 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import check_bound_inputs
+from kernels import IWAE, Reduction, check_bound_inputs
 from kernels._common import check_log_weights
 from kernels.fused_linear import check_head_inputs
 
 from .training import bounds
+from .training.family import IWAE_OBJECTIVE, Objective, default_estimator
 
 FAMILIES = ("bound", "reduction", "head")
 INPUTS = {"bound": ("x", "logits", "z", "mu", "logvar"), "reduction": ("log_w",),
@@ -47,8 +53,13 @@ class Variant:
     description: str
     uses_triton: bool = False   # runs Triton kernels (interpreted, so not timed as speed, on CPU)
     compiles: bool = False      # torch.compile: compiled afresh for every cell
+    iwae_only: bool = False     # computes the IWAE bound only (not the rest of the family)
 
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
+    def computes(self, objective: Objective) -> bool:
+        """Whether this variant computes ``objective``'s bound (the reduction family: the IWAE's)."""
+        return objective.name == "iwae" or not (self.iwae_only or self.family == "reduction")
+
+    def __call__(self, *args, objective: Objective | None = None, **kwargs) -> torch.Tensor:
         names = INPUTS[self.family]
         given = {**dict(zip(names, args)), **kwargs}
         if len(args) > len(names) or set(given) != set(names):
@@ -61,7 +72,12 @@ class Variant:
             check_head_inputs(*inputs, for_kernel=self.uses_triton)
         else:
             check_log_weights("log_w", *inputs, for_kernel=self.uses_triton)
-        return self.fn(*inputs)
+            return self.fn(*inputs)
+        objective = objective or IWAE_OBJECTIVE
+        if not self.computes(objective):
+            raise ValueError(f"variant {self.name!r} computes the IWAE bound only, not {objective.label!r}")
+        objective.check(inputs[1].shape[1], default_estimator(objective))
+        return self.fn(*inputs, objective.value(inputs[1].shape[1]))
 
 
 REGISTRY: dict[str, dict[str, Variant]] = {family: {} for family in FAMILIES}
@@ -129,21 +145,36 @@ def textbook_log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
     return (log_px + log_ph - log_qh).view(B, k)
 
 
+def naive_reduce(log_w: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """The reduction as textbook code writes it: log(mean(exp(s log w))) / s per group, with no
+    max shift (so realistic log-weights underflow to -inf), beta mean log w mixed in."""
+    B, k = log_w.shape
+    grouped = log_w.view(B, reduction.groups, -1)
+    s, beta = reduction.scale, reduction.beta
+    value = 0.0
+    if beta < 1.0:
+        value = (1.0 - beta) * torch.log(torch.mean(torch.exp(s * grouped), dim=2)) / s
+    if reduction.linear:
+        value = value + beta * grouped.mean(2)
+    return value.mean(1)
+
+
 @register("bound", "naive", "textbook: inputs repeated to [B*k, ...], BCE on sigmoid probabilities, "
                             "log(mean(exp(log_w))) with no max shift")
-def naive_bound(x, logits, z, mu, logvar):
-    return torch.log(torch.mean(torch.exp(textbook_log_weights(x, logits, z, mu, logvar)), dim=1))
+def naive_bound(x, logits, z, mu, logvar, reduction=IWAE):
+    return naive_reduce(textbook_log_weights(x, logits, z, mu, logvar), reduction)
 
 
 @register("bound", "blog", "the blog code's IWAE loss as written: inputs repeated to [B*k, ...], "
-                           "BCE on sigmoid probabilities (log clamped at -100), then torch.logsumexp")
-def blog_bound(x, logits, z, mu, logvar):
+                           "BCE on sigmoid probabilities (log clamped at -100), then torch.logsumexp",
+          iwae_only=True)
+def blog_bound(x, logits, z, mu, logvar, reduction=IWAE):
     log_w = textbook_log_weights(x, logits, z, mu, logvar)
     return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
 
 
-def torch_bound(x, logits, z, mu, logvar):
-    return bounds.iwae_bound(x, logits, z, mu, logvar, backend="torch")
+def torch_bound(x, logits, z, mu, logvar, reduction=IWAE):
+    return bounds.reduced_bound(x, logits, z, mu, logvar, reduction, backend="torch")
 
 
 register("bound", "torch", "stable PyTorch: broadcasting instead of repeats, BCE with logits, "
@@ -154,14 +185,14 @@ register("bound", "compile", "torch.compile of the torch variant (default settin
 
 @register("bound", "triton", "two Triton kernels: batched log-weights, then the logsumexp over k",
           uses_triton=True)
-def triton_bound(x, logits, z, mu, logvar):
-    return kernels.iwae_bound(kernels.log_weights(x, logits, z, mu, logvar))
+def triton_bound(x, logits, z, mu, logvar, reduction=IWAE):
+    return kernels.iwae_bound(kernels.log_weights(x, logits, z, mu, logvar), reduction)
 
 
 @register("bound", "fused", "one Triton kernel from (x, logits, z, mu, logvar) to the bound",
           uses_triton=True)
-def fused_bound(x, logits, z, mu, logvar):
-    return bounds.iwae_bound(x, logits, z, mu, logvar, backend="fused")
+def fused_bound(x, logits, z, mu, logvar, reduction=IWAE):
+    return bounds.reduced_bound(x, logits, z, mu, logvar, reduction, backend="fused")
 
 
 # --------------------------------------------------------------------------- the reduction alone
@@ -189,8 +220,8 @@ register("reduction", "triton", "the streaming Triton logsumexp (kernels.iwae_bo
 # triton) or never (fused_linear).
 
 
-def torch_head(x, h, weight, bias, z, mu, logvar):
-    return bounds.iwae_bound(x, F.linear(h, weight, bias), z, mu, logvar, backend="torch")
+def torch_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE):
+    return bounds.reduced_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction, backend="torch")
 
 
 register("head", "torch", "nn.Linear's matmul, then the stable torch bound")(torch_head)
@@ -200,11 +231,11 @@ register("head", "compile", "torch.compile of the torch head (matmul and bound t
 
 @register("head", "triton", "the matmul by torch, then the fused Triton bound on the logits",
           uses_triton=True)
-def triton_head(x, h, weight, bias, z, mu, logvar):
-    return kernels.fused_iwae_bound(x, F.linear(h, weight, bias), z, mu, logvar)
+def triton_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE):
+    return kernels.fused_iwae_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction)
 
 
 @register("head", "fused_linear", "one Triton kernel from h and the output layer to the bound: "
                                   "logits built on chip, never stored", uses_triton=True)
-def fused_linear_head(x, h, weight, bias, z, mu, logvar):
-    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar)
+def fused_linear_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE):
+    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction)

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from iwae_bench.profile.kernels import specialization  # noqa: E402
 from iwae_bench.profile.sass import compile_for_target  # noqa: E402
-from kernels._common import capture_launches  # noqa: E402
+from kernels._common import Reduction, capture_launches  # noqa: E402
 from kernels.fused_bound import fused_iwae_forward  # noqa: E402
 from kernels.fused_linear import fused_linear_backward, fused_linear_forward, matmul_tf32  # noqa: E402
 from kernels.logw import log_weights_backward, log_weights_forward  # noqa: E402
@@ -33,6 +33,10 @@ from kernels.lse import logsumexp_backward, logsumexp_forward  # noqa: E402
 from kernels.reweight import reweight  # noqa: E402
 
 FLAGS = ("HAS_BIAS", "BOUND", "SAVE_LOG_W", "SPLIT_K", "NEED_DX", "FAST", "TANH_SIGMOID")
+FAMILY_FLAGS = ("LINEAR", "SCALED")  # the bound's epilogue beyond the IWAE's (kernels.Reduction)
+# MIWAE-like groups, VR's scale, and CIWAE's mean mixed in with groups and a scale (k = 3000 and
+# k = 8 both split into 2 groups)
+FAMILY = (Reduction(groups=2), Reduction(scale=0.5), Reduction(scale=0.5, groups=2, beta=0.25))
 
 
 def meta(*shape, dtype=torch.float32):
@@ -48,12 +52,16 @@ def launches():
                 inputs = (meta(B, D), meta(B, k, D, dtype=dtype), meta(B, k, d), meta(B, d), meta(B, d))
                 for save in (False, True):
                     fused_iwae_forward(*inputs, save_log_w=save)
+                for reduction in FAMILY:  # the family's epilogues: groups, a scale, the mean mixed in
+                    fused_iwae_forward(*inputs, save_log_w=True, reduction=reduction)
                 log_weights_forward(*inputs)
                 for need_dx in (False, True):
                     log_weights_backward(*inputs, meta(B, k), need_dx=need_dx)
             for R, K in ((2, 50_000), (1024, 64)):
                 t = meta(R, K, dtype=dtype)
                 logsumexp_forward(t, 1.0)
+                logsumexp_forward(t, 1.0, reduction=FAMILY[-1])
+                logsumexp_backward(t, meta(R), meta(R), FAMILY[-1])
                 logsumexp_backward(t, meta(R), meta(R))
             reweight(meta(4, 9, d, dtype=dtype), meta(4, 9), meta(4))
         # the decoder head: 32- and 16-bit h and W, k split and not, with and without a bias;
@@ -68,6 +76,7 @@ def launches():
                             meta(D, dtype=dtype), meta(B, k, d), meta(B, d), meta(B, d))
                     fused_linear_forward(*head, save_log_w=True)
                     if every:
+                        fused_linear_forward(*head, save_log_w=True, reduction=FAMILY[-1])
                         fused_linear_forward(*head, bound=False, save_log_w=True)
                     fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False))
                 if every:
@@ -97,6 +106,7 @@ def main() -> int:
             flags += f" LOAD_STAGES={blocks['LOAD_STAGES']}"
         if "INPUT_PRECISION" in constexprs:
             flags += f" {constexprs['INPUT_PRECISION']}"
+        flags += "".join(f" {f}=1" for f in FAMILY_FLAGS if constexprs.get(f))  # only where on
         line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags}".strip()
         key = (line, tuple(sorted(signature.items())), tuple(sorted(aligned)),
                tuple(sorted((k, str(v)) for k, v in constexprs.items())))

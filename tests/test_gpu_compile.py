@@ -28,6 +28,9 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
                    for line in lines)
         for split in (0, 1):
             assert f"_logsumexp_forward_kernel *{dtype} SPLIT_K={split}" in lines
+            # the family's epilogues (kernels.Reduction): the mean mixed in, a scale
+            assert f"_fused_iwae_forward_kernel *{dtype} SAVE_LOG_W=1 SPLIT_K={split} FAST=1 LINEAR=1" in lines
+            assert f"_logsumexp_forward_kernel *{dtype} SPLIT_K={split} LINEAR=1 SCALED=1" in lines
         assert f"_logsumexp_backward_kernel *{dtype}" in lines
         assert f"_reweight_kernel *{dtype}" in lines
     # the head: float32 exact (torch's default) and 16-bit everywhere; TF32 and float16 once
@@ -36,6 +39,8 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
             assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K={split} FAST=1 {dots}" in lines
         assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=0 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots}" in lines
         assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=0 BOUND=1 SAVE_LOG_W=0 SPLIT_K=0 FAST=1 {dots}" in lines
+        for split in (0, 1):
+            assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K={split} FAST=1 {dots} LINEAR=1" in lines
     for dtype, dots in (("fp32", "ieee"), ("bf16", "tf32"), ("fp32", "tf32"), ("fp16", "tf32")):
         tanh = int(dtype != "fp32")
         assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots}" in lines

@@ -109,6 +109,47 @@ def test_tiny_sweep_numbers_match_the_reference(tiny_sweep):
                                 (reference.iwae_bound(log_w) - reference.elbo(log_w)).mean().item(), abs_tol=1e-3)
 
 
+def test_family_cells_are_each_objectives_against_its_float64_value(tmp_path):
+    """--objective: every variant that computes the member does, its error against that
+    member's float64 value (not the IWAE bound's); blog, which computes the IWAE bound only,
+    is left out of the others; the report tables them apart."""
+    done = _cli("sweep", *TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "forward",
+                "--objective", "iwae", "vr:0.5", "miwae:2x2", "ciwae:0.25", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _rows(tmp_path / "results.csv")
+    by_objective = {}
+    for r in rows:
+        by_objective.setdefault(r["objective"], set()).add(r["variant"])
+    assert by_objective["iwae"] == {"naive", "blog", "torch", "compile", "triton", "fused"}
+    for spec in ("vr:0.5", "miwae:2x2", "ciwae:0.25"):
+        assert by_objective[spec] == {"naive", "torch", "compile", "triton", "fused"}
+    from iwae_bench.training import Objective
+    log_w = reference.log_weights(*make_inputs(Problem(2, 4, 3, 20, "float32")))
+    for r in rows:
+        want = reference.objective_bound(log_w, Objective.parse(r["objective"])).mean().item()
+        if r["variant"] != "naive":
+            assert float(r["max_abs_err"]) < 1e-4, r
+            assert math.isclose(float(r["bound_mean"]), want, abs_tol=1e-4), r
+    means = {r["objective"]: float(r["bound_mean"]) for r in rows if r["variant"] == "torch"}
+    assert means["iwae"] > means["vr:0.5"] and means["iwae"] > means["miwae:2x2"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## The family: bound error, forward" in report and "| miwae:2x2 |" in report
+
+
+def test_a_csv_of_an_earlier_version_reads_its_rows_as_the_iwae_bound(tiny_sweep, tmp_path):
+    from iwae_bench.harness.table import read_table
+
+    rows = _rows(tiny_sweep / "results.csv")
+    old = tmp_path / "results.csv"
+    with open(old, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c for c in COLUMNS if c != "objective"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = read_table(old)
+    assert len(table.rows) == len(rows) and not table.problems
+    assert {r["objective"] for r in table.rows} == {"iwae"}
+
+
 def test_tiny_sweep_writes_report_and_machine(tiny_sweep):
     report = (tiny_sweep / "report.md").read_text()
     for heading in ["## Machine", "## Throughput: forward, float32 logits", "## IWAE bound and ELBO",
@@ -260,10 +301,14 @@ def test_check_resume_names_every_clash():
     (["--min-time", "0"], "argument --min-time: must be a finite number > 0, got 0"),
     (["--min-time", "-1"], "argument --min-time: must be a finite number > 0, got -1"),
     (["--regime", "wild"], "argument --regime: invalid choice: 'wild'"),
+    (["--objective", "miwae:8"], "argument --objective: objective 'miwae:8': miwae takes its groups as MxK"),
+    (["--objective", "ciwae:2"], "argument --objective: objective 'ciwae:2': beta must lie in [0, 1]"),
+    (["--k", "6", "--objective", "miwae:4x4"], "miwae groups M x K = 4 x 4 = 16 samples, but k = 6"),
     (["--out", "{file}/sub"], "is not writable"),
     (["--against", "{file}"], "--against {file}: no such folder"),
 ], ids=["k=0", "unknown-variant", "batch-not-int", "min-time-0", "min-time-negative",
-        "unknown-regime", "unwritable-out", "against-missing"])
+        "unknown-regime", "objective-spelling", "objective-beta", "objective-groups", "unwritable-out",
+        "against-missing"])
 def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -22,6 +22,7 @@ import kernels
 
 from .. import reference
 from ..problems import HeadInputs, Problem
+from ..training.family import IWAE_OBJECTIVE, Objective
 from ..variants import Variant, reset_compiled
 from .memory import AllocationTracker
 from .timing import Timing, peak_extra_memory, time_call
@@ -82,11 +83,12 @@ class Reference:
 
     CHUNK_ELEMENTS = 1 << 25  # float64 logits elements per slice
 
-    def __init__(self, inputs):
+    def __init__(self, inputs, objective: Objective = IWAE_OBJECTIVE):
         self.inputs = inputs
+        self.objective = objective
         self.head = isinstance(inputs, HeadInputs)
         log_w = torch.cat([reference.log_weights(*self._bound_inputs(part)) for part in self._slices()])
-        self.bound = reference.iwae_bound(log_w)
+        self.bound = reference.objective_bound(log_w, objective)
         self.elbo = reference.elbo(log_w)
 
     def _bound_inputs(self, part) -> tuple:
@@ -104,7 +106,8 @@ class Reference:
                         for name, t in zip(self.inputs._fields, self.inputs))
 
     def grad_max_abs_err(self, grads) -> float:
-        """Largest error of the gradients of sum(L_k) with respect to every input but x (logits,
+        """Largest error of the gradients of the sum of the objective's bound (L_k by default)
+        with respect to every input but x (logits,
         z, mu, logvar; or h, weight, bias, z, mu, logvar) against float64 autograd. The head's
         weight and bias gradients sum over every slice before they are compared."""
         worst, start, shared = 0.0, 0, {}
@@ -112,7 +115,8 @@ class Reference:
         for x, *rest in self._slices():
             leaves = [t.detach().double().requires_grad_() for t in rest]
             part = (x, *leaves)
-            bound = reference.bound(*self._bound_inputs(type(self.inputs)(*part)))
+            log_w = reference.log_weights(*self._bound_inputs(type(self.inputs)(*part)))
+            bound = reference.objective_bound(log_w, self.objective)
             want = torch.autograd.grad(bound.sum(), leaves)
             stop = start + x.shape[0]
             for name, got, expected in zip(names, grads, want):
@@ -154,14 +158,15 @@ def bound_identity(variant: str, problem: Problem, mode: str, device: torch.devi
     return {"family": problem.family, "variant": variant, "device": device.type, "dtype": problem.dtype,
             "k": problem.k, "batch": problem.batch, "latent": problem.latent,
             "data_dim": problem.data_dim, "hidden": problem.hidden, "mode": mode,
-            "regime": problem.regime, "seed": problem.seed, "threads": torch.get_num_threads()}
+            "regime": problem.regime, "objective": problem.objective, "seed": problem.seed,
+            "threads": torch.get_num_threads()}
 
 
 def reduction_identity(variant: str, batch: int, k: int, device: torch.device, seed: int) -> dict:
     """The identity columns of a reduction cell: float32 log-weights, latent and data_dim 0."""
     return {"family": "reduction", "variant": variant, "device": device.type, "dtype": "float32",
             "k": k, "batch": batch, "latent": 0, "data_dim": 0, "hidden": 0, "mode": "forward",
-            "regime": "realistic", "seed": seed, "threads": torch.get_num_threads()}
+            "regime": "realistic", "objective": "iwae", "seed": seed, "threads": torch.get_num_threads()}
 
 
 def reduction_log_weights(batch: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -260,16 +265,16 @@ def run_cell(row: dict, variant: Variant, call: Callable[[], object], check: Cal
     return row
 
 
-def bound_call(variant: Variant, inputs, mode: str) -> Callable[[], tuple]:
-    """What one call of a bound or head cell runs: the bound, and in backward mode its gradients
-    with respect to every input but x. Returns (bound, grads or None)."""
+def bound_call(variant: Variant, inputs, mode: str, objective: Objective = IWAE_OBJECTIVE) -> Callable[[], tuple]:
+    """What one call of a bound or head cell runs: the objective's bound, and in backward mode
+    its gradients with respect to every input but x. Returns (bound, grads or None)."""
     if mode == "forward":
-        return lambda: (variant(*inputs), None)
+        return lambda: (variant(*inputs, objective=objective), None)
     x, *rest = inputs
     leaves = [t.detach().requires_grad_() for t in rest]
 
     def call():
-        bound = variant(x, *leaves)
+        bound = variant(x, *leaves, objective=objective)
         return bound, torch.autograd.grad(bound.sum(), leaves)
 
     return call
@@ -294,7 +299,7 @@ def measure_bound(variant: Variant, problem: Problem, inputs, ref: Reference, mo
     row = {**bound_identity(variant.name, problem, mode, device), "copy_gbps": copy_gbps,
            "bytes": bound_bytes(inputs, mode), "flops": flops,
            "matmul_tflops": matmul_tflops if flops else None}
-    return run_cell(row, variant, bound_call(variant, inputs, mode), bound_check(ref), device,
+    return run_cell(row, variant, bound_call(variant, inputs, mode, problem.spec), bound_check(ref), device,
                     samples=problem.batch * problem.k, copy_gbps=copy_gbps, min_time=min_time)
 
 

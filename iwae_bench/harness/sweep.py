@@ -45,7 +45,12 @@ class Block:
     mode: list[str] = field(default_factory=lambda: ["forward", "backward"])
     regime: list[str] = field(default_factory=lambda: ["realistic"])
     hidden: list[int] = field(default_factory=lambda: [0])  # > 0: the decoder-head family
+    objective: list[str] = field(default_factory=lambda: ["iwae"])  # members of the family (family.py)
 
+
+# The family's block: one objective of each kind beside the IWAE bound of the main block (the
+# same inputs at the same (B, k)), every variant computing it, its error against float64.
+FAMILY_BLOCK = ["multi_sample_elbo", "vr:0.5", "miwae:8x8", "ciwae:0.05"]
 
 # Grids by preset and device type. The CPU quick preset is the README's main job: a couple of
 # minutes on 2 cores, most of it torch.compile compiling each cell afresh.
@@ -54,14 +59,16 @@ PRESETS = {
         "cpu": dict(blocks=[Block(k=[1, 8, 64, 512], batch=[4, 32]),
                             Block(k=[64], batch=[32], latent=[16, 200]),
                             Block(k=[8, 64], batch=[4], regime=["saturated"]),
-                            Block(k=[8, 64], batch=[4], hidden=[200])],
+                            Block(k=[8, 64], batch=[4], hidden=[200]),
+                            Block(k=[64], batch=[32], objective=FAMILY_BLOCK)],
                     reductions=[(1024, 64), (8, 5000)]),
         "cuda": dict(blocks=[Block(k=[1, 16, 64, 256, 1024, 5000], batch=[20, 256],
                                    dtype=["float32", "bfloat16"]),
                              Block(k=[256], batch=[256], latent=[16, 200]),
                              Block(k=[64], batch=[20], regime=["saturated"]),
                              Block(k=[64, 1024, 5000], batch=[20], hidden=[200],
-                                   dtype=["float32", "bfloat16"])],
+                                   dtype=["float32", "bfloat16"]),
+                             Block(k=[64, 1024], batch=[256], objective=FAMILY_BLOCK)],
                      reductions=[(65536, 16), (64, 5000), (8, 100_000)]),
     },
     "full": {
@@ -79,7 +86,7 @@ PRESETS = {
                                  (8, 1_000_000)]),
     },
 }
-AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime", "hidden")
+AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime", "hidden", "objective")
 
 
 @dataclass
@@ -116,13 +123,13 @@ class Grid:
         """Each problem once, with its (variant, mode) cells, in grid order."""
         cells: dict[Problem, list[tuple[str, str]]] = {}
         for block in self.blocks:
-            for dtype, regime, latent, data_dim, hidden, batch, k in itertools.product(
-                    block.dtype, block.regime, block.latent, block.data_dim, block.hidden, block.batch,
-                    block.k):
-                problem = Problem(batch, k, latent, data_dim, dtype, self.seed, regime, hidden)
+            for dtype, regime, latent, data_dim, hidden, objective, batch, k in itertools.product(
+                    block.dtype, block.regime, block.latent, block.data_dim, block.hidden,
+                    block.objective, block.batch, block.k):
+                problem = Problem(batch, k, latent, data_dim, dtype, self.seed, regime, hidden, objective)
                 todo = cells.setdefault(problem, [])
                 todo += [(v, m) for m in block.mode for v in self.variants_for(problem.family)
-                         if (v, m) not in todo]
+                         if (v, m) not in todo and get(v, problem.family).computes(problem.spec)]
         return [(problem, todo) for problem, todo in cells.items() if todo]
 
     def reduction_variants(self) -> list[str]:
@@ -263,12 +270,13 @@ def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, 
             bar.update()
         return
     inputs = make_inputs(problem, device)
-    ref = Reference(inputs)
+    ref = Reference(inputs, problem.spec)
     for variant, mode in cells:
         if out_of_time():
             break
         bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} d={problem.latent} "
-                            + (f"H={problem.hidden}" if problem.hidden else problem.regime))
+                            + (f"H={problem.hidden}" if problem.hidden else problem.regime)
+                            + ("" if problem.objective == "iwae" else f" {problem.objective}"))
         writer.write(measure_bound(get(variant, problem.family), problem, inputs, ref, mode, device,
                                    copy_gbps, min_time, matmul_tflops))
         bar.update()

@@ -25,7 +25,9 @@ TIMED = ("ok", "noisy")
 
 # identity: what a cell is; a resumed sweep skips a cell whose identity is already in the CSV
 IDENTITY = ["family", "variant", "device", "dtype", "k", "batch", "latent", "data_dim", "hidden",
-            "mode", "regime", "seed"]
+            "mode", "regime", "objective", "seed"]
+# identity columns that CSVs of earlier versions lack, and the value their rows had
+ADDED = {"objective": "iwae"}
 MEASURED = [
     "time_ms", "time_ms_p20", "time_ms_p80", "time_samples", "time_spread", "samples_per_s",
     "bytes", "gbps", "copy_gbps", "bw_fraction", "flops", "tflops", "matmul_tflops",
@@ -36,7 +38,7 @@ MEASURED = [
 COLUMNS = IDENTITY + MEASURED
 INT_COLUMNS = {"k", "batch", "latent", "data_dim", "hidden", "seed", "time_samples", "bytes",
                "flops", "peak_mem_bytes", "threads"}
-TEXT_COLUMNS = {"family", "variant", "device", "dtype", "mode", "regime", "status", "message"}
+TEXT_COLUMNS = {"family", "variant", "device", "dtype", "mode", "regime", "objective", "status", "message"}
 CHOICES = {"family": FAMILIES, "mode": MODES, "status": STATUSES, "device": ("cpu", "cuda")}
 REQUIRED = set(IDENTITY) | {"status"}
 
@@ -99,6 +101,8 @@ def drop_torn_tail(path: Path) -> None:
 def _parse(column: str, text: str):
     """A typed value from a CSV field, or ValueError saying why not."""
     if text == "":
+        if column in ADDED:  # a row written without it (by an earlier version) had this value
+            return ADDED[column]
         if column in REQUIRED:
             raise ValueError(f"{column} is empty")
         return None
@@ -133,7 +137,7 @@ def read_table(path: Path) -> Table:
     if not lines or not lines[0].strip():
         raise TableError(f"{path} is empty: no header line")
     header = next(csv.reader([lines[0]]))
-    missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header and c not in ADDED]
     if missing:
         raise TableError(f"{path} is not a results CSV of this version: its header lacks "
                          f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
@@ -146,7 +150,7 @@ def read_table(path: Path) -> Table:
             problems.append(f"line {number}: {len(fields)} fields, expected {len(header)}")
             continue
         try:
-            rows.append({c: _parse(c, v) for c, v in zip(header, fields) if c in COLUMNS})
+            rows.append({**ADDED, **{c: _parse(c, v) for c, v in zip(header, fields) if c in COLUMNS}})
         except ValueError as error:
             problems.append(f"line {number}: {error}")
     return Table(rows, problems)

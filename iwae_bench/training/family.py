@@ -270,6 +270,9 @@ class Objective:
                              c2=beta / k, a2=(1 - beta) / M), offset, None)
 
 
+IWAE_OBJECTIVE = Objective()
+
+
 def _no_nan(score, lse_g, M):
     """A group whose logsumexp is -inf has no weights: zeros, not exp(-inf + inf)."""
     if score is None:
