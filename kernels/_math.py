@@ -20,12 +20,21 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)
+NEG_LOG2E = tl.constexpr(-1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def exp_(x):
     return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def exp_neg_(x):
+    """exp(-x) = exp2(x * -log2(e)), the sign in the constant (the same bits as exp_(-x)):
+    Triton 3.6 lowers -x to 0 - x, an FADD per element that ptxas cannot fold into the
+    multiply (0 - 0 is +0, not -0); 3.9's negation folds, so both forms cost it the same."""
+    return tl.exp2(x * NEG_LOG2E)
 
 
 @triton.jit
@@ -45,6 +54,6 @@ def sigmoid_(x, FAST: tl.constexpr, TANH: tl.constexpr):
                                          dtype=tl.float32, is_pure=True, pack=1)
         return 0.5 + 0.5 * tanh
     elif FAST:
-        return libdevice.fast_dividef(1.0, 1.0 + tl.exp2(-x * LOG2E))
+        return libdevice.fast_dividef(1.0, 1.0 + exp_neg_(x))
     else:
-        return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+        return 1.0 / (1.0 + exp_neg_(x))

@@ -170,16 +170,18 @@ def _hidden_tile(h_ptr, b64, rows64, offs_h, stride_hb, stride_hk, stride_hh, ma
                  ALIGN: tl.constexpr):
     """h[b, rows64, offs_h]: [BLOCK_K, BLOCK_H] in h's dtype (a dot operand), 0 where masked.
     ``b64`` is a scalar or, like ``rows64``, one example per row. Row starts are multiples of
-    ALIGN elements (the host checks the strides), so the loads vectorize with H = 200."""
-    row_start = tl.multiple_of(b64 * stride_hb + rows64[:, None] * stride_hk, [ALIGN, 1])
-    return tl.load(h_ptr + row_start + offs_h[None, :] * stride_hh, mask=mask, other=0.0)
+    ALIGN elements (the host checks the strides), so the loads vectorize with H = 200. The
+    hint goes on the 1-D row starts, before they broadcast: Triton 3.6 drops a hint given on
+    the 2-D offsets (``[ALIGN, 1]``) and loads h one element at a time (3.9 keeps either)."""
+    row_start = tl.multiple_of(b64 * stride_hb + rows64 * stride_hk, ALIGN)
+    return tl.load(h_ptr + row_start[:, None] + offs_h[None, :] * stride_hh, mask=mask, other=0.0)
 
 
 @triton.jit
 def _weight_tile(w_ptr, offs_d, offs_h, stride_wd, stride_wh, mask, ALIGN: tl.constexpr):
     """W[offs_d, offs_h]: [BLOCK_D, BLOCK_H] in W's dtype, 0 where masked (rows: as h's)."""
-    row_start = tl.multiple_of(offs_d.to(tl.int64)[:, None] * stride_wd, [ALIGN, 1])
-    return tl.load(w_ptr + row_start + offs_h[None, :] * stride_wh, mask=mask, other=0.0)
+    row_start = tl.multiple_of(offs_d.to(tl.int64) * stride_wd, ALIGN)
+    return tl.load(w_ptr + row_start[:, None] + offs_h[None, :] * stride_wh, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -402,7 +404,7 @@ def _fused_linear_backward_dw_kernel(
         b_rows = rows // k  # int32 division (the host checks B k < 2**31)
         i_rows = (rows - b_rows * k).to(tl.int64)
         b_rows = b_rows.to(tl.int64)
-        h_block = _hidden_tile(h_ptr, b_rows[:, None], i_rows, offs_h, stride_hb, stride_hk,
+        h_block = _hidden_tile(h_ptr, b_rows, i_rows, offs_h, stride_hb, stride_hk,
                                stride_hh, mask_r[:, None] & mask_h[None, :], ALIGN)
         logit_block = _logits(h_block, w_tile, bias_block, INPUT_PRECISION, DOT_IN_FP32)
         x_block = tl.load(x_ptr + b_rows[:, None] * stride_xb + offs_d[None, :] * stride_xd,

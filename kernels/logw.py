@@ -65,7 +65,7 @@ import triton.language as tl
 
 from ._common import (IWAE, Reduction, SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, interpreted,
                       next_pow2, split_plan)
-from ._math import LN2, exp_, log2_, sigmoid_
+from ._math import LN2, exp_neg_, log2_, sigmoid_
 
 PROD_GROUP = 64  # factors in (1, 2] multiplied before one log: product <= 2**64
 MASKED_LOGIT = tl.constexpr(-65504.0)  # adds 0 and a factor of 1 beside x = 0; finite in fp16, bf16 and fp32
@@ -93,7 +93,7 @@ def _bernoulli_step(acc, group_prod, x_block, logit_block):
     for the exp and one FMA for the product. x_block broadcasts against the tile."""
     magnitude = tl.abs(logit_block)
     acc = tl.fma(magnitude, -0.5, tl.fma(x_block - 0.5, logit_block, acc))
-    group_prod = tl.fma(group_prod, exp_(-magnitude), group_prod)
+    group_prod = tl.fma(group_prod, exp_neg_(magnitude), group_prod)
     return acc, group_prod
 
 
@@ -199,7 +199,7 @@ def _latent_log_ratio(
         logvar_block = _row_block(logvar_ptr, b64, stride_vb, j0 + lcols, stride_vd, mask_l)
         z_block = tl.load(z_base + j0 * stride_zd + z_tile, mask=mask_k[:, None] & mask_l[None, :],
                           other=0.0).to(tl.float32)
-        inv_var = exp_(-logvar_block)
+        inv_var = exp_neg_(logvar_block)
         diff = z_block - mu_block[None, :]
         latent += 0.5 * (diff * diff * inv_var[None, :] + logvar_block[None, :] - z_block * z_block)
     return tl.sum(latent, axis=1)
@@ -282,7 +282,7 @@ def _log_weights_backward_kernel(
         mask_l = j0 + lcols < d
         mu_block = _row_block(mu_ptr, b64, stride_mb, j0 + lcols, stride_md, mask_l)
         logvar_block = _row_block(logvar_ptr, b64, stride_vb, j0 + lcols, stride_vd, mask_l)
-        inv_var = exp_(-logvar_block)
+        inv_var = exp_neg_(logvar_block)
         mu_sum = tl.zeros([BLOCK_L], tl.float32)
         logvar_sum = tl.zeros([BLOCK_L], tl.float32)
         for k0 in range(k_start, k_stop, BLOCK_K):
