@@ -74,9 +74,10 @@ def test_each_objective_equals_its_definition(backend, device):
             assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, what=f"{objective} d/d{name}")
 
 
+# the family through the head: the mean mixed in (ciwae), groups and the PIWAE rescaling at z,
+# the wake-phi score term (the head's values for vr and miwae: tests/test_family.py)
 HEAD_CASES = [("iwae", "iwae", 5), ("iwae", "dreg", 5), ("multi_sample_elbo", "stl", 5),
-              ("vr:0.5", "dreg", 6), ("miwae:2x3", "iwae", 6), ("ciwae:0.3", "dreg", 6),
-              ("piwae:2x3", "dreg", 6), ("rws", "wake", 6)]
+              ("ciwae:0.3", "dreg", 6), ("piwae:2x3", "dreg", 6), ("rws", "wake", 6)]
 
 
 @pytest.mark.parametrize("objective, estimator, k", HEAD_CASES, ids=[f"{o}-{e}" for o, e, _ in HEAD_CASES])
