@@ -36,7 +36,7 @@ def _fused_iwae_forward_kernel(
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     B, k, D, d, M, K, k_per_split, SPLITS, log_K, scale, beta, inv_K,
-    SAVE_LOG_W: tl.constexpr, LINEAR: tl.constexpr, SPLIT_K: tl.constexpr,
+    SAVE_LOG_W: tl.constexpr, LINEAR: tl.constexpr, GROUPED: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
     LOAD_STAGES: tl.constexpr = 1,
@@ -46,7 +46,7 @@ def _fused_iwae_forward_kernel(
     # block's log-weights into the group's running logsumexp of scale log w (and their sum
     # with LINEAR), and ends with the group's value (kernels/lse.py ``_store_row_bound``). The
     # IWAE bound is one group, scale 1.
-    b, row, k_start, k_stop = _group_samples(M, K, k_per_split)
+    b, row, k_start, k_stop = _group_samples(M, K, k_per_split, GROUPED)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
     run_lin = tl.zeros([1], tl.float32)
@@ -116,8 +116,8 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
         x, logits, z, mu, logvar, row_bound, lse, log_w, workspace.partial, workspace.linear_partial,
         workspace.ticket, *input_strides(x, logits, z, mu, logvar),
         B, k, D, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
-        SAVE_LOG_W=save_log_w, LINEAR=reduction.linear, SPLIT_K=plan.is_split, BLOCK_L=latent_block(d),
-        PROD_GROUP=PROD_GROUP, FAST=not interpreted(), BLOCK_S=next_pow2(plan.splits),
+        SAVE_LOG_W=save_log_w, LINEAR=reduction.linear, GROUPED=reduction.groups > 1, SPLIT_K=plan.is_split,
+        BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(), BLOCK_S=next_pow2(plan.splits),
         sizes={"k": min(K, plan.per_split), "D": D},
     )
     return example_bound(row_bound, reduction), lse, (log_w if save_log_w else None)

@@ -280,7 +280,8 @@ def _fused_linear_forward_kernel(
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     B, k, D, H, d, M, K, k_per_split, SPLITS, log_K, scale, beta, inv_K,
     HAS_BIAS: tl.constexpr, SAVE_LOG_W: tl.constexpr, BOUND: tl.constexpr,
-    LINEAR: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    LINEAR: tl.constexpr, GROUPED: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_L: tl.constexpr, PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -290,7 +291,7 @@ def _fused_linear_forward_kernel(
     # log_w when SAVE_LOG_W, and with BOUND folded into the group's running logsumexp of
     # scale log w (and sum, LINEAR); with SPLIT_K the splits' partials are combined by the
     # last one, and the group's value stored (kernels/lse.py ``_store_row_bound``).
-    b, row, k_start, k_stop = _group_samples(M, K, k_per_split)
+    b, row, k_start, k_stop = _group_samples(M, K, k_per_split, GROUPED)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
     run_lin = tl.zeros([1], tl.float32)
@@ -592,7 +593,8 @@ def fused_linear_forward(x, h, weight, bias, z, mu, logvar, *, bound: bool = Tru
         *z.stride(), *mu.stride(), *logvar.stride(),
         B, k, D, H, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
         HAS_BIAS=bias is not None, SAVE_LOG_W=save_log_w, BOUND=bound, LINEAR=reduction.linear,
-        SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(),
+        GROUPED=reduction.groups > 1, SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
+        FAST=not interpreted(),
         BLOCK_S=next_pow2(plan.splits), BLOCK_H=hidden_block(H), **dots,
         sizes=_sizes(min(K, plan.per_split), D, H, h, dots),
     )
