@@ -2,9 +2,9 @@
 
     L_k[b] = logsumexp_i log w[b, i] - log k
 
-Grid (B, SPLITS). Program (b, s) walks its range of samples in BLOCK_K blocks: it computes
+Grid (B, SPLITS, 1). Program (b, s) walks its range of samples in BLOCK_K blocks: it computes
 the block's log-weights in registers (``_log_weight_block``: each logits element read once)
-and folds them into a running (max, sum) pair; no [B, k, D] or [B*k, ...] tensor is written,
+and folds them into a running (max, sum) pair (the family's M groups: grid (B, SPLITS, M)); no [B, k, D] or [B*k, ...] tensor is written,
 only log_w itself when the backward asks for it (O(B*k)).
 
 Small B with large k (k = 5000 test log-likelihoods) would leave most SMs idle with one
@@ -36,16 +36,17 @@ def _fused_iwae_forward_kernel(
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     B, k, D, d, M, K, k_per_split, SPLITS, log_K, scale, beta, inv_K,
-    SAVE_LOG_W: tl.constexpr, LINEAR: tl.constexpr, SPLIT_K: tl.constexpr,
+    SAVE_LOG_W: tl.constexpr, LINEAR: tl.constexpr, GROUPED: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
     LOAD_STAGES: tl.constexpr = 1,
 ):
-    # Program (r, s): group g of example b (r = b M + g: its K samples g K .. g K + K - 1), split
-    # s of them. It walks its samples in BLOCK_K blocks, folds each block's log-weights into the
-    # group's running logsumexp of scale log w (and their sum with LINEAR), and ends with the
-    # group's value (kernels/lse.py ``_store_row_bound``). The IWAE bound is one group, scale 1.
-    b, k_start, k_stop = _group_samples(tl.program_id(0), tl.program_id(1), M, K, k_per_split)
+    # Program (b, s, g): split s of group g of example b (its K samples g K .. g K + K - 1; row
+    # b M + g of the per-group outputs). It walks its samples in BLOCK_K blocks, folds each
+    # block's log-weights into the group's running logsumexp of scale log w (and their sum
+    # with LINEAR), and ends with the group's value (kernels/lse.py ``_store_row_bound``). The
+    # IWAE bound is one group, scale 1.
+    b, row, k_start, k_stop = _group_samples(M, K, k_per_split, GROUPED)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
     run_lin = tl.zeros([1], tl.float32)
@@ -61,7 +62,7 @@ def _fused_iwae_forward_kernel(
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
         run_max, run_sum, run_lin = _fold_samples(run_max, run_sum, run_lin, log_w, mask_k, scale, LINEAR)
-    _store_row_bound(run_max, run_sum, run_lin, tl.program_id(0), tl.program_id(1), SPLITS,
+    _store_row_bound(run_max, run_sum, run_lin, row, tl.program_id(1), SPLITS,
                      partial_ptr, linear_ptr, ticket_ptr, lse_ptr, bound_ptr, log_K, scale, beta,
                      inv_K, LINEAR, SPLIT_K, BLOCK_S)
 
@@ -69,9 +70,14 @@ def _fused_iwae_forward_kernel(
 _fused_forward = Tunable(_fused_iwae_forward_kernel, block_tiling("SPLITS", "SAVE_LOG_W", pipelined=True))
 
 
+MAX_GRID_GROUPS = 65535  # CUDA's limit on a grid's y and z sizes
+
+
 def reduction_args(reduction: Reduction, k: int) -> tuple:
     """(M, K, log K, scale, beta, 1 / K): the bound kernels' epilogue arguments."""
     K = reduction.group_length(k)
+    if reduction.groups > MAX_GRID_GROUPS:  # the groups are the launch grid's third axis
+        raise ValueError(f"groups = {reduction.groups} is more than a launch grid's {MAX_GRID_GROUPS}")
     return (reduction.groups, K, math.log(K), float(reduction.scale), float(reduction.beta), 1.0 / K)
 
 
@@ -106,12 +112,12 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
     else:
         workspace = SplitWorkspace(lse, lse)  # never read: SPLIT_K is off
     _fused_forward.launch(
-        lambda meta: (rows, plan.splits),
+        lambda meta: (B, plan.splits, reduction.groups),
         x, logits, z, mu, logvar, row_bound, lse, log_w, workspace.partial, workspace.linear_partial,
         workspace.ticket, *input_strides(x, logits, z, mu, logvar),
         B, k, D, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
-        SAVE_LOG_W=save_log_w, LINEAR=reduction.linear, SPLIT_K=plan.is_split, BLOCK_L=latent_block(d),
-        PROD_GROUP=PROD_GROUP, FAST=not interpreted(), BLOCK_S=next_pow2(plan.splits),
+        SAVE_LOG_W=save_log_w, LINEAR=reduction.linear, GROUPED=reduction.groups > 1, SPLIT_K=plan.is_split,
+        BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(), BLOCK_S=next_pow2(plan.splits),
         sizes={"k": min(K, plan.per_split), "D": D},
     )
     return example_bound(row_bound, reduction), lse, (log_w if save_log_w else None)

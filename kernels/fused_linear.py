@@ -282,17 +282,18 @@ def _fused_linear_forward_kernel(
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     B, k, D, H, d, M, K, k_per_split, SPLITS, log_K, scale, beta, inv_K,
     HAS_BIAS: tl.constexpr, SAVE_LOG_W: tl.constexpr, BOUND: tl.constexpr,
-    LINEAR: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    LINEAR: tl.constexpr, GROUPED: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_L: tl.constexpr, PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # grid (B M, SPLITS): group g of example b (row b M + g, kernels/fused_bound.py's layout),
+    # grid (B, SPLITS, M): group g of example b (row b M + g, kernels/fused_bound.py's layout),
     # its split's samples [k_start, k_stop) in BLOCK_K blocks. Per block the log-weights are
     # built in registers from h and W (no logits in memory), written to the contiguous [B, k]
     # log_w when SAVE_LOG_W, and with BOUND folded into the group's running logsumexp of
     # scale log w (and sum, LINEAR); with SPLIT_K the splits' partials are combined by the
     # last one, and the group's value stored (kernels/lse.py ``_store_row_bound``).
-    b, k_start, k_stop = _group_samples(tl.program_id(0), tl.program_id(1), M, K, k_per_split)
+    b, row, k_start, k_stop = _group_samples(M, K, k_per_split, GROUPED)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
     run_lin = tl.zeros([1], tl.float32)
@@ -314,7 +315,7 @@ def _fused_linear_forward_kernel(
         if BOUND:
             run_max, run_sum, run_lin = _fold_samples(run_max, run_sum, run_lin, log_w, mask_k, scale, LINEAR)
     if BOUND:
-        _store_row_bound(run_max, run_sum, run_lin, tl.program_id(0), tl.program_id(1), SPLITS,
+        _store_row_bound(run_max, run_sum, run_lin, row, tl.program_id(1), SPLITS,
                          partial_ptr, linear_ptr, ticket_ptr, lse_ptr, bound_ptr, log_K, scale, beta,
                          inv_K, LINEAR, SPLIT_K, BLOCK_S)
 
@@ -587,14 +588,15 @@ def fused_linear_forward(x, h, weight, bias, z, mu, logvar, *, bound: bool = Tru
                                else (any_out, any_out, any_out))
     dots = _dot_options(h, weight)
     _fused_linear_forward.launch(
-        lambda meta: (rows, plan.splits),
+        lambda meta: (B, plan.splits, reduction.groups),
         x, h, weight, bias if bias is not None else weight, z, mu, logvar,
         out if bound else any_out, lse if bound else any_out, log_w if save_log_w else any_out,
         partial, linear, ticket, *_head_strides(x, h, weight, bias),
         *z.stride(), *mu.stride(), *logvar.stride(),
         B, k, D, H, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
         HAS_BIAS=bias is not None, SAVE_LOG_W=save_log_w, BOUND=bound, LINEAR=reduction.linear,
-        SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(),
+        GROUPED=reduction.groups > 1, SPLIT_K=split_k, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP,
+        FAST=not interpreted(),
         BLOCK_S=next_pow2(plan.splits), BLOCK_H=hidden_block(H), **dots,
         sizes=_sizes(min(K, plan.per_split), D, H, h, dots),
     )

@@ -112,13 +112,19 @@ def _fold_samples(run_max, run_sum, run_lin, log_w, mask_k, scale, LINEAR: tl.co
 
 
 @triton.jit
-def _group_samples(row, split, M, K, k_per_split):
-    """Program row ``row`` of a bound kernel owns group g of example b (row = b M + g, the
-    group's K samples g K .. g K + K - 1) and split ``split`` of it: (b, first, stop)."""
-    b = row // M
-    first = (row - b * M) * K + split * k_per_split
-    stop = tl.minimum(first + k_per_split, (row - b * M) * K + K)
-    return b, first, stop
+def _group_samples(M, K, k_per_split, GROUPED: tl.constexpr):
+    """Program (b, s, g) of a bound kernel (grid (B, SPLITS, M)) owns split s of group g of
+    example b, the group's K samples g K .. g K + K - 1: (b, row, first, stop), row = b M + g
+    its row of the per-group outputs. The group comes from its own grid axis, not row // M: a
+    division by the runtime M moves b, and every address made from it, out of the uniform
+    registers into each thread's (30 more registers and a spill, sm_90); and reading the third
+    axis at all costs the IWAE bound a spill (bf16, sm_90), so GROUPED (M > 1) alone reads it."""
+    b = tl.program_id(0)
+    first = tl.program_id(1) * k_per_split
+    if not GROUPED:  # M = 1: the IWAE bound's prologue, no group index
+        return b, b, first, tl.minimum(first + k_per_split, K)
+    g = tl.program_id(2)
+    return b, b * M + g, g * K + first, tl.minimum(g * K + first + k_per_split, g * K + K)
 
 
 @triton.jit

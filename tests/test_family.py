@@ -355,3 +355,12 @@ def test_torch_reduce_is_the_reductions_definition():
         objective = Objective.parse(spec)
         assert_close(torch_reduce(log_w, objective.value(12)), reference.objective_bound(log_w, objective),
                      rtol=1e-12, atol=1e-9, what=spec)
+
+
+def test_more_groups_than_a_launch_grid_holds_is_refused_naming_groups():
+    """The groups are the bound kernels' third grid axis (at most 65535 programs)."""
+    k = 65536
+    inputs = (torch.empty(1, 3, device="meta"), torch.empty(1, k, 3, device="meta"),
+              torch.empty(1, k, 2, device="meta"), torch.empty(1, 2, device="meta"), torch.empty(1, 2, device="meta"))
+    with pytest.raises(ValueError, match="groups = 65536 is more than a launch grid's 65535"):
+        fused_iwae_forward(*inputs, reduction=kernels.Reduction(groups=k))

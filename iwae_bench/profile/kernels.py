@@ -33,6 +33,10 @@ SMALL_INPUTS = 2 * 2**20  # below this every implementation is bound by launch l
 # static targets (issue "GPU speed, worked on without a GPU"): a stand-in for the measured goals
 TARGET_INSTRUCTIONS = {"forward": 10.0, "backward": 12.0}
 TARGET_MUFU = {"forward": 1.0, "backward": 1.0, "reduction": 1.05}
+# the family's epilogues beyond the IWAE bound's (kernels.Reduction), each a row of its own:
+# MIWAE's groups (a grid axis), and a scale with the mean mixed in (CIWAE's beta, VR's alpha)
+FAMILY = {"miwae M=2": dict(groups=2), "ciwae beta=0.25 scale=0.5": dict(scale=0.5, groups=2, beta=0.25)}
+REDUCTION_FAMILY = {"scale=0.5": dict(scale=0.5), "beta=0.25 scale=0.5": dict(scale=0.5, beta=0.25)}
 HEAD_SHAPES = [(20, 5000, 200)]  # validate's decoder-head shape: (B, k, H) at D = 784
 TARGET_IN_FLIGHT = 14 * 1024
 
@@ -60,6 +64,7 @@ def _meta(*shape, dtype=torch.float32):
 
 
 def scenarios(kernel_filter: str | None = None) -> Iterator[Scenario]:
+    from kernels import Reduction
     from kernels.fused_bound import fused_iwae_forward
     from kernels.logw import log_weights_backward, log_weights_forward
     from kernels.lse import logsumexp_backward, logsumexp_forward
@@ -84,6 +89,9 @@ def scenarios(kernel_filter: str | None = None) -> Iterator[Scenario]:
                 Scenario("log-weights backward", "backward", dtype_name, shape, size,
                          lambda i=inputs, B=B, k=k: log_weights_backward(*i, _meta(B, k))),
             ]
+            out += [Scenario(f"fused forward, saving log_w, {name}", "forward", dtype_name, shape, size,
+                             lambda i=inputs, r=Reduction(**args): fused_iwae_forward(*i, save_log_w=True, reduction=r))
+                    for name, args in FAMILY.items()]
             if dtype_name == "float32":
                 out.append(Scenario("dreg reweight", "backward", dtype_name, shape, B * k * d * 8,
                                     lambda B=B, k=k, w=log_w, s=lse: reweight(_meta(B, k, d), w, s)))
@@ -98,6 +106,10 @@ def scenarios(kernel_filter: str | None = None) -> Iterator[Scenario]:
             size = sum(t.numel() * t.element_size() for t in head)
             out += [Scenario("fused linear forward", "head", dtype_name, shape, size,
                              lambda i=head: _tf32(fused_linear_forward, *i, save_log_w=True)),
+                    *(Scenario(f"fused linear forward, {name}", "head", dtype_name, shape, size,
+                               lambda i=head, r=Reduction(**args): _tf32(fused_linear_forward, *i,
+                                                                          save_log_w=True, reduction=r))
+                      for name, args in FAMILY.items()),
                     Scenario("fused linear backward (dh, dW)", "head", dtype_name, shape, size,
                              lambda i=head, B=B, k=k: _tf32(fused_linear_backward, *i, _meta(B, k),
                                                             needs=(False, True, True, True, False, False, False)))]
@@ -106,6 +118,9 @@ def scenarios(kernel_filter: str | None = None) -> Iterator[Scenario]:
         shape = f"B={B} k={k}"
         out += [Scenario("logsumexp forward", "reduction", "float32", shape, B * k * 4,
                          lambda t=t: logsumexp_forward(t, 1.0)),
+                *(Scenario(f"logsumexp forward, {name}", "reduction", "float32", shape, B * k * 4,
+                           lambda t=t, r=Reduction(**args): logsumexp_forward(t, 1.0, reduction=r))
+                  for name, args in REDUCTION_FAMILY.items()),
                 Scenario("logsumexp backward", "reduction", "float32", shape, B * k * 4,
                          lambda t=t, B=B: logsumexp_backward(t, _meta(B), _meta(B)))]
     return (s for s in out if kernel_filter is None or kernel_filter in s.kernel)
