@@ -33,7 +33,7 @@ from kernels.lse import logsumexp_backward, logsumexp_forward  # noqa: E402
 from kernels.reweight import reweight  # noqa: E402
 
 FLAGS = ("HAS_BIAS", "BOUND", "SAVE_LOG_W", "SPLIT_K", "NEED_DX", "FAST", "TANH_SIGMOID")
-FAMILY_FLAGS = ("LINEAR", "SCALED")  # the bound's epilogue beyond the IWAE's (kernels.Reduction)
+FAMILY_FLAGS = ("LINEAR", "SCALED", "GROUPED")  # the bound's epilogue beyond the IWAE's (kernels.Reduction)
 # MIWAE-like groups, VR's scale, and CIWAE's mean mixed in with groups and a scale (k = 3000 and
 # k = 8 both split into 2 groups)
 FAMILY = (Reduction(groups=2), Reduction(scale=0.5), Reduction(scale=0.5, groups=2, beta=0.25))

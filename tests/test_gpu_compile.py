@@ -30,7 +30,8 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
         for split in (0, 1):
             assert f"_logsumexp_forward_kernel *{dtype} SPLIT_K={split}" in lines
             # the family's epilogues (kernels.Reduction): the mean mixed in, a scale
-            assert f"_fused_iwae_forward_kernel *{dtype} SAVE_LOG_W=1 SPLIT_K={split} FAST=1 LINEAR=1" in lines
+            assert f"_fused_iwae_forward_kernel *{dtype} SAVE_LOG_W=1 SPLIT_K={split} FAST=1 GROUPED=1" in lines
+            assert f"_fused_iwae_forward_kernel *{dtype} SAVE_LOG_W=1 SPLIT_K={split} FAST=1 LINEAR=1 GROUPED=1" in lines
             assert f"_logsumexp_forward_kernel *{dtype} SPLIT_K={split} LINEAR=1 SCALED=1" in lines
         assert f"_logsumexp_backward_kernel *{dtype}" in lines
         assert f"_reweight_kernel *{dtype}" in lines
@@ -41,14 +42,29 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
         assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=0 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots}" in lines
         assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=0 BOUND=1 SAVE_LOG_W=0 SPLIT_K=0 FAST=1 {dots}" in lines
         for split in (0, 1):
-            assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K={split} FAST=1 {dots} LINEAR=1" in lines
+            assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K={split} FAST=1 {dots} LINEAR=1 GROUPED=1" in lines
     for dtype, dots in (("fp32", "ieee"), ("bf16", "tf32"), ("fp32", "tf32"), ("fp16", "tf32")):
         tanh = int(dtype != "fp32")
         assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots}" in lines
         assert f"_fused_linear_backward_dh_kernel *{dtype} HAS_BIAS=1 NEED_DX=1 FAST=1 TANH_SIGMOID={tanh} {dots}" in lines
         assert f"_fused_linear_backward_dw_kernel *{dtype} HAS_BIAS=1 FAST=1 TANH_SIGMOID={tanh} {dots}" in lines
-    spilled = [line for line in done.stdout.splitlines() if _spilled_bytes(line) > 0]
+    spilled = [line for line in done.stdout.splitlines() if _spilled_bytes(line) > KNOWN_SPILLS.get(_kernel(line), 0)]
     assert not spilled, "default tiles spill registers:\n" + "\n".join(spilled)
+
+
+# Spills measured and left, each with its reason; anything more, anywhere else, fails.
+# The 16-bit fused forward saving log_w without a split: 5 values (thread-index and z-tile
+# addresses of the latent term) stored before the D loop and reloaded after it, no spill
+# instruction in the hot loop; the same at e12bcd3, hidden then by a check that read "20 B" as
+# ending in "0 B". Computing the latent term first removes it but takes every fused forward,
+# float32 included, to 159-168 registers.
+KNOWN_SPILLS = {f"_fused_iwae_forward_kernel *{dtype} SAVE_LOG_W=1 SPLIT_K=0 FAST=1{family}": 20
+                for dtype in ("bf16", "fp16") for family in ("", " GROUPED=1")}
+
+
+def _kernel(line: str) -> str:
+    """The kernel, dtype and flags of a compile line (what KNOWN_SPILLS is keyed by)."""
+    return line.split(" (")[0].removeprefix("compiled ")
 
 
 def _spilled_bytes(line: str) -> int:
