@@ -86,7 +86,6 @@ minimum, bought for determinism and O(B k) memory.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton

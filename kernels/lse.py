@@ -194,12 +194,13 @@ def _logsumexp_forward_kernel(
 def _logsumexp_backward_kernel(
     t_ptr, lse_ptr, grad_out_ptr, grad_t_ptr,
     R, K, stride_r, stride_k, scale, beta, inv_K,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    LINEAR: tl.constexpr, SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grad_t[r, j] = grad_out[r] * ((1 - beta) exp(scale t[r, j] - lse[r]) + beta / K): the
     # softmax of the scaled row, mixed with the mean's uniform weights. One [BLOCK_R, BLOCK_K]
     # tile per program, t read once, grad_t (contiguous [R, K]) written once. An all -inf row
-    # has no softmax weights to give: 0 rather than exp(-inf + inf) = NaN.
+    # has no softmax weights to give: 0 rather than exp(-inf + inf) = NaN. LINEAR and SCALED
+    # as in the forward: the plain logsumexp's loop has neither the mix nor the multiply.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_r = rows < R
@@ -209,8 +210,12 @@ def _logsumexp_backward_kernel(
                    mask=mask, other=float("-inf")).to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=mask_r, other=0.0)
     grad_out = tl.load(grad_out_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
-    weights = tl.where(lse[:, None] == float("-inf"), 0.0, exp_(tile * scale - lse[:, None]))
-    grad = grad_out[:, None] * ((1.0 - beta) * weights + beta * inv_K)
+    if SCALED:
+        tile = tile * scale
+    weights = tl.where(lse[:, None] == float("-inf"), 0.0, exp_(tile - lse[:, None]))
+    if LINEAR:
+        weights = (1.0 - beta) * weights + beta * inv_K
+    grad = grad_out[:, None] * weights
     tl.store(grad_t_ptr + rows64[:, None] * K + offs_k[None, :],
              grad.to(grad_t_ptr.dtype.element_ty), mask=mask)
 
@@ -315,7 +320,8 @@ def logsumexp_backward(t: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tenso
         _lse_backward.launch(
             lambda m: (cdiv(R, m["BLOCK_R"]), cdiv(K, m["BLOCK_K"])),
             rows, lse, grad_out.reshape(R).contiguous(), grad, R, K, rows.stride(0), rows.stride(1),
-            float(reduction.scale), float(reduction.beta), 1.0 / K, sizes={"K": K},
+            float(reduction.scale), float(reduction.beta), 1.0 / K, LINEAR=reduction.linear,
+            SCALED=reduction.scale != 1.0, sizes={"K": K},
         )
     return grad.view(t.shape)
 
