@@ -60,7 +60,7 @@ PRESETS = {
                             Block(k=[64], batch=[32], latent=[16, 200]),
                             Block(k=[8, 64], batch=[4], regime=["saturated"]),
                             Block(k=[8, 64], batch=[4], hidden=[200]),
-                            Block(k=[64], batch=[32], objective=FAMILY_BLOCK)],
+                            Block(k=[64], batch=[4], objective=FAMILY_BLOCK)],
                     reductions=[(1024, 64), (8, 5000)]),
         "cuda": dict(blocks=[Block(k=[1, 16, 64, 256, 1024, 5000], batch=[20, 256],
                                    dtype=["float32", "bfloat16"]),
