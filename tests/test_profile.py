@@ -32,8 +32,12 @@ def fused_profile(tmp_path_factory):
 def test_profile_has_the_columns_and_one_row_per_scenario(fused_profile):
     out, rows = fused_profile
     assert set(ISSUE_COLUMNS) <= set(COLUMNS) and list(rows[0]) == COLUMNS
-    # two scenarios (plain, saving log_w) x two dtypes x four validate shapes, one config each
-    assert len(rows) == 2 * 2 * 4
+    # four scenarios (plain, saving log_w, and saving it with the family's epilogues: MIWAE's
+    # groups, CIWAE's mean with a scale) x two dtypes x four validate shapes, one config each
+    assert len(rows) == 4 * 2 * 4
+    assert {r["kernel"] for r in rows} == {"fused forward", "fused forward, saving log_w",
+                                           "fused forward, saving log_w, miwae M=2",
+                                           "fused forward, saving log_w, ciwae beta=0.25 scale=0.5"}
     assert {r["shape"] for r in rows} == {"B=1024 k=64", "B=20 k=5000", "B=256 k=256", "B=8 k=100000"}
     text = (out / "profile.md").read_text()
     assert "A proxy read from the compiler's output, not a measurement" in text
