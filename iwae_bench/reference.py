@@ -1,7 +1,10 @@
 """The float64 oracle: every test and every error column of a report compares against it.
 
 Written straight from the math (DESIGN.md), not from the kernels' algebra: the Bernoulli term
-as x * logsigmoid(l) + (1 - x) * logsigmoid(-l), both Gaussians with their 2 pi constants.
+as x * logsigmoid(l) + (1 - x) * logsigmoid(-l), both Gaussians with their 2 pi constants; the
+continuous likelihoods (kernels/likelihood.py) from their papers' definitions: the Gaussian
+density, the continuous Bernoulli with its normalizer l / tanh(l / 2), the discretized logistic
+as the logistic CDF's mass on the bin (and its mixture).
 
 Infinite logits: log sigmoid(+inf) = 0, log sigmoid(-inf) = -inf and 0 * inf = 0, so a pixel
 adds 0 where its infinite logit sits on x's side (x = 1 for +inf, x = 0 for -inf) and -inf
@@ -23,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels.likelihood import BERNOULLI, Likelihood, as_likelihood
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -35,6 +40,75 @@ def log_bernoulli(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     on = torch.where((x == 0) & (logits == -math.inf), 0.0, F.logsigmoid(logits))
     off = torch.where((x == 1) & (logits == math.inf), 0.0, F.logsigmoid(-logits))
     return (x * on + (1.0 - x) * off).sum(-1)
+
+
+def log_gaussian(x, mean, log_var) -> torch.Tensor:
+    """log N(x; mean, exp(log_var)) per element, float64 (broadcasting)."""
+    return -0.5 * ((x - mean) ** 2 / torch.exp(log_var) + log_var + LOG_2PI)
+
+
+def log_continuous_bernoulli(x, logits) -> torch.Tensor:
+    """x log sigmoid(l) + (1 - x) log sigmoid(-l) + log C(l), C(l) = l / tanh(l / 2) and C(0) = 2
+    (Loaiza-Ganem & Cunningham 2019, with lambda = sigmoid(l)), per element, float64."""
+    safe = torch.where(logits == 0, 1.0, logits)
+    log_norm = torch.where(logits == 0, math.log(2.0), torch.log(safe / torch.tanh(safe / 2)))
+    return x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits) + log_norm
+
+
+def log_discretized_logistic(x, mean, log_scale, bins: int = 256) -> torch.Tensor:
+    """log of the logistic's mass on x's bin [x - d, x + d], d = 1 / (bins - 1), on data in
+    [-1, 1], the bottom bin open to -inf and the top one to +inf; per element, float64.
+
+    From the definition, F(a) - F(b) with F the logistic CDF, taken in logs as
+    log F(a) + log1p(-F(b) / F(a)) for a bin below the mean and as the same difference of
+    survival functions, log S(b) + log1p(-S(a) / S(b)) with S(t) = F(-t), for a bin above it
+    (where F rounds to 1 even in float64); a different form from the kernels' (both are checked
+    against scipy.stats and mpmath)."""
+    half = 1.0 / (bins - 1)
+    inv = torch.exp(-log_scale)
+    a = (x + half - mean) * inv
+    b = (x - half - mean) * inv
+    log_fa, log_fb = F.logsigmoid(a), F.logsigmoid(b)
+    log_sa, log_sb = F.logsigmoid(-a), F.logsigmoid(-b)
+    below = log_fa + torch.log1p(-torch.exp(log_fb - log_fa))
+    above = log_sb + torch.log1p(-torch.exp(log_sa - log_sb))
+    middle = torch.where(b > 0, above, below)
+    return torch.where(x < half - 1, log_fa, torch.where(x > 1 - half, log_sb, middle))
+
+
+def channels(logits: torch.Tensor, likelihood: Likelihood) -> list[torch.Tensor]:
+    """The decoder output [..., C D] split into its C channels [..., D] (channel c at columns
+    c D .. c D + D - 1)."""
+    C = likelihood.channels
+    return list(logits.unflatten(-1, (C, logits.shape[-1] // C)).unbind(-2))
+
+
+def log_likelihood(x, logits, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
+    """log p(x|h) summed over D, [B, k] float64: x [B, D] against the decoder output logits
+    [B, k, C D] (kernels/likelihood.py: C channels; ``scale`` [D] a per-pixel log-scale)."""
+    likelihood = as_likelihood(likelihood)
+    if likelihood.name == "bernoulli":
+        return log_bernoulli(x, logits)
+    parts = [c.double() for c in channels(logits, likelihood)]
+    x = x.double().unsqueeze(1)
+    if likelihood.name == "continuous_bernoulli":
+        return log_continuous_bernoulli(x, parts[0]).sum(-1)
+    L = likelihood.mixture
+    mean = parts[L:2 * L] if L > 1 else parts[:1]
+    if likelihood.scale == "sample":
+        log_scale = parts[2 * L:] if L > 1 else parts[1:]
+    elif likelihood.scale == "pixel":
+        log_scale = [scale.double()]
+    else:
+        log_scale = [torch.tensor(likelihood.log_scale, dtype=torch.float64)]
+    log_scale = [torch.clamp(s, min=likelihood.floor) for s in log_scale]
+    if likelihood.name == "gaussian":
+        return log_gaussian(x, mean[0], log_scale[0]).sum(-1)
+    each = torch.stack([log_discretized_logistic(x, m, s, likelihood.bins) for m, s in zip(mean, log_scale)])
+    if L == 1:
+        return each[0].sum(-1)
+    log_mix = torch.log_softmax(torch.stack(parts[:L]), dim=0)  # the mixing weights, per pixel
+    return torch.logsumexp(log_mix + each, dim=0).sum(-1)
 
 
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
@@ -51,9 +125,10 @@ def log_diag_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
     return -0.5 * ((z - mu) ** 2 / torch.exp(logvar) + logvar).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
 
 
-def log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
-    """log w [B, k] in float64."""
-    return log_bernoulli(x, logits) + log_standard_normal(z) - log_diag_normal(z, mu, logvar)
+def log_weights(x, logits, z, mu, logvar, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
+    """log w [B, k] in float64 (``likelihood``: kernels/likelihood.py; the Bernoulli's by default)."""
+    return (log_likelihood(x, logits, likelihood, scale) + log_standard_normal(z)
+            - log_diag_normal(z, mu, logvar))
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
@@ -67,9 +142,9 @@ def elbo(log_w: torch.Tensor) -> torch.Tensor:
     return log_w.double().mean(dim=-1)
 
 
-def bound(x, logits, z, mu, logvar) -> torch.Tensor:
+def bound(x, logits, z, mu, logvar, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """L_k per example [B] in float64, from the five inputs."""
-    return iwae_bound(log_weights(x, logits, z, mu, logvar))
+    return iwae_bound(log_weights(x, logits, z, mu, logvar, likelihood, scale))
 
 
 def vr_bound(log_w: torch.Tensor, alpha: float) -> torch.Tensor:

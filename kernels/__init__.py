@@ -2,6 +2,10 @@
 
     logsumexp(t)                              [..., K] -> [...]
     iwae_bound(log_w)                         [..., k] -> [...]   logsumexp - log k
+    Likelihood.parse("gaussian:sample")      p(x|h): bernoulli (default), continuous_bernoulli,
+                                              gaussian, discretized_logistic, as the keyword
+                                              ``likelihood=`` of every entry point below; the
+                                              logits then hold its C channels, [B, k, C D]
     Reduction(scale, groups, beta)            the bound's epilogue: the whole family (VR-alpha,
                                               MIWAE, CIWAE, the ELBOs) as a keyword of the
                                               iwae_bound / fused_* entry points
@@ -34,6 +38,7 @@ if interpreted():
     _warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
 from ._common import IWAE, Reduction, check_bound_inputs  # noqa: E402
+from .likelihood import BERNOULLI, Likelihood  # noqa: E402
 from .fused_bound import fused_iwae_bound, fused_iwae_bound_with_weights  # noqa: E402
 from .fused_linear import (fused_linear_iwae_bound, fused_linear_iwae_bound_with_weights,  # noqa: E402
                            fused_linear_log_weights)
@@ -43,4 +48,4 @@ from .reweight import reweight  # noqa: E402
 
 __all__ = ["logsumexp", "iwae_bound", "log_weights", "fused_iwae_bound",
            "fused_iwae_bound_with_weights", "fused_linear_iwae_bound", "fused_linear_iwae_bound_with_weights", "fused_linear_log_weights",
-           "reweight", "check_bound_inputs", "interpreted", "Reduction", "IWAE"]
+           "reweight", "check_bound_inputs", "interpreted", "Reduction", "IWAE", "Likelihood", "BERNOULLI"]

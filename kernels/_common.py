@@ -123,13 +123,17 @@ def check_inputs(tensors: dict[str, torch.Tensor], layout: dict[str, tuple], pri
     return check_shapes(tensors, layout, priority, order)
 
 
-def check_bound_inputs(x, logits, z, mu, logvar, *, for_kernel: bool = False) -> tuple[int, int, int, int]:
+def check_bound_inputs(x, logits, z, mu, logvar, *, for_kernel: bool = False, likelihood=None,
+                       scale=None) -> tuple[int, int, int, int]:
     """Validate the five bound inputs; return (B, k, D, d).
 
-    x [B, D], logits [B, k, D], z [B, k, d], mu [B, d], logvar [B, d]; floating dtypes (they
-    may differ: float16/bfloat16 logits beside float32 latents is the usual mix); one device.
+    x [B, D], logits [B, k, C D] (the decoder's C output channels per pixel, C = 1 for the
+    Bernoulli: ``likelihood``, kernels/likelihood.py), z [B, k, d], mu [B, d], logvar [B, d];
+    ``scale`` [D] for a likelihood with a per-pixel scale, else None; floating dtypes (they may
+    differ: float16/bfloat16 logits beside float32 latents is the usual mix); one device.
     """
-    tensors = {"x": x, "logits": logits, "z": z, "mu": mu, "logvar": logvar}
+    shaped = check_channels("logits", logits, x, likelihood)
+    tensors = {"x": x, "logits": shaped, "z": z, "mu": mu, "logvar": logvar}
     sizes = check_inputs(tensors, BOUND_LAYOUT, SIZE_PRIORITY, CHECK_ORDER)
     if sizes["k"] < 1:
         raise ValueError(f"k must be >= 1: logits has shape {shape_str(logits)} (k = {sizes['k']})")
@@ -137,8 +141,41 @@ def check_bound_inputs(x, logits, z, mu, logvar, *, for_kernel: bool = False) ->
         raise ValueError(f"logits must have D >= 1, got shape {shape_str(logits)}")
     if sizes["d"] < 1:
         raise ValueError(f"z must have a latent width d >= 1, got shape {shape_str(z)}")
+    check_scale(scale, sizes["D"], likelihood, tensors)
     check_devices(tensors, for_kernel)
     return sizes["B"], sizes["k"], sizes["D"], sizes["d"]
+
+
+def check_channels(name: str, t, x, likelihood, axis: int = -1):
+    """``t`` with its ``axis`` cut to its first channel (D wide) when the likelihood has C > 1
+    channels and ``t`` holds C D there (so the shape checks see D), or a ValueError naming
+    ``name`` when it holds a width that is not C times x's D."""
+    C = 1 if likelihood is None else likelihood.channels
+    if C == 1 or not isinstance(t, torch.Tensor) or not isinstance(x, torch.Tensor) or x.dim() != 2 \
+            or t.dim() == 0:
+        return t
+    D = x.shape[1]
+    if t.shape[axis] != C * D:
+        raise ValueError(f"{name} must hold {C} channels of D = {D} (x's width) for likelihood "
+                         f"{likelihood.label!r}: {C * D} along dim {axis % t.dim()}, got shape {shape_str(t)}")
+    return t.narrow(axis, 0, D)
+
+
+def check_scale(scale, D: int, likelihood, tensors: dict) -> None:
+    """A per-pixel log-scale [D] exactly when the likelihood takes one (added to ``tensors``
+    for the device check)."""
+    if likelihood is None or not likelihood.needs_scale:
+        if scale is not None:
+            label = "bernoulli" if likelihood is None else likelihood.label
+            raise ValueError(f"scale is for a likelihood with a per-pixel scale (e.g. gaussian:pixel); "
+                             f"likelihood {label!r} takes none")
+        return
+    if scale is None:
+        raise ValueError(f"likelihood {likelihood.label!r} needs scale, the per-pixel log-scale [D]")
+    check_float_tensor("scale", scale, 1, "[D]")
+    if scale.shape[0] != D:
+        raise ValueError(f"scale must have shape [{D}] (D), got shape {shape_str(scale)}")
+    tensors["scale"] = scale
 
 
 def check_log_weights(name: str, t, allow_empty: bool = False, for_kernel: bool = False) -> int:

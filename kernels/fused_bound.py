@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .likelihood import BERNOULLI, _bernoulli_only
 from ._common import (IWAE, Reduction, SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2,
                       split_plan)
 from .logw import (PROD_GROUP, SPLIT_QUANTUM, _log_weight_block, block_tiling, input_strides,
@@ -152,13 +153,14 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
         return (*log_weights_backward(*inputs, coef, need_dx=ctx.needs_input_grad[0]), None, None)
 
 
-def fused_iwae_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE) -> torch.Tensor:
+def fused_iwae_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, in one kernel from the inputs; any member of
     the family with ``reduction`` (``kernels.Reduction``: scale, groups, beta).
 
     Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory
     (O(B*k) when a gradient is needed). Differentiable (backward in Triton).
     """
+    _bernoulli_only(likelihood, scale)
     B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[:2]
     reduction.group_length(k)
     if B == 0:
@@ -166,8 +168,9 @@ def fused_iwae_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE) -> t
     return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, reduction)
 
 
-def fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction: Reduction = IWAE):
+def fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI, scale=None):
     """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
+    _bernoulli_only(likelihood, scale)
     B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[:2]
     reduction.group_length(k)
     if B == 0:

@@ -91,6 +91,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .likelihood import BERNOULLI, _bernoulli_only
 from ._common import (IWAE, Reduction, SplitPlan, SplitWorkspace, Tiling, Tunable, cdiv, check_devices,
                       check_inputs, interpreted, next_pow2, shape_str, split_plan)
 from .fused_bound import example_bound, reduction_args
@@ -709,7 +710,7 @@ class FusedLinearLogWeightsFunction(torch.autograd.Function):
         return fused_linear_backward(*ctx.saved_tensors, grad_log_w, needs=ctx.needs_input_grad)
 
 
-def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE) -> torch.Tensor:
+def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, from the decoder's last hidden layer: the
     logits h W^T + bias are built on chip and never stored (forward or backward).
 
@@ -718,6 +719,7 @@ def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduct
     mu and logvar [B, d]. Differentiable in every tensor (backward in Triton, O(B k) saved).
     ``reduction`` (``kernels.Reduction``) computes any member of the family instead.
     """
+    _bernoulli_only(likelihood, scale)
     B, k = check_head_inputs(x, h, weight, bias, z, mu, logvar, for_kernel=True)[:2]
     reduction.group_length(k)
     if B == 0:
@@ -725,8 +727,9 @@ def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduct
     return FusedLinearBoundFunction.apply(x, h, weight, bias, z, mu, logvar, reduction)
 
 
-def fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE):
+def fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI, scale=None):
     """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
+    _bernoulli_only(likelihood, scale)
     B, k = check_head_inputs(x, h, weight, bias, z, mu, logvar, for_kernel=True)[:2]
     reduction.group_length(k)
     if B == 0:
@@ -735,9 +738,10 @@ def fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, redu
     return FusedLinearBoundFunction.apply(x, h, weight, bias, z, mu, logvar, reduction, True)
 
 
-def fused_linear_log_weights(x, h, weight, bias, z, mu, logvar) -> torch.Tensor:
+def fused_linear_log_weights(x, h, weight, bias, z, mu, logvar, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """log w [B, k] float32 with the output layer fused in (inputs as ``fused_linear_iwae_bound``).
     The multi-sample ELBO is its mean over k; autograd through it needs no [B, k, D] memory."""
+    _bernoulli_only(likelihood, scale)
     B, k = check_head_inputs(x, h, weight, bias, z, mu, logvar, for_kernel=True)[:2]
     if B == 0:
         return torch.empty((0, k), device=h.device, dtype=torch.float32)

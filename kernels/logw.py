@@ -63,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .likelihood import BERNOULLI, _bernoulli_only
 from ._common import (IWAE, Reduction, SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, interpreted,
                       next_pow2, split_plan)
 from ._math import LN2, exp_neg_, log2_, sigmoid_
@@ -433,13 +434,14 @@ class LogWeightsFunction(torch.autograd.Function):
         return log_weights_backward(*ctx.saved_tensors, grad_log_w, need_dx=ctx.needs_input_grad[0])
 
 
-def log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
+def log_weights(x, logits, z, mu, logvar, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """log p(x|h) + log p(h) - log q(h|x) for every example and sample: [B, k] float32.
 
     x [B, D] (binary or in [0, 1]), logits [B, k, D] of the Bernoulli decoder, z [B, k, d]
     samples of q, mu and logvar [B, d] of the diagonal Gaussian q(h|x). Any floating dtypes
     and strides; accumulation in float32. Differentiable (backward in Triton).
     """
+    _bernoulli_only(likelihood, scale)
     B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[0]
     if B == 0:
         return torch.empty((0, logits.shape[1]), device=logits.device, dtype=torch.float32)

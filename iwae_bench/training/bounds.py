@@ -15,15 +15,19 @@ same rule for infinite logits as the float64 reference (kernels/logw.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 import kernels
 from kernels import IWAE, Reduction, check_bound_inputs
+from kernels.likelihood import BERNOULLI, SERIES_BELOW, Likelihood, as_likelihood
 
 from .family import OBJECTIVES, as_objective, default_estimator, torch_reduce  # noqa: F401 (re-exported)
 
 BACKENDS = ("torch", "fused")
+LOG_2PI = math.log(2.0 * math.pi)
 KLS = ("sampled", "analytic")
 
 
@@ -41,8 +45,61 @@ def bernoulli_exact(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (on - off - torch.log1p(torch.exp(-logits.abs()))).sum(-1)
 
 
-def torch_log_likelihood(x, logits) -> torch.Tensor:
-    """log p(x|h) [B, k] in float32: BCE with logits, broadcasting x over k (no repeats)."""
+def torch_log_likelihood(x, logits, likelihood: Likelihood = BERNOULLI, scale=None) -> torch.Tensor:
+    """log p(x|h) [B, k] in float32 for any likelihood (kernels/likelihood.py has the stable
+    forms), broadcasting x over k (no repeats); logits [B, k, C D] the decoder's C channels."""
+    if likelihood.name == "bernoulli":
+        return torch_bernoulli(x, logits)
+    x = x.float().unsqueeze(1)
+    parts = [c.float() for c in logits.unflatten(-1, (likelihood.channels, -1)).unbind(-2)]
+    if likelihood.name == "continuous_bernoulli":
+        l = parts[0]
+        return (x * l - F.relu(l) + log_phi(l.abs())).sum(-1)
+    L = likelihood.mixture
+    means = parts[L:2 * L] if L > 1 else parts[:1]
+    if likelihood.scale == "sample":
+        log_scales = parts[2 * L:] if L > 1 else parts[1:]
+    elif likelihood.scale == "pixel":
+        log_scales = [scale.float()]
+    else:
+        log_scales = [torch.tensor(likelihood.log_scale, device=x.device)]
+    log_scales = [torch.clamp(s, min=likelihood.floor) if likelihood.floor > -math.inf else s
+                  for s in log_scales]
+    if likelihood.name == "gaussian":
+        m, s = means[0], log_scales[0]
+        return (-0.5 * ((x - m) ** 2 * torch.exp(-s) + s + LOG_2PI)).sum(-1)
+    each = [discretized_logistic(x, m, s, likelihood.half_bin) for m, s in zip(means, log_scales)]
+    if L == 1:
+        return each[0].sum(-1)
+    log_mix = torch.log_softmax(torch.stack(parts[:L]), dim=0)
+    return torch.logsumexp(log_mix + torch.stack(each), dim=0).sum(-1)
+
+
+def log_phi(a: torch.Tensor) -> torch.Tensor:
+    """log(a / (1 - e^-a)) for a >= 0: the series below 1/2, log a - log(-expm1(-a)) above (the
+    unused branch fed a safe value, so neither it nor its gradient is ever NaN)."""
+    series = a < SERIES_BELOW
+    safe = torch.where(series, 1.0, a)
+    a2 = a * a
+    return torch.where(series, a * 0.5 + a2 * (a2 / 2880.0 - 1.0 / 24.0),
+                       torch.log(safe) - torch.log(-torch.expm1(-safe)))
+
+
+def discretized_logistic(x, mean, log_scale, half_bin: float) -> torch.Tensor:
+    """log of the logistic's mass on x's bin per element (kernels/likelihood.py's stable form:
+    log F(a) - softplus(b) + log(1 - e^-eps), the edge bins open)."""
+    inv = torch.exp(-log_scale)
+    a = (x - mean + half_bin) * inv
+    b = (x - mean - half_bin) * inv
+    eps = 2.0 * half_bin * inv
+    log_one_minus = math.log(2.0 * half_bin) - log_scale - log_phi(eps)  # log(1 - e^-eps)
+    log_fa, neg_softplus_b = F.logsigmoid(a), -F.softplus(b)
+    middle = log_fa + neg_softplus_b + log_one_minus
+    return torch.where(x < half_bin - 1.0, log_fa, torch.where(x > 1.0 - half_bin, neg_softplus_b, middle))
+
+
+def torch_bernoulli(x, logits) -> torch.Tensor:
+    """log p(x|h) [B, k] in float32 for the Bernoulli: BCE with logits, broadcasting x over k."""
     logits = logits.float()
     x = x.float().unsqueeze(1)
     log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
@@ -67,66 +124,78 @@ def gaussian_kl(mu, logvar) -> torch.Tensor:
     return 0.5 * (torch.exp(logvar) + mu * mu - 1.0 - logvar).sum(-1)
 
 
-def torch_log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
+def torch_log_weights(x, logits, z, mu, logvar, likelihood: Likelihood = BERNOULLI, scale=None) -> torch.Tensor:
     """log w [B, k] in float32 with broadcasting over k (no repeats) and BCE with logits."""
-    return torch_log_likelihood(x, logits) + latent_log_ratio(z, mu, logvar)
+    return torch_log_likelihood(x, logits, likelihood, scale) + latent_log_ratio(z, mu, logvar)
 
 
-def log_weights(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
-    """log w [B, k] float32 from the five inputs (shapes as in ``kernels.log_weights``)."""
+def log_weights(x, logits, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+                scale=None) -> torch.Tensor:
+    """log w [B, k] float32 from the five inputs (shapes as in ``kernels.log_weights``;
+    ``likelihood`` a ``kernels.Likelihood`` or its spelling, ``scale`` a per-pixel log-scale)."""
     check_choice("backend", backend, BACKENDS)
+    likelihood = as_likelihood(likelihood)
     if backend == "fused":
-        return kernels.log_weights(x, logits, z, mu, logvar)
-    check_bound_inputs(x, logits, z, mu, logvar)
-    return torch_log_weights(x, logits, z, mu, logvar)
+        return kernels.log_weights(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
+    check_bound_inputs(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
+    return torch_log_weights(x, logits, z, mu, logvar, likelihood, scale)
 
 
 def reduced_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, backend: str = "torch",
-                  with_log_w: bool = False):
+                  with_log_w: bool = False, *, likelihood=BERNOULLI, scale=None):
     """The bound ``reduction`` (``kernels.Reduction``: the IWAE bound by default, any member of
     the family) per example, [B] float32; with ``with_log_w`` also log w [B, k] (detached: the
     estimators' weights are constants of the forward pass)."""
     check_choice("backend", backend, BACKENDS)
+    likelihood = as_likelihood(likelihood)
     if backend == "fused":
         if with_log_w:
-            bound, log_w, _ = kernels.fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction)
+            bound, log_w, _ = kernels.fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction,
+                                                                    likelihood=likelihood, scale=scale)
             return bound, log_w
-        return kernels.fused_iwae_bound(x, logits, z, mu, logvar, reduction)
-    log_w = log_weights(x, logits, z, mu, logvar, "torch")
+        return kernels.fused_iwae_bound(x, logits, z, mu, logvar, reduction, likelihood=likelihood, scale=scale)
+    log_w = log_weights(x, logits, z, mu, logvar, "torch", likelihood=likelihood, scale=scale)
     bound = torch_reduce(log_w, reduction)
     return (bound, log_w.detach()) if with_log_w else bound
 
 
-def iwae_bound(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
+def iwae_bound(x, logits, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+               scale=None) -> torch.Tensor:
     """L_k per example, [B] float32."""
-    return reduced_bound(x, logits, z, mu, logvar, IWAE, backend)
+    return reduced_bound(x, logits, z, mu, logvar, IWAE, backend, likelihood=likelihood, scale=scale)
 
 
-def log_likelihood(x, logits, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
+def log_likelihood(x, logits, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+                   scale=None) -> torch.Tensor:
     """log p(x|h) [B, k] float32 alone. The fused backend takes it from the log-weights kernel
     less the latent terms (computed here, so their gradients cancel exactly)."""
     check_choice("backend", backend, BACKENDS)
+    likelihood = as_likelihood(likelihood)
     if backend == "fused":
-        return kernels.log_weights(x, logits, z, mu, logvar) - latent_log_ratio(z, mu, logvar)
-    check_bound_inputs(x, logits, z, mu, logvar)
-    return torch_log_likelihood(x, logits)
+        return (kernels.log_weights(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
+                - latent_log_ratio(z, mu, logvar))
+    check_bound_inputs(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
+    return torch_log_likelihood(x, logits, likelihood, scale)
 
 
 def objective_bound(x, logits, z, mu, logvar, objective="iwae", backend: str = "torch",
-                    kl: str = "sampled", **params) -> torch.Tensor:
+                    kl: str = "sampled", *, likelihood=BERNOULLI, scale=None, **params) -> torch.Tensor:
     """The objective's bound per example, [B] float32 (to be maximized): a name with its
     parameters as keywords (``objective="vr", alpha=0.5``), a spelling (``"miwae:8x8"``) or an
     ``Objective`` (training/family.py). PIWAE and RWS report the IWAE bound. ``kl``: "sampled"
     (log p(h) - log q(h|x) at the samples, the default) or "analytic" (the ELBOs' Gaussian KL
-    in closed form: mean_i log p(x|h_i) - KL(q || p))."""
+    in closed form: mean_i log p(x|h_i) - KL(q || p)). ``likelihood``: kernels/likelihood.py."""
     objective = as_objective(objective, **params)
+    likelihood = as_likelihood(likelihood)
     check_choice("backend", backend, BACKENDS)
     check_choice("kl", kl, KLS)
-    _, k, _, _ = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=backend == "fused")
+    _, k, _, _ = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=backend == "fused",
+                                    likelihood=likelihood, scale=scale)
     objective.check(k, default_estimator(objective), kl)
+    lik = {"likelihood": likelihood, "scale": scale}
     if kl == "analytic":
-        return log_likelihood(x, logits, z, mu, logvar, backend).mean(dim=1) - gaussian_kl(mu, logvar)
-    return reduced_bound(x, logits, z, mu, logvar, objective.value(k), backend)
+        return log_likelihood(x, logits, z, mu, logvar, backend, **lik).mean(dim=1) - gaussian_kl(mu, logvar)
+    return reduced_bound(x, logits, z, mu, logvar, objective.value(k), backend, **lik)
 
 
 # --------------------------------------------------------------------------- the decoder head
@@ -134,30 +203,36 @@ def objective_bound(x, logits, z, mu, logvar, objective="iwae", backend: str = "
 # the torch backend builds the logits with F.linear; the fused one never stores them.
 
 
-def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch") -> torch.Tensor:
-    """log w [B, k] float32 from h [B, k, H] and the output layer (weight [D, H], bias [D])."""
+def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+                     scale=None) -> torch.Tensor:
+    """log w [B, k] float32 from h [B, k, H] and the output layer (weight [C D, H], bias [C D]:
+    the likelihood's C channels)."""
     check_choice("backend", backend, BACKENDS)
+    likelihood = as_likelihood(likelihood)
     if backend == "fused":
-        return kernels.fused_linear_log_weights(x, h, weight, bias, z, mu, logvar)
-    return log_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch")
+        return kernels.fused_linear_log_weights(x, h, weight, bias, z, mu, logvar, likelihood=likelihood,
+                                                scale=scale)
+    return log_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch", likelihood=likelihood, scale=scale)
 
 
 def head_reduced_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE,
-                       backend: str = "torch", with_log_w: bool = False):
+                       backend: str = "torch", with_log_w: bool = False, *, likelihood=BERNOULLI, scale=None):
     """``reduced_bound`` from h and the output layer (the fused backend never stores logits)."""
     check_choice("backend", backend, BACKENDS)
+    lik = {"likelihood": as_likelihood(likelihood), "scale": scale}
     if backend == "torch":
-        return reduced_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction, "torch", with_log_w)
+        return reduced_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction, "torch", with_log_w, **lik)
     if with_log_w:
         bound, log_w, _ = kernels.fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar,
-                                                                       reduction)
+                                                                       reduction, **lik)
         return bound, log_w
-    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction)
+    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction, **lik)
 
 
 def head_objective_bound(x, h, weight, bias, z, mu, logvar, objective="iwae", backend: str = "torch",
-                         **params) -> torch.Tensor:
+                         *, likelihood=BERNOULLI, scale=None, **params) -> torch.Tensor:
     """``objective_bound`` with the output layer fused in (kl sampled)."""
     objective = as_objective(objective, **params)
     objective.check(h.shape[1] if h.dim() == 3 else 1, default_estimator(objective))
-    return head_reduced_bound(x, h, weight, bias, z, mu, logvar, objective.value(h.shape[1]), backend)
+    return head_reduced_bound(x, h, weight, bias, z, mu, logvar, objective.value(h.shape[1]), backend,
+                              likelihood=likelihood, scale=scale)

@@ -39,8 +39,8 @@ import torch
 
 import kernels
 
-from .bounds import (BACKENDS, KLS, check_choice, gaussian_kl, head_reduced_bound, latent_log_ratio,
-                     log_likelihood, reduced_bound)
+from .bounds import (BACKENDS, KLS, as_likelihood, check_choice, gaussian_kl, head_reduced_bound,
+                     latent_log_ratio, log_likelihood, reduced_bound)
 from .family import ESTIMATORS, as_objective, check_estimator, default_estimator
 
 
@@ -53,12 +53,15 @@ class IWAELoss(torch.nn.Module):
     ``M`` and/or ``K``; ``beta``), a spelling such as ``"vr:0.5"`` or ``"miwae:8x8"``, or an
     ``Objective``. ``estimator``: "iwae" (the total gradient; the default), "stl", "dreg" or,
     for "rws", "wake" (its default). ``kl``: "sampled" or "analytic" (the ELBOs only). The loss
-    value does not depend on the estimator, only its gradients do.
+    value does not depend on the estimator, only its gradients do. ``likelihood``: the decoder's
+    p(x|h) (``kernels.Likelihood`` or its spelling, kernels/likelihood.py): logits then hold its
+    C channels, [B, k, C D], and a per-pixel scale comes as ``scale=`` [D] at the call.
     """
 
     def __init__(self, objective="iwae", backend: str = "fused", *, estimator: str | None = None,
-                 kl: str = "sampled", alpha=None, M=None, K=None, beta=None):
+                 kl: str = "sampled", alpha=None, M=None, K=None, beta=None, likelihood="bernoulli"):
         super().__init__()
+        self.likelihood = as_likelihood(likelihood)
         self.spec = as_objective(objective, alpha=alpha, M=M, K=K, beta=beta)
         estimator = default_estimator(self.spec) if estimator is None else estimator
         check_choice("backend", backend, BACKENDS)
@@ -70,16 +73,17 @@ class IWAELoss(torch.nn.Module):
         self.estimator = estimator
         self.kl = kl
 
-    def forward(self, x, logits, z, mu, logvar) -> torch.Tensor:
+    def forward(self, x, logits, z, mu, logvar, scale=None) -> torch.Tensor:
         self._check_k(logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None)
+        lik = {"likelihood": self.likelihood, "scale": scale}
         if self.kl == "analytic":
-            bound = (log_likelihood(x, logits, z, mu, logvar, self.backend).mean(dim=1)
+            bound = (log_likelihood(x, logits, z, mu, logvar, self.backend, **lik).mean(dim=1)
                      - gaussian_kl(mu, logvar))
             return self._mean(x, bound)
         return self._loss(x, z, mu, logvar, lambda mu, logvar, reduction, with_log_w: reduced_bound(
-            x, logits, z, mu, logvar, reduction, self.backend, with_log_w))
+            x, logits, z, mu, logvar, reduction, self.backend, with_log_w, **lik))
 
-    def from_hidden(self, x, h, linear: torch.nn.Linear, z, mu, logvar) -> torch.Tensor:
+    def from_hidden(self, x, h, linear: torch.nn.Linear, z, mu, logvar, scale=None) -> torch.Tensor:
         """The same loss from the decoder's last hidden layer h [B, k, H] and its output layer
         ``linear`` (logits = linear(h)): with ``backend="fused"`` the logits are built on chip
         and never stored, forward or backward (``kernels.fused_linear_iwae_bound``); h and the
@@ -88,8 +92,9 @@ class IWAELoss(torch.nn.Module):
             raise ValueError("from_hidden takes kl='sampled' only; kl='analytic' needs the logits")
         self._check_k(h.shape[1] if isinstance(h, torch.Tensor) and h.dim() == 3 else None)
         weight, bias = linear.weight, linear.bias
+        lik = {"likelihood": self.likelihood, "scale": scale}
         return self._loss(x, z, mu, logvar, lambda mu, logvar, reduction, with_log_w: head_reduced_bound(
-            x, h, weight, bias, z, mu, logvar, reduction, self.backend, with_log_w))
+            x, h, weight, bias, z, mu, logvar, reduction, self.backend, with_log_w, **lik))
 
     def _check_k(self, k) -> None:
         if k is not None:
@@ -128,4 +133,4 @@ class IWAELoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"objective={self.spec.label!r}, backend={self.backend!r}, "
-                f"estimator={self.estimator!r}, kl={self.kl!r}")
+                f"estimator={self.estimator!r}, kl={self.kl!r}, likelihood={self.likelihood.label!r}")
