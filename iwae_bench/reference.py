@@ -70,10 +70,13 @@ def log_discretized_logistic(x, mean, log_scale, bins: int = 256) -> torch.Tenso
     b = (x - half - mean) * inv
     log_fa, log_fb = F.logsigmoid(a), F.logsigmoid(b)
     log_sa, log_sb = F.logsigmoid(-a), F.logsigmoid(-b)
-    below = log_fa + torch.log1p(-torch.exp(log_fb - log_fa))
-    above = log_sb + torch.log1p(-torch.exp(log_sa - log_sb))
-    middle = torch.where(b > 0, above, below)
-    return torch.where(x < half - 1, log_fa, torch.where(x > 1 - half, log_sb, middle))
+    bottom, top = x < half - 1, x > 1 - half
+    above = (b > 0) & ~bottom & ~top
+    below = (b <= 0) & ~bottom & ~top
+    # each form fed -1 where it is not the one taken, so neither it nor its gradient is NaN there
+    from_cdf = log_fa + torch.log1p(-torch.exp(torch.where(below, log_fb - log_fa, -1.0)))
+    from_survival = log_sb + torch.log1p(-torch.exp(torch.where(above, log_sa - log_sb, -1.0)))
+    return torch.where(bottom, log_fa, torch.where(top, log_sb, torch.where(above, from_survival, from_cdf)))
 
 
 def channels(logits: torch.Tensor, likelihood: Likelihood) -> list[torch.Tensor]:

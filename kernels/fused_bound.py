@@ -22,24 +22,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .likelihood import BERNOULLI, _bernoulli_only
+from .likelihood import BERNOULLI, Likelihood, as_likelihood
 from ._common import (IWAE, Reduction, SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2,
                       split_plan)
-from .logw import (PROD_GROUP, SPLIT_QUANTUM, _log_weight_block, block_tiling, input_strides,
-                   bound_coefficients, int32_tiles, latent_block, log_weights_backward)
+from .logw import (SPLIT_QUANTUM, _log_weight_block, block_tiling, bound_coefficients, input_strides,
+                   int32_tiles, latent_block, likelihood_launch, log_weights_backward, pixel_scale)
 from .lse import _fold_samples, _group_samples, _store_row_bound
 
 
 @triton.jit
 def _fused_iwae_forward_kernel(
-    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr,
     bound_ptr, lse_ptr, log_w_ptr, partial_ptr, linear_ptr, ticket_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
     B, k, D, d, M, K, k_per_split, SPLITS, log_K, scale, beta, inv_K,
+    s_fixed, inv_fixed, floor, half_bin, log_two_half_bin, row_constant,
     SAVE_LOG_W: tl.constexpr, LINEAR: tl.constexpr, GROUPED: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
+    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr, MASK_X: tl.constexpr, MASK_MEAN: tl.constexpr,
     LOAD_STAGES: tl.constexpr = 1,
 ):
     # Program (b, s, g): split s of group g of example b (its K samples g K .. g K + K - 1; row
@@ -55,10 +57,11 @@ def _fused_iwae_forward_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_stop
         log_w = _log_weight_block(
-            b, k0, k_stop, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+            b, k0, k_stop, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr,
             stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
             stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-            D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST, LOAD_STAGES,
+            D, d, s_fixed, inv_fixed, floor, half_bin, log_two_half_bin, row_constant,
+            BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST, LOAD_STAGES, LIKELIHOOD, SCALE, MASK_X, MASK_MEAN,
         )
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
@@ -89,7 +92,8 @@ def example_bound(row_bound: torch.Tensor, reduction: Reduction) -> torch.Tensor
 
 
 def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None,
-                       workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE):
+                       workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE,
+                       likelihood: Likelihood = BERNOULLI, scale=None):
     """Return (bound [B], lse [B * M], log_w [B, k] or None), all float32 (inputs already
     checked); lse holds each group's logsumexp of scale log w (``reduction``; one group per
     example for the IWAE bound).
@@ -98,10 +102,12 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
     partials and tickets (tests use them to walk the multi-split path and to reuse one ticket
     buffer).
     """
-    B, k, D = logits.shape
+    B, k = logits.shape[:2]
+    D = x.shape[1]
     d = z.shape[2]
     device = logits.device
     epilogue = reduction_args(reduction, k)
+    numbers, codes = likelihood_launch(likelihood, D)
     rows, K = B * reduction.groups, epilogue[1]
     plan = split_plan(rows, K, device, SPLIT_QUANTUM, splits)
     row_bound = torch.empty(rows, device=device, dtype=torch.float32)
@@ -114,11 +120,12 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
         workspace = SplitWorkspace(lse, lse)  # never read: SPLIT_K is off
     _fused_forward.launch(
         lambda meta: (B, plan.splits, reduction.groups),
-        x, logits, z, mu, logvar, row_bound, lse, log_w, workspace.partial, workspace.linear_partial,
-        workspace.ticket, *input_strides(x, logits, z, mu, logvar),
-        B, k, D, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
+        x, logits, z, mu, logvar, pixel_scale(scale, likelihood, D, device), row_bound, lse, log_w,
+        workspace.partial, workspace.linear_partial, workspace.ticket, *input_strides(x, logits, z, mu, logvar),
+        B, k, D, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:], *numbers,
         SAVE_LOG_W=save_log_w, LINEAR=reduction.linear, GROUPED=reduction.groups > 1, SPLIT_K=plan.is_split,
-        BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(), BLOCK_S=next_pow2(plan.splits),
+        BLOCK_L=latent_block(d), PROD_GROUP=likelihood.prod_group, FAST=not interpreted(),
+        BLOCK_S=next_pow2(plan.splits), **codes,
         sizes={"k": min(K, plan.per_split), "D": D},
     )
     return example_bound(row_bound, reduction), lse, (log_w if save_log_w else None)
@@ -133,14 +140,15 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
     weights follow (DReG's reweighting uses them)."""
 
     @staticmethod
-    def forward(ctx, x, logits, z, mu, logvar, reduction: Reduction, return_weights: bool = False):
+    def forward(ctx, x, logits, z, mu, logvar, scale, reduction: Reduction, likelihood: Likelihood,
+                return_weights: bool = False):
         inputs = (x, logits, z, mu, logvar)
-        wants_grad = any(t.requires_grad for t in inputs)
+        wants_grad = any(t is not None and t.requires_grad for t in (*inputs, scale))
         bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=wants_grad or return_weights,
-                                               reduction=reduction)
-        ctx.reduction = reduction
+                                               reduction=reduction, likelihood=likelihood, scale=scale)
+        ctx.reduction, ctx.likelihood = reduction, likelihood
         if wants_grad:
-            ctx.save_for_backward(*inputs, log_w, lse)
+            ctx.save_for_backward(*inputs, scale, log_w, lse)
         if not return_weights:
             return bound
         ctx.mark_non_differentiable(log_w, lse)
@@ -148,32 +156,44 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_bound, *_):
-        *inputs, log_w, lse = ctx.saved_tensors
+        *inputs, scale, log_w, lse = ctx.saved_tensors
         coef = bound_coefficients(grad_bound, log_w, lse, ctx.reduction)
-        return (*log_weights_backward(*inputs, coef, need_dx=ctx.needs_input_grad[0]), None, None)
+        grads = log_weights_backward(*inputs, coef, need_dx=ctx.needs_input_grad[0], likelihood=ctx.likelihood,
+                                     scale=scale)
+        return (*grads, None, None, None)
 
 
-def fused_iwae_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
+def _checked(x, logits, z, mu, logvar, reduction, likelihood, scale):
+    """(B, k, likelihood) after the checks every entry point makes."""
+    likelihood = as_likelihood(likelihood)
+    B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True, likelihood=likelihood, scale=scale)[:2]
+    reduction.group_length(k)
+    likelihood.kernel_args()  # a mixture is refused by name
+    return B, k, likelihood
+
+
+def fused_iwae_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI,
+                     scale=None) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, in one kernel from the inputs; any member of
-    the family with ``reduction`` (``kernels.Reduction``: scale, groups, beta).
+    the family with ``reduction`` (``kernels.Reduction``: scale, groups, beta) and any
+    likelihood of kernels/likelihood.py (logits then [B, k, C D]; ``scale`` a per-pixel one).
 
     Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory
     (O(B*k) when a gradient is needed). Differentiable (backward in Triton).
     """
-    _bernoulli_only(likelihood, scale)
-    B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[:2]
-    reduction.group_length(k)
+    B, k, likelihood = _checked(x, logits, z, mu, logvar, reduction, likelihood, scale)
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
-    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, reduction)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, scale, reduction,
+                                        likelihood)
 
 
-def fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI, scale=None):
+def fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *,
+                                  likelihood=BERNOULLI, scale=None):
     """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
-    _bernoulli_only(likelihood, scale)
-    B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[:2]
-    reduction.group_length(k)
+    B, k, likelihood = _checked(x, logits, z, mu, logvar, reduction, likelihood, scale)
     if B == 0:
         empty = torch.empty(0, device=logits.device, dtype=torch.float32)
         return empty, empty.view(0, k), empty
-    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, reduction, True)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, scale, reduction,
+                                        likelihood, True)

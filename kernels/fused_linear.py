@@ -665,7 +665,7 @@ def fused_linear_backward(x, h, weight, bias, z, mu, logvar, coef, *, needs=(Tru
 
     if need_z or need_mu or need_logvar:
         # kernels/logw.py's backward with D = 0: empty views stand in for x and the logits
-        _, _, grad_z, grad_mu, grad_logvar = log_weights_backward(
+        _, _, grad_z, grad_mu, grad_logvar, _ = log_weights_backward(
             x[:, :0], h[:, :, :0], z, mu, logvar, coef, plan=plan)
     return (grad_x, grad_h, grad_w, grad_bias, grad_z if need_z else None,
             grad_mu if need_mu else None, grad_logvar if need_logvar else None)

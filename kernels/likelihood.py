@@ -104,8 +104,10 @@ class Likelihood:
             raise ValueError(f"{name} has no scale, got scale={self.scale!r}")
         if not math.isfinite(self.log_scale):
             raise ValueError(f"log_scale must be finite, got {self.log_scale!r}")
-        if self.floor != -math.inf and not math.isfinite(self.floor):
-            raise ValueError(f"floor must be finite (or -inf for none), got {self.floor!r}")
+        if self.floor != -math.inf and not (math.isfinite(self.floor) and self.floor <= 0.0):
+            # the kernels' padded lanes read a log-scale of 0 and must add exactly 0 after the
+            # clamp; a floor above 0 (sigma > 1 on data in [0, 1] or [-1, 1]) has no use
+            raise ValueError(f"floor must be a finite number <= 0 (or -inf for none), got {self.floor!r}")
         if not isinstance(self.mixture, int) or self.mixture < 1:
             raise ValueError(f"mixture must be an integer >= 1, got {self.mixture!r}")
         if self.mixture > 1 and (name != "discretized_logistic" or self.scale != "sample"):
@@ -282,9 +284,11 @@ def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
         # log F(a) = min(a, 0) - log(1 + e^-|a|); -softplus(b) = -max(b, 0) - log(1 + e^-|b|)
         acc += tl.where(top, 0.0, tl.minimum(a, 0.0)) - tl.where(bottom, 0.0, tl.maximum(b, 0.0))
         log_eps = log_two_half_bin - s
-        acc += tl.where(series & ~top & ~bottom, log_eps - _log_phi_series(eps), 0.0)
+        edge = top | bottom
+        # (nested selects: eps is a number, not a tile, for a fixed scale)
+        acc += tl.where(edge, 0.0, tl.where(series, log_eps - _log_phi_series(eps), 0.0))
         prod *= tl.where(top, 1.0, 1.0 + exp_neg_(tl.abs(a))) * tl.where(bottom, 1.0, 1.0 + exp_neg_(tl.abs(b)))
-        prod2 *= tl.where(series | top | bottom, 1.0, 1.0 - exp_neg_(eps))
+        prod2 *= tl.where(edge, 1.0, tl.where(series, 1.0, 1.0 - exp_neg_(eps)))
     return acc, prod, prod2
 
 

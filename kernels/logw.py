@@ -63,10 +63,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .likelihood import BERNOULLI, _bernoulli_only
+from .likelihood import BERNOULLI, Likelihood, as_likelihood
 from ._common import (IWAE, Reduction, SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, interpreted,
                       next_pow2, split_plan)
-from ._math import LN2, exp_neg_, log2_, sigmoid_
+from ._math import exp_neg_
+from .likelihood import floored_scale, likelihood_flush, likelihood_grads, likelihood_step
 
 PROD_GROUP = 64  # factors in (1, 2] multiplied before one log: product <= 2**64
 MASKED_LOGIT = tl.constexpr(-65504.0)  # adds 0 and a factor of 1 beside x = 0; finite in fp16, bf16 and fp32
@@ -111,18 +112,41 @@ def _bernoulli_exact(x_block, logit_block, mask):
 
 
 @triton.jit
+def _scale_tile(logit_base, d0, D, stride_ld, logit_tile, px_base, px_tile, s_fixed, inv_fixed, floor,
+                mask, SCALE: tl.constexpr):
+    """(s, inv) for one tile, by the likelihood's scale (kernels/likelihood.py): none (0, 1);
+    fixed (numbers); pixel (the host's floored [D] log-scale and exp(-s), read in the tile's
+    layout like x); sample (the decoder's second channel, columns D + d, floored here).
+    ``mask`` None in the hot loop; padded lanes read s = 0, inv = 1."""
+    if SCALE == 0:
+        s, inv = 0.0, 1.0
+    elif SCALE == 1:
+        s, inv = s_fixed, inv_fixed
+    elif SCALE == 2:
+        s = tl.load(px_base + d0 + px_tile, mask=mask, other=0.0)
+        inv = tl.load(px_base + D + d0 + px_tile, mask=mask, other=1.0)
+    else:
+        s_raw = tl.load(logit_base + (D + d0) * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
+        s, inv = floored_scale(s_raw, floor)
+    return s, inv
+
+
+@triton.jit
 def _log_weight_block(
     b, k0, k_stop,
-    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-    D, d,
+    D, d, s_fixed, inv_fixed, floor, half_bin, log_two_half_bin, row_constant,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, FAST: tl.constexpr, LOAD_STAGES: tl.constexpr,
+    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr, MASK_X: tl.constexpr, MASK_MEAN: tl.constexpr,
 ):
     """log w for example ``b`` and its samples k0 .. k0 + BLOCK_K (those at or past ``k_stop``
     masked) -> [BLOCK_K] float32 (masked rows: junk). LOAD_STAGES > 1 has the compiler load
-    that many D-tiles ahead (cp.async into shared memory) instead of each in its iteration."""
+    that many D-tiles ahead (cp.async into shared memory) instead of each in its iteration.
+    LIKELIHOOD and SCALE pick p(x|h) (kernels/likelihood.py; the module docstring's sums are
+    the Bernoulli's); ``px_ptr`` holds a per-pixel scale's [2, D] (s, exp(-s)) rows."""
     b64 = b.to(tl.int64)
     k64 = tl.cast(k0, tl.int64)
     rows = tl.arange(0, BLOCK_K)
@@ -136,45 +160,60 @@ def _log_weight_block(
     x_base = x_ptr + b64 * stride_xb
     # x's D-tile read straight into the logits tile's layout (every row the same columns: the
     # repeats hit L1), not as a vector that a shared-memory round trip and two barriers per
-    # iteration would broadcast across the rows
+    # iteration would broadcast across the rows; a per-pixel scale's rows the same way
     x_tile = _tile_offsets(rows * 0, cols, 0, stride_xd)
+    px_tile = _tile_offsets(rows * 0, cols, 0, 1)
 
-    # log p(x|h): acc holds, lane by lane, x*l - max(l, 0) less the logs of finished groups of
-    # factors (1 + exp(-|l|)); group_prod the factors of the group in progress. The ragged
-    # last tile goes first (masked lanes: logit MASKED_LOGIT, x = 0, factor 1), its factors
-    # starting the first group (at most 2**65).
+    # log p(x|h): acc holds, lane by lane, the terms without a log (Bernoulli: x*l - max(l, 0))
+    # less the logs of finished groups of factors, prod (and prod2) the factors of the group in
+    # progress (Bernoulli: 1 + exp(-|l|)). The ragged last tile goes first, masked (its padded
+    # lanes then set back to adding 0 and factors of 1), its factors starting the first group.
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    group_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+    prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+    prod2 = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
     n_full = D // BLOCK_D
     if n_full * BLOCK_D < D:
         d0 = n_full * BLOCK_D
         mask_d = d0 + cols < D
-        x_block = tl.load(x_base + (d0 + cols) * stride_xd, mask=mask_d, other=0.0).to(tl.float32)
+        mask = (rows >= 0)[:, None] & mask_d[None, :]
+        x_block = tl.load(x_base + (d0 + cols) * stride_xd, mask=mask_d, other=MASK_X).to(tl.float32)
         logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile, mask=mask_d[None, :],
-                              other=MASKED_LOGIT).to(tl.float32)
-        acc, group_prod = _bernoulli_step(acc, group_prod, x_block[None, :], logit_block)
+                              other=MASK_MEAN).to(tl.float32)
+        s, inv = _scale_tile(logit_base, d0, D, stride_ld, logit_tile, px_ptr, px_tile, s_fixed, inv_fixed,
+                             floor, mask, SCALE)
+        acc, prod, prod2 = likelihood_step(acc, prod, prod2, x_block[None, :], logit_block, s, inv, half_bin,
+                                           log_two_half_bin, LIKELIHOOD, SCALE)
+        if LIKELIHOOD != 0:  # the Bernoulli's padded lanes add exactly 0 and 1 by themselves
+            acc = tl.where(mask, acc, 0.0)
+            prod = tl.where(mask, prod, 1.0)
+            prod2 = tl.where(mask, prod2, 1.0)
     for g0 in range(0, n_full, PROD_GROUP):
         for i in tl.range(g0, tl.minimum(g0 + PROD_GROUP, n_full), num_stages=LOAD_STAGES):  # the hot loop: no masks
             d0 = i * BLOCK_D
             x_block = tl.load(x_base + d0 * stride_xd + x_tile).to(tl.float32)
             logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile).to(tl.float32)
-            acc, group_prod = _bernoulli_step(acc, group_prod, x_block, logit_block)
-        acc -= LN2 * log2_(group_prod, FAST)
-        group_prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+            s, inv = _scale_tile(logit_base, d0, D, stride_ld, logit_tile, px_ptr, px_tile, s_fixed, inv_fixed,
+                                 floor, None, SCALE)
+            acc, prod, prod2 = likelihood_step(acc, prod, prod2, x_block, logit_block, s, inv, half_bin,
+                                               log_two_half_bin, LIKELIHOOD, SCALE)
+        acc = likelihood_flush(acc, prod, prod2, LIKELIHOOD, FAST)
+        prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
+        prod2 = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
     if n_full == 0:  # D < BLOCK_D: the ragged tile was all there was
-        acc -= LN2 * log2_(group_prod, FAST)
-    log_px = tl.sum(acc, axis=1)
+        acc = likelihood_flush(acc, prod, prod2, LIKELIHOOD, FAST)
+    log_px = tl.sum(acc, axis=1) + row_constant
 
-    # Infinite logits made 0 * inf = NaN above: sum those rows again with the exact rule.
-    if tl.max(tl.where(log_px != log_px, 1, 0), axis=0) > 0:
-        exact = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            mask_d = d0 + cols < D
-            mask = mask_k[:, None] & mask_d[None, :]
-            x_block = tl.load(x_base + (d0 + cols) * stride_xd, mask=mask_d, other=0.0).to(tl.float32)
-            logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
-            exact += _bernoulli_exact(x_block, logit_block, mask)
-        log_px = tl.where(log_px != log_px, tl.sum(exact, axis=1), log_px)
+    # Bernoulli: infinite logits made 0 * inf = NaN above: sum those rows again with the exact rule.
+    if LIKELIHOOD == 0:
+        if tl.max(tl.where(log_px != log_px, 1, 0), axis=0) > 0:
+            exact = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                mask_d = d0 + cols < D
+                mask = mask_k[:, None] & mask_d[None, :]
+                x_block = tl.load(x_base + (d0 + cols) * stride_xd, mask=mask_d, other=0.0).to(tl.float32)
+                logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
+                exact += _bernoulli_exact(x_block, logit_block, mask)
+            log_px = tl.where(log_px != log_px, tl.sum(exact, axis=1), log_px)
 
     return log_px + _latent_log_ratio(b64, k64, rows, mask_k, z_ptr, mu_ptr, logvar_ptr,
                                       stride_zb, stride_zk, stride_zd, stride_mb, stride_md,
@@ -208,22 +247,25 @@ def _latent_log_ratio(
 
 @triton.jit
 def _log_weights_forward_kernel(
-    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, log_w_ptr,
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr, log_w_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-    B, k, D, d,
+    B, k, D, d, s_fixed, inv_fixed, floor, half_bin, log_two_half_bin, row_constant,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    PROD_GROUP: tl.constexpr, FAST: tl.constexpr, LOAD_STAGES: tl.constexpr = 1,
+    PROD_GROUP: tl.constexpr, FAST: tl.constexpr,
+    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr, MASK_X: tl.constexpr, MASK_MEAN: tl.constexpr,
+    LOAD_STAGES: tl.constexpr = 1,
 ):
     # grid (B, cdiv(k, BLOCK_K)); writes log_w[b, k0 .. k0 + BLOCK_K] of a contiguous [B, k]
     # float32. (B is an argument only so the autotuner's key can see it.)
     b = tl.program_id(0)
     k0 = tl.program_id(1) * BLOCK_K
     log_w = _log_weight_block(
-        b, k0, k, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr,
+        b, k0, k, x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr,
         stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
         stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-        D, d, BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST, LOAD_STAGES,
+        D, d, s_fixed, inv_fixed, floor, half_bin, log_two_half_bin, row_constant,
+        BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST, LOAD_STAGES, LIKELIHOOD, SCALE, MASK_X, MASK_MEAN,
     )
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=offs_k < k)
@@ -231,19 +273,22 @@ def _log_weights_forward_kernel(
 
 @triton.jit
 def _log_weights_backward_kernel(
-    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, coef_ptr,
-    grad_logits_ptr, grad_z_ptr, part_mu_ptr, part_logvar_ptr, part_x_ptr,
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr, coef_ptr,
+    grad_logits_ptr, grad_z_ptr, part_mu_ptr, part_logvar_ptr, part_x_ptr, part_scale_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
-    B, k, D, d, k_per_split, SPLITS,
+    B, k, D, d, k_per_split, SPLITS, s_fixed, inv_fixed, floor, half_bin,
     NEED_DX: tl.constexpr, FAST: tl.constexpr, TANH_SIGMOID: tl.constexpr,
+    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # grid (B, SPLITS): example b, samples [k_start, k_stop). Logits and z are read once and
-    # their gradients (contiguous [B, k, D] and [B, k, d]) written once; x, mu and logvar are
+    # their gradients (contiguous [B, k, C D] and [B, k, d]) written once; x, mu and logvar are
     # loaded once per column block and broadcast over the samples; c = d loss / d log w is a
     # contiguous [B, k] float32 (0 for a sample of weight 0). Tiles are addressed as a scalar
-    # base per iteration plus loop-invariant int32 offsets.
+    # base per iteration plus loop-invariant int32 offsets. A per-sample scale's gradient goes
+    # to the second channel's columns (0 where the floor clamped it); a per-pixel scale's sums
+    # over this split's samples to its row of the [B, SPLITS, D] partials, like dx's.
     b = tl.program_id(0)
     split = tl.program_id(1)
     b64 = b.to(tl.int64)
@@ -252,29 +297,46 @@ def _log_weights_backward_kernel(
     part_row = b64 * SPLITS + split  # this program's row of the [B, SPLITS, .] partials
     rows = tl.arange(0, BLOCK_K)
     coef_base = coef_ptr + b64 * k
+    if SCALE == 3:
+        width = 2 * D  # the gradient's row: both channels
+    else:
+        width = D
 
     cols = tl.arange(0, BLOCK_D)
     logit_tile = _tile_offsets(rows, cols, stride_lk, stride_ld)
-    grad_tile = _tile_offsets(rows, cols, D, 1)
+    grad_tile = _tile_offsets(rows, cols, width, 1)
+    px_tile = _tile_offsets(rows * 0, cols, 0, 1)
     for d0 in range(0, D, BLOCK_D):
         mask_d = d0 + cols < D
         x_block = _row_block(x_ptr, b64, stride_xb, d0 + cols, stride_xd, mask_d)
-        x_sum = tl.zeros([BLOCK_D], tl.float32)  # sum_i c_i l_i over this split's samples
+        x_sum = tl.zeros([BLOCK_D], tl.float32)  # sum_i c_i d log p / d x over this split's samples
+        scale_sum = tl.zeros([BLOCK_D], tl.float32)  # sum_i c_i d log p / d s (a per-pixel scale)
         for k0 in range(k_start, k_stop, BLOCK_K):
             k64 = tl.cast(k0, tl.int64)
             mask_k = k0 + rows < k_stop
             mask = mask_k[:, None] & mask_d[None, :]
             coef = tl.load(coef_base + k0 + rows, mask=mask_k, other=0.0)
-            logit_block = tl.load(logits_ptr + b64 * stride_lb + k64 * stride_lk + d0 * stride_ld + logit_tile,
-                                  mask=mask, other=0.0).to(tl.float32)
-            grad_block = coef[:, None] * (x_block[None, :] - sigmoid_(logit_block, FAST, TANH_SIGMOID))
-            tl.store(grad_logits_ptr + (b64 * k + k64) * D + d0 + grad_tile,
-                     grad_block.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+            logit_base = logits_ptr + b64 * stride_lb + k64 * stride_lk
+            logit_block = tl.load(logit_base + d0 * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
+            s, inv = _scale_tile(logit_base, d0, D, stride_ld, logit_tile, px_ptr, px_tile, s_fixed, inv_fixed,
+                                 floor, mask, SCALE)
+            g_m, g_s, g_x = likelihood_grads(x_block[None, :], logit_block, s, inv, half_bin, LIKELIHOOD,
+                                             FAST, TANH_SIGMOID)
+            grad_base = grad_logits_ptr + (b64 * k + k64) * width + d0
+            tl.store(grad_base + grad_tile, (coef[:, None] * g_m).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+            if SCALE == 3:
+                s_raw = tl.load(logit_base + (D + d0) * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
+                g_s = tl.where(s_raw < floor, 0.0, coef[:, None] * g_s)
+                tl.store(grad_base + D + grad_tile, g_s.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+            if SCALE == 2:
+                scale_sum += tl.sum(tl.where(mask, coef[:, None] * g_s, 0.0), axis=0)
             if NEED_DX:
                 # a sample of weight 0 adds nothing, even where its logit is infinite
-                x_sum += tl.sum(tl.where(coef[:, None] == 0.0, 0.0, coef[:, None] * logit_block), axis=0)
+                x_sum += tl.sum(tl.where(coef[:, None] == 0.0, 0.0, coef[:, None] * g_x), axis=0)
         if NEED_DX:
             tl.store(part_x_ptr + part_row * D + d0 + cols, x_sum, mask=mask_d)
+        if SCALE == 2:
+            tl.store(part_scale_ptr + part_row * D + d0 + cols, scale_sum, mask=mask_d)
 
     lcols = tl.arange(0, BLOCK_L)
     z_tile = _tile_offsets(rows, lcols, stride_zk, stride_zd)
@@ -375,15 +437,33 @@ _log_weights_forward = Tunable(_log_weights_forward_kernel, block_tiling(pipelin
 _log_weights_backward = Tunable(_log_weights_backward_kernel, block_tiling("SPLITS", "NEED_DX"))
 
 
-def log_weights_forward(x, logits, z, mu, logvar) -> torch.Tensor:
+def pixel_scale(scale, likelihood: Likelihood, D: int, device) -> torch.Tensor:
+    """The [2, D] float32 rows a per-pixel scale's kernels read: s = max(scale, floor) and
+    exp(-s) (computed here once instead of per sample); a 1-element stand-in otherwise."""
+    if not likelihood.needs_scale:
+        return torch.zeros(1, device=device, dtype=torch.float32)
+    s = scale.detach().float().clamp(min=likelihood.floor)
+    return torch.stack([s, torch.exp(-s)]).contiguous()
+
+
+def likelihood_launch(likelihood: Likelihood, D: int) -> tuple[tuple, dict]:
+    """(runtime numbers, constexprs) of a likelihood-aware launch: the forward's six numbers
+    (``Likelihood.kernel_numbers`` and the per-sample constant) and its codes."""
+    return (*likelihood.kernel_numbers(), likelihood.constant(D)), likelihood.kernel_args()
+
+
+def log_weights_forward(x, logits, z, mu, logvar, likelihood: Likelihood = BERNOULLI, scale=None) -> torch.Tensor:
     """log w as a contiguous [B, k] float32 tensor (inputs already checked)."""
-    B, k, D = logits.shape
+    B, k = logits.shape[:2]
+    D = x.shape[1]
     d = z.shape[2]
     log_w = torch.empty((B, k), device=logits.device, dtype=torch.float32)
+    numbers, codes = likelihood_launch(likelihood, D)
     _log_weights_forward.launch(
         lambda meta: (B, cdiv(k, meta["BLOCK_K"])),
-        x, logits, z, mu, logvar, log_w, *input_strides(x, logits, z, mu, logvar),
-        B, k, D, d, BLOCK_L=latent_block(d), PROD_GROUP=PROD_GROUP, FAST=not interpreted(),
+        x, logits, z, mu, logvar, pixel_scale(scale, likelihood, D, logits.device), log_w,
+        *input_strides(x, logits, z, mu, logvar), B, k, D, d, *numbers,
+        BLOCK_L=latent_block(d), PROD_GROUP=likelihood.prod_group, FAST=not interpreted(), **codes,
         sizes={"k": k, "D": D},
     )
     return log_w
@@ -396,53 +476,71 @@ def bound_coefficients(grad_bound, log_w, lse, reduction: Reduction = IWAE) -> t
     return grad_bound.to(torch.float32)[:, None] * reduction.weights(log_w, lse)
 
 
-def log_weights_backward(x, logits, z, mu, logvar, coef, need_dx=False, plan: SplitPlan | None = None):
-    """Gradients (dx or None, dlogits, dz, dmu, dlogvar), each in its input's dtype, for
-    ``coef`` = d loss / d log w [B, k]. ``plan`` overrides the split over k (tests)."""
-    B, k, D = logits.shape
+def log_weights_backward(x, logits, z, mu, logvar, coef, need_dx=False, plan: SplitPlan | None = None,
+                         likelihood: Likelihood = BERNOULLI, scale=None):
+    """Gradients (dx or None, dlogits, dz, dmu, dlogvar, dscale or None), each in its input's
+    dtype, for ``coef`` = d loss / d log w [B, k]. ``plan`` overrides the split over k (tests)."""
+    B, k, width = logits.shape
+    D = x.shape[1]
     d = z.shape[2]
     device = logits.device
     plan = plan or split_plan(B, k, device, SPLIT_QUANTUM)
-    grad_logits = torch.empty((B, k, D), device=device, dtype=logits.dtype)
+    grad_logits = torch.empty((B, k, width), device=device, dtype=logits.dtype)
     grad_z = torch.empty((B, k, d), device=device, dtype=z.dtype)
     part_mu = torch.empty((B, plan.splits, d), device=device, dtype=torch.float32)
     part_logvar = torch.empty_like(part_mu)
     part_x = (torch.empty((B, plan.splits, D), device=device, dtype=torch.float32)
               if need_dx else part_mu)
+    part_scale = (torch.empty((B, plan.splits, D), device=device, dtype=torch.float32)
+                  if likelihood.needs_scale else part_mu)
     coef = coef.to(torch.float32).contiguous()
     fast = not interpreted()
+    numbers, codes = likelihood_launch(likelihood, D)
     _log_weights_backward.launch(
         lambda meta: (B, plan.splits),
-        x, logits, z, mu, logvar, coef, grad_logits, grad_z, part_mu, part_logvar, part_x,
-        *input_strides(x, logits, z, mu, logvar), B, k, D, d, plan.per_split, plan.splits,
+        x, logits, z, mu, logvar, pixel_scale(scale, likelihood, D, device), coef, grad_logits, grad_z,
+        part_mu, part_logvar, part_x, part_scale,
+        *input_strides(x, logits, z, mu, logvar), B, k, D, d, plan.per_split, plan.splits, *numbers[:4],
         NEED_DX=need_dx, FAST=fast, TANH_SIGMOID=fast and logits.element_size() == 2,
+        LIKELIHOOD=codes["LIKELIHOOD"], SCALE=codes["SCALE"],
         BLOCK_L=latent_block(d), sizes={"k": min(k, plan.per_split), "D": D},
     )
     grad_x = part_x.sum(1).to(x.dtype) if need_dx else None
+    grad_scale = None
+    if likelihood.needs_scale:  # the floor's clamp passes no gradient
+        grad_scale = torch.where(scale < likelihood.floor, 0.0, part_scale.sum((0, 1))).to(scale.dtype)
     return (grad_x, grad_logits, grad_z, part_mu.sum(1).to(mu.dtype),
-            part_logvar.sum(1).to(logvar.dtype))
+            part_logvar.sum(1).to(logvar.dtype), grad_scale)
 
 
 class LogWeightsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, logits, z, mu, logvar):
-        ctx.save_for_backward(x, logits, z, mu, logvar)
-        return log_weights_forward(x, logits, z, mu, logvar)
+    def forward(ctx, x, logits, z, mu, logvar, likelihood, scale):
+        ctx.save_for_backward(x, logits, z, mu, logvar, scale)
+        ctx.likelihood = likelihood
+        return log_weights_forward(x, logits, z, mu, logvar, likelihood, scale)
 
     @staticmethod
     def backward(ctx, grad_log_w):
-        return log_weights_backward(*ctx.saved_tensors, grad_log_w, need_dx=ctx.needs_input_grad[0])
+        *inputs, scale = ctx.saved_tensors
+        grads = log_weights_backward(*inputs, grad_log_w, need_dx=ctx.needs_input_grad[0],
+                                     likelihood=ctx.likelihood, scale=scale)
+        return (*grads[:5], None, grads[5])
 
 
 def log_weights(x, logits, z, mu, logvar, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """log p(x|h) + log p(h) - log q(h|x) for every example and sample: [B, k] float32.
 
-    x [B, D] (binary or in [0, 1]), logits [B, k, D] of the Bernoulli decoder, z [B, k, d]
-    samples of q, mu and logvar [B, d] of the diagonal Gaussian q(h|x). Any floating dtypes
-    and strides; accumulation in float32. Differentiable (backward in Triton).
+    x [B, D] (the likelihood's data: binary or in [0, 1] for the Bernoulli), logits [B, k, C D]
+    the decoder's C output channels (the Bernoulli's logits: C = 1), z [B, k, d] samples of q,
+    mu and logvar [B, d] of the diagonal Gaussian q(h|x); ``likelihood`` a ``kernels.Likelihood``
+    or its spelling (kernels/likelihood.py), ``scale`` [D] its per-pixel log-scale if it has
+    one. Any floating dtypes and strides; accumulation in float32. Differentiable (backward in
+    Triton).
     """
-    _bernoulli_only(likelihood, scale)
-    B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True)[0]
+    likelihood = as_likelihood(likelihood)
+    B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True, likelihood=likelihood, scale=scale)[0]
+    likelihood.kernel_args()  # a mixture is refused by name
     if B == 0:
         return torch.empty((0, logits.shape[1]), device=logits.device, dtype=torch.float32)
-    return LogWeightsFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar)
+    return LogWeightsFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, likelihood, scale)
