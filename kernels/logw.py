@@ -123,10 +123,17 @@ def _scale_tile(logit_base, d0, D, stride_ld, logit_tile, px_base, px_tile, s_fi
     elif SCALE == 1:
         s, inv = s_fixed, inv_fixed
     elif SCALE == 2:
-        s = tl.load(px_base + d0 + px_tile, mask=mask, other=0.0)
-        inv = tl.load(px_base + D + d0 + px_tile, mask=mask, other=1.0)
+        if mask is None:
+            s = tl.load(px_base + d0 + px_tile)
+            inv = tl.load(px_base + D + d0 + px_tile)
+        else:
+            s = tl.load(px_base + d0 + px_tile, mask=mask, other=0.0)
+            inv = tl.load(px_base + D + d0 + px_tile, mask=mask, other=1.0)
     else:
-        s_raw = tl.load(logit_base + (D + d0) * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
+        if mask is None:
+            s_raw = tl.load(logit_base + (D + d0) * stride_ld + logit_tile).to(tl.float32)
+        else:
+            s_raw = tl.load(logit_base + (D + d0) * stride_ld + logit_tile, mask=mask, other=0.0).to(tl.float32)
         s, inv = floored_scale(s_raw, floor)
     return s, inv
 
@@ -329,7 +336,7 @@ def _log_weights_backward_kernel(
                 g_s = tl.where(s_raw < floor, 0.0, coef[:, None] * g_s)
                 tl.store(grad_base + D + grad_tile, g_s.to(grad_logits_ptr.dtype.element_ty), mask=mask)
             if SCALE == 2:
-                scale_sum += tl.sum(tl.where(mask, coef[:, None] * g_s, 0.0), axis=0)
+                scale_sum += tl.sum(coef[:, None] * g_s, axis=0)  # padded lanes: c = 0 or a masked store
             if NEED_DX:
                 # a sample of weight 0 adds nothing, even where its logit is infinite
                 x_sum += tl.sum(tl.where(coef[:, None] == 0.0, 0.0, coef[:, None] * g_x), axis=0)
