@@ -255,7 +255,7 @@ def floored_scale(s_raw, floor):
 
 @triton.jit
 def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
-                    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr):
+                    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr, FAST: tl.constexpr):
     """One tile of log p(x | m, s), lane by lane, into three accumulators: acc += the terms
     without a log, prod *= the factors whose logs are subtracted, prod2 *= those whose logs are
     added (``likelihood_flush`` takes the logs). x, s and inv broadcast against m; s is 0.0 for
@@ -271,7 +271,7 @@ def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
         a = tl.abs(m)
         series = a < 0.5
         acc = tl.fma(a, -0.5, tl.fma(x - 0.5, m, acc))
-        acc += tl.where(series, _log_phi_series(a), LN2 * log2_(a, False))
+        acc += tl.where(series, _log_phi_series(a), LN2 * log2_(a, FAST))
         prod *= tl.where(series, 1.0, 1.0 - exp_neg_(a))
     else:  # discretized logistic: log F(a) - softplus(b) + log(1 - e^-eps), edges open
         c = x - m

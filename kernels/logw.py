@@ -189,7 +189,7 @@ def _log_weight_block(
         s, inv = _scale_tile(logit_base, d0, D, stride_ld, logit_tile, px_ptr, px_tile, s_fixed, inv_fixed,
                              floor, mask, SCALE)
         acc, prod, prod2 = likelihood_step(acc, prod, prod2, x_block[None, :], logit_block, s, inv, half_bin,
-                                           log_two_half_bin, LIKELIHOOD, SCALE)
+                                           log_two_half_bin, LIKELIHOOD, SCALE, FAST)
         if LIKELIHOOD != 0:  # the Bernoulli's padded lanes add exactly 0 and 1 by themselves
             acc = tl.where(mask, acc, 0.0)
             prod = tl.where(mask, prod, 1.0)
@@ -202,7 +202,7 @@ def _log_weight_block(
             s, inv = _scale_tile(logit_base, d0, D, stride_ld, logit_tile, px_ptr, px_tile, s_fixed, inv_fixed,
                                  floor, None, SCALE)
             acc, prod, prod2 = likelihood_step(acc, prod, prod2, x_block, logit_block, s, inv, half_bin,
-                                               log_two_half_bin, LIKELIHOOD, SCALE)
+                                               log_two_half_bin, LIKELIHOOD, SCALE, FAST)
         acc = likelihood_flush(acc, prod, prod2, LIKELIHOOD, FAST)
         prod = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)
         prod2 = tl.full([BLOCK_K, BLOCK_D], 1.0, tl.float32)

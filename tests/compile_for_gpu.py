@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from iwae_bench.profile.kernels import specialization  # noqa: E402
 from iwae_bench.profile.sass import compile_for_target  # noqa: E402
 from kernels._common import Reduction, capture_launches  # noqa: E402
+from kernels.likelihood import Likelihood  # noqa: E402
 from kernels.fused_bound import fused_iwae_forward  # noqa: E402
 from kernels.fused_linear import fused_linear_backward, fused_linear_forward, matmul_tf32  # noqa: E402
 from kernels.logw import log_weights_backward, log_weights_forward  # noqa: E402
@@ -37,6 +38,10 @@ FAMILY_FLAGS = ("LINEAR", "SCALED", "GROUPED")  # the bound's epilogue beyond th
 # MIWAE-like groups, VR's scale, and CIWAE's mean mixed in with groups and a scale (k = 3000 and
 # k = 8 both split into 2 groups)
 FAMILY = (Reduction(groups=2), Reduction(scale=0.5), Reduction(scale=0.5, groups=2, beta=0.25))
+# the likelihoods beyond the Bernoulli (kernels/likelihood.py): every scale kind and each family
+LIKELIHOODS = ("gaussian:sigma=0.1", "gaussian:pixel,floor=-9", "gaussian:sample,floor=-9",
+               "continuous_bernoulli", "discretized_logistic")
+LIKELIHOOD_FLAGS = ("LIKELIHOOD", "SCALE")  # printed as their codes where not the Bernoulli's 0
 
 
 def meta(*shape, dtype=torch.float32):
@@ -64,6 +69,17 @@ def launches():
                 logsumexp_backward(t, meta(R), meta(R), FAMILY[-1])
                 logsumexp_backward(t, meta(R), meta(R))
             reweight(meta(4, 9, d, dtype=dtype), meta(4, 9), meta(4))
+        # the likelihoods: 16-bit decoder outputs, the split forward saving log_w and the backward
+        for spec in LIKELIHOODS:
+            lik = Likelihood.parse(spec)
+            B, k = 2, 3000
+            inputs = (meta(B, D), meta(B, k, lik.channels * D, dtype=torch.bfloat16), meta(B, k, d), meta(B, d),
+                      meta(B, d))
+            scale = meta(D) if lik.needs_scale else None
+            fused_iwae_forward(*inputs, save_log_w=True, likelihood=lik, scale=scale)
+            log_weights_backward(*inputs, meta(B, k), need_dx=True, likelihood=lik, scale=scale)
+            if lik.name == "discretized_logistic":
+                log_weights_forward(*inputs, likelihood=lik, scale=scale)
         # the decoder head: 32- and 16-bit h and W, k split and not, with and without a bias;
         # float32 with torch's TF32 switch off (the exact dots, torch's default) and on
         H = 40
@@ -107,6 +123,7 @@ def main() -> int:
         if "INPUT_PRECISION" in constexprs:
             flags += f" {constexprs['INPUT_PRECISION']}"
         flags += "".join(f" {f}=1" for f in FAMILY_FLAGS if constexprs.get(f))  # only where on
+        flags += "".join(f" {f}={constexprs[f]}" for f in LIKELIHOOD_FLAGS if constexprs.get(f))
         line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags}".strip()
         key = (line, tuple(sorted(signature.items())), tuple(sorted(aligned)),
                tuple(sorted((k, str(v)) for k, v in constexprs.items())))

@@ -48,6 +48,13 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
         assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots}" in lines
         assert f"_fused_linear_backward_dh_kernel *{dtype} HAS_BIAS=1 NEED_DX=1 FAST=1 TANH_SIGMOID={tanh} {dots}" in lines
         assert f"_fused_linear_backward_dw_kernel *{dtype} HAS_BIAS=1 FAST=1 TANH_SIGMOID={tanh} {dots}" in lines
+    # the likelihoods (kernels/likelihood.py codes): Gaussian fixed, pixel and sample scales, the
+    # continuous Bernoulli, the discretized logistic; its log-weights forward too
+    for code, scale in ((1, 1), (1, 2), (1, 3), (2, 0), (3, 3)):
+        flags = f"LIKELIHOOD={code}" + (f" SCALE={scale}" if scale else "")
+        assert f"_fused_iwae_forward_kernel *bf16 SAVE_LOG_W=1 SPLIT_K=1 FAST=1 {flags}" in lines
+        assert f"_log_weights_backward_kernel *bf16 NEED_DX=1 FAST=1 TANH_SIGMOID=1 {flags}" in lines
+    assert "_log_weights_forward_kernel *bf16 FAST=1 LIKELIHOOD=3 SCALE=3" in lines
     spilled = [line for line in done.stdout.splitlines() if _spilled_bytes(line) > KNOWN_SPILLS.get(_kernel(line), 0)]
     assert not spilled, "default tiles spill registers:\n" + "\n".join(spilled)
 
