@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from iwae_bench.profile.kernels import COLUMNS, TARGET_INSTRUCTIONS
+from iwae_bench.profile.kernels import LIKELIHOOD_MUFU, COLUMNS, TARGET_INSTRUCTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_COLUMNS = ["kernel", "dtype", "config", "num_warps", "num_stages", "registers", "spills",
@@ -26,11 +26,17 @@ def fused_profile(tmp_path_factory):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     with open(out / "profile.csv", newline="") as f:
-        return out, list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    # the likelihoods' rows (kernels/likelihood.py) apart: test_likelihood_rows_meet_their_floors
+    return out, [r for r in rows if not _likelihood(r)], [r for r in rows if _likelihood(r)]
+
+
+def _likelihood(row) -> str:
+    return next((spec for spec in LIKELIHOOD_MUFU if row["kernel"].endswith(spec)), "")
 
 
 def test_profile_has_the_columns_and_one_row_per_scenario(fused_profile):
-    out, rows = fused_profile
+    out, rows, _ = fused_profile
     assert set(ISSUE_COLUMNS) <= set(COLUMNS) and list(rows[0]) == COLUMNS
     # four scenarios (plain, saving log_w, and saving it with the family's epilogues: MIWAE's
     # groups, CIWAE's mean with a scale) x two dtypes x four validate shapes, one config each
@@ -44,8 +50,21 @@ def test_profile_has_the_columns_and_one_row_per_scenario(fused_profile):
     assert "triton" in text and "sm_90" in text
 
 
+def test_likelihood_rows_meet_their_floors(fused_profile):
+    """Each likelihood's fused forward takes exactly the MUFU ops its arithmetic needs per
+    element (LIKELIHOOD_MUFU: 0 for a Gaussian with a given variance, 1 with a read one, 2 for
+    the continuous Bernoulli, 4 for the logistic), all in hardware."""
+    _, _, rows = fused_profile
+    assert {_likelihood(r) for r in rows} == set(LIKELIHOOD_MUFU) and len(rows) == 2 * len(LIKELIHOOD_MUFU)
+    for r in rows:
+        assert float(r["mufu_per_element"]) == LIKELIHOOD_MUFU[_likelihood(r)][0], r["kernel"]
+        assert int(r["software_transcendentals_in_loop"]) == 0, r["kernel"]
+    cb = next(r for r in rows if _likelihood(r) == "continuous_bernoulli")
+    assert cb["mufu_kinds"] == "EX2:1.00 LG2:1.00"
+
+
 def test_profile_values_on_the_fused_forward(fused_profile):
-    _, rows = fused_profile
+    _, rows, _ = fused_profile
     for r in rows:
         assert int(r["registers"]) > 0 and int(r["num_warps"]) in (4, 8)
         # one exp per logit, in one MUFU op, and no software log in the hot loop
