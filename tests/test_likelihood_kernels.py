@@ -28,7 +28,7 @@ def levels(B, D, g):
     return v
 
 
-def case(spec, B=2, k=5, D=300, d=3, seed=0, regime="realistic"):
+def case(spec, B=2, k=5, D=300, d=3, seed=0, regime="realistic", device="cpu"):
     """(likelihood, inputs (x, out, z, mu, logvar), scale) in the likelihood's domain: decoder
     outputs at trained-model scales, or at the likelihood's trap (``saturated``). D = 300 is a
     full 256-column interpreter tile (the hot loop) and a ragged one."""
@@ -56,7 +56,8 @@ def case(spec, B=2, k=5, D=300, d=3, seed=0, regime="realistic"):
     mu = 0.5 * torch.randn(B, d, generator=g)
     logvar = 0.3 * torch.randn(B, d, generator=g)
     scale = -4.0 + torch.randn(D, generator=g) if lik.needs_scale else None
-    return lik, (x, out, z, mu, logvar), scale
+    moved = tuple(t.to(device) for t in (x, out, z, mu, logvar))
+    return lik, moved, (scale.to(device) if scale is not None else None)
 
 
 def grads_against_reference(fn, ref_fn, inputs, scale, weight, what):
@@ -77,9 +78,9 @@ def grads_against_reference(fn, ref_fn, inputs, scale, weight, what):
 
 @pytest.mark.parametrize("regime", ["realistic", "saturated"])
 @pytest.mark.parametrize("spec", SPECS)
-def test_log_weights_and_gradients(spec, regime):
-    lik, inputs, scale = case(spec, regime=regime)
-    weight = torch.randn(inputs[1].shape[:2], generator=torch.Generator().manual_seed(1))
+def test_log_weights_and_gradients(spec, regime, device):
+    lik, inputs, scale = case(spec, regime=regime, device=device)
+    weight = torch.randn(inputs[1].shape[:2], generator=torch.Generator().manual_seed(1)).to(device)
     grads_against_reference(
         lambda x, out, z, mu, logvar, s: kernels.log_weights(x, out, z, mu, logvar, likelihood=lik, scale=s),
         lambda x, out, z, mu, logvar, s: reference.log_weights(x, out, z, mu, logvar, lik, s),
@@ -87,9 +88,9 @@ def test_log_weights_and_gradients(spec, regime):
 
 
 @pytest.mark.parametrize("spec", SPECS[1:])
-def test_fused_bound_and_gradients(spec):
-    lik, inputs, scale = case(spec, k=6, seed=2)
-    weight = torch.tensor([0.7, -1.3])
+def test_fused_bound_and_gradients(spec, device):
+    lik, inputs, scale = case(spec, k=6, seed=2, device=device)
+    weight = torch.tensor([0.7, -1.3], device=device)
     grads_against_reference(
         lambda x, out, z, mu, logvar, s: kernels.fused_iwae_bound(x, out, z, mu, logvar, likelihood=lik, scale=s),
         lambda x, out, z, mu, logvar, s: reference.bound(x, out, z, mu, logvar, lik, s),
@@ -97,9 +98,9 @@ def test_fused_bound_and_gradients(spec):
 
 
 @pytest.mark.parametrize("spec", ["gaussian:sample", "discretized_logistic", "continuous_bernoulli"])
-def test_fused_split_k_and_family(spec):
+def test_fused_split_k_and_family(spec, device):
     """The split path (partials combined by the last split) and a grouped, mixed reduction."""
-    lik, inputs, scale = case(spec, B=1, k=12, seed=3)
+    lik, inputs, scale = case(spec, B=1, k=12, seed=3, device=device)
     log_w = reference.log_weights(*inputs, lik, scale)
     bound, _, _ = fused_iwae_forward(*inputs, splits=3, likelihood=lik, scale=scale)
     assert_close(bound, reference.iwae_bound(log_w), what=f"{spec} split bound")
@@ -107,19 +108,20 @@ def test_fused_split_k_and_family(spec):
     got = kernels.fused_iwae_bound(*inputs, family, likelihood=lik, scale=scale)
     halves = log_w.view(1, 2, 6)
     want = (0.75 * ((torch.logsumexp(0.5 * halves, -1) - math.log(6)) / 0.5) + 0.25 * halves.mean(-1)).mean(-1)
+    want = want.cpu()
     assert_close(got, want, what=f"{spec} family bound")
 
 
 @pytest.mark.parametrize("spec", ["gaussian:sample", "discretized_logistic"])
-def test_bfloat16_decoder_output(spec):
+def test_bfloat16_decoder_output(spec, device):
     """16-bit decoder outputs are read as they are: the reference on the same rounded values."""
-    lik, (x, out, z, mu, logvar), scale = case(spec, seed=4)
+    lik, (x, out, z, mu, logvar), scale = case(spec, seed=4, device=device)
     out16 = out.to(torch.bfloat16)
     got = kernels.log_weights(x, out16, z, mu, logvar, likelihood=lik, scale=scale)
     assert_close(got, reference.log_weights(x, out16.double(), z, mu, logvar, lik, scale), what=f"{spec} bf16")
 
 
-def test_logistic_product_groups_past_64_tiles():
+def test_logistic_product_groups_past_64_tiles(device):
     """Each pixel's factor (1 + e^-|a|)(1 + e^-|b|) is near 4 when the mean sits on x at scale 1:
     65 tiles of them overflow float32 in one product of 64 tiles (4^64 = 2^128), so the
     logistic's groups must be 32 tiles long (``Likelihood.prod_group``)."""
@@ -128,24 +130,25 @@ def test_logistic_product_groups_past_64_tiles():
     g = torch.Generator().manual_seed(5)
     x = torch.randint(1, 255, (1, D), generator=g).float() / 255 * 2 - 1
     out = torch.cat([x[:, None, :].expand(1, 2, D), torch.zeros(1, 2, D)], dim=2)
-    z, mu, logvar = torch.zeros(1, 2, 1), torch.zeros(1, 1), torch.zeros(1, 1)
+    x, out = x.to(device), out.to(device)
+    z, mu, logvar = (torch.zeros(shape, device=device) for shape in ((1, 2, 1), (1, 1), (1, 1)))
     want = reference.log_weights(x, out, z, mu, logvar, lik)
     assert torch.isfinite(want).all()
     assert_close(kernels.log_weights(x, out, z, mu, logvar, likelihood=lik), want, what="logistic, 66 tiles")
 
 
-def test_bad_likelihood_inputs_are_named():
-    lik, (x, out, z, mu, logvar), _ = case("gaussian:sample")
+def test_bad_likelihood_inputs_are_named(device):
+    lik, (x, out, z, mu, logvar), _ = case("gaussian:sample", device=device)
     with pytest.raises(ValueError, match="logits must hold 2 channels"):
         kernels.log_weights(x, out[..., :300], z, mu, logvar, likelihood=lik)
     with pytest.raises(ValueError, match="needs scale"):
         kernels.fused_iwae_bound(x, out[..., :300], z, mu, logvar, likelihood="gaussian:pixel")
     with pytest.raises(ValueError, match="scale is for a likelihood with a per-pixel scale"):
-        kernels.log_weights(x, out, z, mu, logvar, likelihood=lik, scale=torch.zeros(300))
+        kernels.log_weights(x, out, z, mu, logvar, likelihood=lik, scale=torch.zeros(300, device=device))
     with pytest.raises(ValueError, match="scale must have shape \\[300\\]"):
-        kernels.log_weights(x, out[..., :300], z, mu, logvar, likelihood="gaussian:pixel", scale=torch.zeros(4))
+        kernels.log_weights(x, out[..., :300], z, mu, logvar, likelihood="gaussian:pixel", scale=torch.zeros(4, device=device))
     with pytest.raises(ValueError, match="mixture runs on the torch backend"):
-        kernels.log_weights(x, torch.zeros(2, 5, 6 * 300), z, mu, logvar, likelihood="discretized_logistic:mix=2")
+        kernels.log_weights(x, torch.zeros(2, 5, 6 * 300, device=device), z, mu, logvar, likelihood="discretized_logistic:mix=2")
     with pytest.raises(ValueError, match="likelihood must be one of"):
         kernels.fused_iwae_bound(x, out, z, mu, logvar, likelihood="poisson")
     with pytest.raises(ValueError, match="floor must be a finite number <= 0"):
