@@ -66,6 +66,16 @@ def _objective(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _likelihood(text: str) -> str:
+    """A likelihood's spelling (kernels/likelihood.py), read back as its one label."""
+    from kernels.likelihood import Likelihood
+
+    try:
+        return Likelihood.parse(text).label
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -457,18 +467,22 @@ def _cmd_experiment(args, parser) -> int:
         load_mnist(schedule.train_size, schedule.test_size)  # fail early, in one line
     except (ValueError, ImportError) as error:
         parser.error(str(error))
-    runs = work_list(args.estimators, args.seeds, args.seed)
+    runs = work_list(args.estimators, args.seeds, args.seed, args.likelihoods)
     mine = shard.take(runs) if shard else runs
-    print(f"training {len(mine)} of {len(runs)} models on {device} with the {backend} backend, "
-          f"{schedule.epochs} epochs each, into {out}" + (f" ({shard.name})" if shard else ""))
+    likelihoods = ", ".join(dict.fromkeys(run.likelihood for run in runs))
+    print(f"training {len(mine)} of {len(runs)} models ({likelihoods}) on {device} with the {backend} backend, "
+          f"{schedule.epochs} epochs each, into {out}" + (f" ({shard.name})" if shard else "")
+          + (f"; the collapse demo for {args.collapse_demo} epochs" if args.collapse_demo else ""))
     report = run_experiment(out, schedule, backend, device, runs, data_seed=args.seed,
-                            resume=args.resume, shard=shard)
+                            resume=args.resume, shard=shard, collapse_epochs=args.collapse_demo or 0)
     print(f"wrote {report}")
     _merge_if_last(shard, args.out)
     return 0
 
 
 def _add_experiment(sub) -> None:
+    from .experiments.mnist import COLLAPSE_EPOCHS
+
     p = sub.add_parser(
         "experiment", help="train VAE, k-sample VAE and IWAE on MNIST; test NLL and active units",
         description="Train one architecture (784-200-200-50) with the ELBO (k=1), the k-sample "
@@ -484,6 +498,15 @@ def _add_experiment(sub) -> None:
                         "torch on CPU, where Triton is only interpreted)")
     p.add_argument("--estimators", nargs="+", choices=["stl", "dreg"], default=[],
                    help="also train the IWAE (k=5 and 50) with these gradient estimators")
+    p.add_argument("--likelihoods", nargs="+", type=_likelihood, default=[], metavar="LIKELIHOOD",
+                   help="gray-level MNIST instead: for each likelihood (gaussian, continuous_bernoulli, "
+                        "discretized_logistic, ...: kernels/likelihood.py's spellings) the VAE, IWAE-50 and "
+                        "IWAE-50 with DReG, reported in bits/dim; a Gaussian with a learned variance gets the "
+                        "floor log(1/(12*256^2)) unless it names one")
+    p.add_argument("--collapse-demo", type=_positive_int, nargs="?", const=COLLAPSE_EPOCHS, metavar="EPOCHS",
+                   help=f"also train IWAE-50 with an unfloored Gaussian on the raw (not dequantized) "
+                        f"images for EPOCHS epochs (default {COLLAPSE_EPOCHS}), recording the smallest "
+                        "log-variance per epoch and where the loss turns non-finite (collapse.csv)")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="train every model with this many seeds (SEED, SEED+1, ...); the report "
                         "gives the mean and spread (default 1)")

@@ -39,6 +39,7 @@ class Kind:
     render: Callable[[Path], Path]
     made: str                                      # the run entry's field that says how the rows were made
     copy: tuple[str, ...] = ()                     # sub-folders whose files are copied over
+    defaults: tuple[tuple[str, str], ...] = ()     # (column, value) for rows from before that column
 
 
 def _shard_count(run: dict) -> int:
@@ -62,7 +63,8 @@ def _sweep_render(out: Path) -> Path:
 
 
 def _experiment_expected(settings: dict, rows: list[dict]) -> set:
-    return {(r["objective"], str(r["k"]), r["estimator"], str(r["seed"])) for r in settings["runs"]}
+    return {(r["objective"], str(r["k"]), r["estimator"], str(r["seed"]), r.get("likelihood", "bernoulli"))
+            for r in settings["runs"]}
 
 
 def _experiment_render(out: Path) -> Path:
@@ -100,9 +102,11 @@ KINDS = [
     Kind("sweep", "results.csv", {"results.csv": ()}, _sweep_settings, _sweep_expected, _sweep_render,
          "grid"),
     Kind("experiment", "summary.csv",
-         {"summary.csv": ("objective", "k", "estimator", "seed"),
-          "lk_curve.csv": ("objective", "k_train", "estimator", "seed", "k_eval")},
-         _experiment_settings, _experiment_expected, _experiment_render, "runs", copy=("runs", "checkpoints")),
+         {"summary.csv": ("objective", "k", "estimator", "seed", "likelihood"),
+          "lk_curve.csv": ("objective", "k_train", "estimator", "seed", "likelihood", "k_eval"),
+          "collapse.csv": ("epoch",)},
+         _experiment_settings, _experiment_expected, _experiment_render, "runs", copy=("runs", "checkpoints"),
+         defaults=(("likelihood", "bernoulli"),)),
     Kind("snr", "snr.csv", {"snr.csv": ("k", "estimator", "group")}, _snr_settings, _snr_expected, _snr_render,
          "settings"),
 ]
@@ -169,6 +173,9 @@ def _read(path: Path, kind: Kind) -> tuple[list[str], list[dict]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns, rows = list(reader.fieldnames or []), list(reader)
+    missing = {column: value for column, value in kind.defaults if column not in columns}
+    columns += list(missing)
+    rows = [{**row, **missing} for row in rows]
     lacking = [c for c in kind.tables[path.name] if c not in columns]
     if rows and lacking:
         raise MergeError(f"{path}: no {', '.join(lacking)} column, which every {path.name} of a "
@@ -213,7 +220,7 @@ def merge(folders: list[Path], out: Path, log=print) -> dict:
         columns, rows, seen = [], [], set()
         for folder in folders:
             shard_columns, shard_rows = _read(folder / table, kind)
-            columns = columns or shard_columns
+            columns += [c for c in shard_columns if c not in columns]  # a newer shard's too
             for row in shard_rows:
                 key = _key(kind, table, row)
                 if key in seen:

@@ -11,10 +11,13 @@ import pytest
 import torch
 
 import kernels
-from iwae_bench.experiments.data import binarize, load_mnist
-from iwae_bench.experiments.mnist import (RUNS, Schedule, active_units, evaluate, run_experiment,
-                                          streamed_log_weights, work_list)
+from iwae_bench.experiments.data import binarize, dequantize, load_mnist, model_data
+from iwae_bench.experiments.mnist import (GAUSSIAN_FLOOR, RUNS, Run, Schedule, active_units, bits_per_dim,
+                                          evaluate, evaluation_data, run_experiment, streamed_log_weights,
+                                          work_list)
 from iwae_bench.training import BernoulliVAE
+from iwae_bench.training.model import load_checkpoint
+from kernels.likelihood import Likelihood
 
 from .helpers import assert_close
 
@@ -165,3 +168,158 @@ def test_paper_columns_only_beside_the_estimator_the_paper_used():
     assert table.loc["iwae", "paper_nll"] == 84.78 and table.loc["iwae", "paper_active_units"] == 25
     assert table.loc[["stl", "dreg"], "paper_nll"].isna().all()
     assert table.loc[["stl", "dreg"], "paper_active_units"].isna().all()
+
+
+# --------------------------------------------------------------------------- gray-level MNIST
+
+
+def test_bits_per_dim_by_hand():
+    """1000 nats over 784 pixels: 1000 / 784 / ln 2 = 1.84017 bits/dim on the levels; a density on
+    dequantized data adds log2(256) = 8 bits (the change of variables from [0, 256) to [0, 1))."""
+    assert math.isclose(bits_per_dim(1000.0, 784, "discretized_logistic"), 1.8401722, rel_tol=1e-7)
+    assert math.isclose(bits_per_dim(1000.0, 784, "bernoulli"), 1.8401722, rel_tol=1e-7)
+    for continuous in ("gaussian", "continuous_bernoulli", "gaussian:sigma=0.1"):
+        assert math.isclose(bits_per_dim(1000.0, 784, continuous), 9.8401722, rel_tol=1e-7)
+    assert math.isclose(bits_per_dim(-784 * math.log(256), 784, "gaussian"), 0.0, abs_tol=1e-12)
+
+
+def test_dequantized_levels_stay_in_their_bin_inside_0_1():
+    """600000 draws at each extreme level hit u's extreme cells (1 in 32768 each): y is
+    exactly 2^-24 at the bottom and 1 - 2^-24 at the top, never 0 or 1, and each y stays in its
+    level's bin [v / 256, (v + 1) / 256) with u's mean 1/2."""
+    intensities = torch.tensor([0.0, 1.0]).repeat(600_000)
+    y = dequantize(intensities, torch.Generator().manual_seed(0))
+    assert y.dtype == torch.float32
+    assert y.min().item() == 2.0 ** -24 and y.max().item() == 1.0 - 2.0 ** -24
+    v = torch.round(intensities * 255)
+    assert torch.equal(torch.floor(y * 256), v)
+    assert abs((y * 256 - v).double().mean().item() - 0.5) < 2e-3
+    split = load_mnist(train_size=20, test_size=10, seed=3, gray=True)
+    levels = split.test * 255
+    assert torch.equal(levels, torch.round(levels)) and split.test.max() == 1  # 8-bit levels v/255, not binary
+    assert len(split.test.unique()) > 50
+    logistic = model_data(split.test, Likelihood.parse("logistic"))
+    want = torch.round(levels).double() * 2 / 255 - 1
+    assert torch.equal(logistic, want.float()) and logistic.min() == -1 and logistic.max() == 1  # nearest floats
+
+
+def _gray_schedule(epochs=1, lr=1e-3) -> Schedule:
+    return Schedule(stages=[(epochs, lr)], batch_size=20, train_size=40, test_size=6, eval_k=32, eval_chunk=32,
+                    k_curve=[1, 32], hidden=16, latent=4)
+
+
+def test_gray_level_runs_end_to_end_and_resume(tmp_path):
+    """A floored Gaussian VAE and a logistic IWAE-5 end to end: summary rows with the likelihood,
+    test_bpd from test_nll on the likelihood's footing, a test NLL that the saved model gives
+    again on the test images made from the data seed (the same dequantization every time), the
+    likelihood table in the report; resume trains only the run whose likelihood is new."""
+    schedule, trained = _gray_schedule(), []
+    gaussian = work_list(likelihoods=["gaussian"])[0]
+    logistic = Run("iwae", 5, likelihood="discretized_logistic")
+    assert gaussian.likelihood == f"gaussian:floor={GAUSSIAN_FLOOR:g}" and gaussian.name.startswith("gaussian-floor=")
+    run_experiment(tmp_path, schedule, "torch", torch.device("cpu"), [gaussian, logistic], data_seed=4,
+                   log=trained.append)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary["likelihood"]) == [gaussian.likelihood, "discretized_logistic"]
+    for row, run in zip(summary.itertuples(), [gaussian, logistic]):
+        assert math.isclose(row.test_bpd, bits_per_dim(row.test_nll, 784, run.likelihood), rel_tol=1e-9)
+        split = load_mnist(schedule.train_size, schedule.test_size, 4, gray=True)
+        model = load_checkpoint(tmp_path / "checkpoints" / f"{run.name}.pt")
+        again = evaluate(model, evaluation_data(split, run.likelihood, 4), schedule, "torch", seed=run.seed)
+        assert math.isclose(again["test_nll"], row.test_nll, rel_tol=1e-9), run.name
+    assert 8 < summary["test_bpd"].iloc[0] < 12 and 1 < summary["test_bpd"].iloc[1] < 9
+    history = pd.read_csv(tmp_path / "runs" / f"{gaussian.name}.csv")
+    assert history["min_log_scale"].iloc[0] >= GAUSSIAN_FLOOR - 20  # recorded, before the floor
+    assert "| `discretized_logistic` | 8-bit levels | IWAE-5 |" in (tmp_path / "report.md").read_text()
+
+    trained.clear()
+    cb = Run("iwae", 5, likelihood="continuous_bernoulli")  # the same objective: only the likelihood is new
+    run_experiment(tmp_path, schedule, "torch", torch.device("cpu"), [gaussian, logistic, cb], data_seed=4,
+                   resume=True, log=trained.append)
+    assert [line.split(":")[0].strip() for line in trained if not line.startswith("  ->")] == [cb.name]
+    assert list(pd.read_csv(tmp_path / "summary.csv")["likelihood"])[-1] == "continuous_bernoulli"
+
+
+def test_nonfinite_loss_stops_the_run_and_the_collapse_demo_reports_it(tmp_path):
+    """At learning rate 10 an unfloored Gaussian's loss goes non-finite within three epochs:
+    the run stops cleanly (no crash, no evaluation), its summary row says the epoch, and the
+    collapse demo's csv and the report say where it diverged."""
+    run = Run("elbo", 1, likelihood="gaussian")
+    run_experiment(tmp_path, _gray_schedule(epochs=3, lr=10.0), "torch", torch.device("cpu"), [run],
+                   collapse_epochs=3, log=lambda *a: None)
+    collapse = pd.read_csv(tmp_path / "collapse.csv")
+    assert list(collapse["diverged"])[-1] and not any(collapse["diverged"][:-1])
+    assert not math.isfinite(collapse["train_objective"].iloc[-1]) and len(collapse) <= 3
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    history = pd.read_csv(tmp_path / "runs" / f"{run.name}.csv")
+    assert summary["diverged_epoch"].iloc[0] == history["epoch"].iloc[-1] <= 3
+    assert summary["test_nll"].isna().all() and not math.isfinite(history["train_objective"].iloc[-1])
+    text = (tmp_path / "report.md").read_text()
+    assert f"The loss became non-finite in epoch {collapse['epoch'].iloc[-1]}" in text
+
+
+def test_collapse_demo_trains_on_the_raw_intensities(tmp_path, monkeypatch):
+    """The demo's batches are the images' intensities v/255 themselves, exact zeros and all (not
+    dequantized), and its likelihood has no floor."""
+    from iwae_bench.experiments import mnist
+
+    seen, loss = [], mnist._batch_loss
+    monkeypatch.setattr(mnist, "_batch_loss",
+                        lambda model, fn, x, *rest: seen.append((x, model)) or loss(model, fn, x, *rest))
+    split = load_mnist(train_size=40, test_size=6, seed=1, gray=True)
+    rows = mnist.collapse_demo(tmp_path, split, 1, 1e-3, _gray_schedule(), "torch", torch.device("cpu"),
+                               log=lambda *a: None)
+    assert len(seen) == 2 and (seen[0][0] == 0).float().mean() > 0.5
+    assert torch.equal(torch.sort(torch.cat([x for x, _ in seen]), dim=0).values, torch.sort(split.train, dim=0).values)
+    assert seen[0][1].likelihood.floor == -math.inf and rows[0]["data"] == "raw"
+    assert math.isfinite(rows[0]["min_log_scale"])
+
+
+def test_summary_rows_from_before_the_likelihood_column_are_bernoulli(tmp_path):
+    """An older summary.csv (no likelihood, test_bpd or diverged_epoch column): resume counts its
+    row as the Bernoulli run it is (not retrained; a logistic run of the same objective is
+    trained), writes it back as the Bernoulli's, and the report renders both."""
+    from iwae_bench.experiments.mnist_report import read_table
+
+    old = ("objective,k,estimator,seed,backend,epochs,train_seconds,eval_seconds,train_objective,test_nll,"
+           "test_elbo,active_units,paper_nll,paper_active_units\n"
+           "elbo,1,iwae,0,torch,2,1.0,1.0,-120.0,110.0,-115.0,12,86.76,19\n")
+    (tmp_path / "summary.csv").write_text(old)
+    (tmp_path / "lk_curve.csv").write_text("objective,k_train,estimator,seed,k_eval,L_k,elbo\n"
+                                           "elbo,1,iwae,0,1,-115.0,-115.0\nelbo,1,iwae,0,32,-110.0,-115.0\n")
+    assert list(read_table(tmp_path / "summary.csv")["likelihood"]) == ["bernoulli"]
+    trained, logistic = [], Run("elbo", 1, likelihood="discretized_logistic")
+    run_experiment(tmp_path, _gray_schedule(), "torch", torch.device("cpu"), [Run("elbo", 1), logistic],
+                   resume=True, log=trained.append)
+    assert trained[0].split(":")[0].strip() == logistic.name and len(trained) == 2  # its training and its test
+    rows = pd.read_csv(tmp_path / "summary.csv")
+    assert list(rows["likelihood"]) == ["bernoulli", "discretized_logistic"] and rows["test_nll"].iloc[0] == 110.0
+    text = (tmp_path / "report.md").read_text()
+    assert "| VAE | 1 | iwae | 110.00 | 86.76 |" in text and "| `discretized_logistic` | 8-bit levels | VAE |" in text
+
+
+def test_likelihoods_command_sharded_and_merged(tmp_path, capsys):
+    """``experiment --likelihoods ... --collapse-demo`` in two shards, then merged: every
+    likelihood's three runs once (each shard built the same work list), the demo's csv from the
+    first shard; a likelihood that is not one exits 2 naming it."""
+    from iwae_bench.cli import main
+
+    common = ["experiment", "--likelihoods", "logistic", "gaussian", "--collapse-demo", "1", "--epochs", "1",
+              "--train-size", "20", "--test-size", "4", "--eval-k", "32", "--backend", "torch", "--out", str(tmp_path)]
+    for i in range(2):
+        assert main([*common, "--shard", f"{i}/2"]) == 0
+    assert (tmp_path / "shard-000-of-002" / "collapse.csv").exists()
+    assert not (tmp_path / "shard-001-of-002" / "collapse.csv").exists()
+    assert main(["merge", str(tmp_path / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
+                 "--out", str(tmp_path)]) == 0
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    keys = {(r.likelihood, r.objective, r.k, r.estimator) for r in summary.itertuples()}
+    floored = f"gaussian:floor={GAUSSIAN_FLOOR:g}"
+    assert len(summary) == len(keys) == 6 and {k[0] for k in keys} == {"discretized_logistic", floored}
+    assert {(o, k, e) for _, o, k, e in keys} == {("elbo", 1, "iwae"), ("iwae", 50, "iwae"), ("iwae", 50, "dreg")}
+    assert len(pd.read_csv(tmp_path / "collapse.csv")) == 1
+    assert "## The Gaussian's variance without dequantization" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["experiment", "--likelihoods", "gauss", "--out", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2 and "likelihood must be one of" in capsys.readouterr().err

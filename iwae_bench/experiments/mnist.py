@@ -14,55 +14,133 @@ paper does, and writes OUT (default results/runs/experiment/):
 Evaluation streams the k = 5000 samples in chunks (with the fused backend through the kernel
 that fuses the decoder's output layer into the bound: no logits stored) so memory stays
 bounded, and combines the chunks' logsumexps exactly.
+
+Gray-level MNIST (``--likelihoods gaussian continuous_bernoulli discretized_logistic``): the
+same images, not binarized, the same architecture with the likelihood's C output channels per
+pixel, and for each likelihood the VAE (k = 1), the IWAE at k = 50 and the IWAE at k = 50 with
+DReG (``LIKELIHOOD_RUNS``). Each likelihood sees the data it is a model of
+(experiments/data.py): the continuous densities (Gaussian, continuous Bernoulli) uniformly
+dequantized 8-bit levels y = (v + u) / 256, u fresh per batch in training and drawn once with
+the data seed for the test set; the discretized logistic the levels 2 v / 255 - 1 themselves
+(256 bins).
+
+Bits per dimension on one footing, an upper bound on the discrete data's bits per pixel for
+every likelihood (D pixels, NLL the test -L_k in nats per image, ``bits_per_dim``):
+
+    discretized    bpd = NLL / (D log 2)
+    continuous     bpd = (NLL / D + log 256) / log 2
+
+The second line, after Theis, van den Oord & Bethge (2016, "A note on the evaluation of
+generative models", section 3.1): for a density p on [0, 1)^D, the model of the levels
+P(v) = int_[0,1)^D p((v + u) / 256) / 256^D du is a distribution on the 256^D images, and by
+Jensen E_u[log p((v + u) / 256)] - D log 256 <= log P(v): the continuous model's average
+log-density on dequantized data, less D log 256 (the change of variables from [0, 256) to
+[0, 1)), lower-bounds a discrete log-likelihood. The IWAE bound L_k <= log p(y) lower-bounds
+the density in turn, so -L_k + D log 256 upper-bounds -log P(v) in nats; the discretized
+likelihood's L_k bounds log P(v) directly. The binarized Bernoulli's bpd (NLL / (D log 2)) is
+on other data (the binary images) and is not comparable.
+
+The Gaussian's learned variance: on the raw intensities the background pixels are exactly 0
+in every image, so its density has no maximum (the variance of a pixel that never changes
+can fall without end and log p runs to +inf; Mattei & Frellsen 2018). Two things keep it:
+dequantization (a pixel whose level never changes is uniform on a bin of width 1/256 after
+it, variance 1 / (12 256^2), so a finite variance is the optimum), and a floor on the decoder's
+log-variance, ``GAUSSIAN_FLOOR`` = log(1 / (12 256^2)) = -13.575, which a Gaussian with a
+learned variance gets in this experiment unless its spelling names another floor: exactly
+that least variance the dequantized data supports, so it never binds below the data's own
+optimum, and it caps each pixel's density at (2 pi e^F)^-1/2 (5.87 nats) in float32, so no
+step can take exp(-s) to overflow. ``--collapse-demo`` shows what happens without both:
+the IWAE (k = 50) with an unfloored per-sample Gaussian on the raw intensities
+(``collapse_demo``, collapse.csv).
+
+Training never crashes on a non-finite loss: the run stops before stepping on it, its last
+epoch's row says so, and its summary row has ``diverged_epoch`` (and no test numbers).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from kernels.likelihood import Likelihood, slug
 
 from ..files import write_csv
 from ..harness.machine import MachineRecord
 from ..harness.shard import Shard
-from ..training import BernoulliVAE, IWAELoss, log_weights
+from ..training import IWAELoss, log_weights
 from ..training.bounds import head_log_weights
-from ..training.model import save_checkpoint
+from ..training.model import VAE, save_checkpoint
 from ..training.sampling import SAMPLE_BLOCK, noise_blocks
-from .data import MNISTSplit, binarize, load_mnist
+from .data import DEQUANTIZED_LOG_VARIANCE, LEVELS, MNISTSplit, load_mnist, model_data
 from .mnist_report import render_experiment
 from .paper import paper_active_units, paper_nll
 
 PAPER_RUNS = [("elbo", 1), ("multi_sample_elbo", 5), ("multi_sample_elbo", 50), ("iwae", 5), ("iwae", 50)]
+LIKELIHOOD_RUNS = [("elbo", 1, "iwae"), ("iwae", 50, "iwae"), ("iwae", 50, "dreg")]
 ACTIVE_THRESHOLD = 1e-2
+GAUSSIAN_FLOOR = DEQUANTIZED_LOG_VARIANCE  # the least log-variance dequantized data supports
 
 
 @dataclass(frozen=True)
 class Run:
-    """One trained model: an objective at k samples, a gradient estimator, a training seed."""
+    """One trained model: an objective at k samples, a gradient estimator, a training seed, a
+    likelihood (its label; the Bernoulli's runs keep their names and rows)."""
     objective: str
     k: int
     estimator: str = "iwae"
     seed: int = 0
+    likelihood: str = "bernoulli"
 
     @property
     def name(self) -> str:
-        return f"{self.objective}-k{self.k}-{self.estimator}-seed{self.seed}"
+        name = f"{self.objective}-k{self.k}-{self.estimator}-seed{self.seed}"
+        return name if self.likelihood == "bernoulli" else f"{slug(Likelihood.parse(self.likelihood))}-{name}"
 
     def key(self) -> tuple:
-        return (self.objective, self.k, self.estimator, self.seed)
+        return (self.objective, self.k, self.estimator, self.seed, self.likelihood)
 
 
-def work_list(estimators=(), seeds: int = 1, base_seed: int = 0) -> list[Run]:
-    """The experiment's runs: the paper's five with the total gradient, then the IWAE at k = 5
-    and 50 with each extra estimator, each repeated over ``seeds`` training seeds. Every shard
-    builds this same list and takes its part."""
-    kinds = [(objective, k, "iwae") for objective, k in PAPER_RUNS]
-    kinds += [("iwae", k, estimator) for estimator in estimators if estimator != "iwae" for k in (5, 50)]
-    return [Run(objective, k, estimator, base_seed + i) for i in range(seeds) for objective, k, estimator in kinds]
+COLLAPSE = Run("iwae", 50, likelihood="gaussian")  # per-sample variance, no floor
+COLLAPSE_EPOCHS = 10
+
+
+def experiment_likelihood(spec) -> Likelihood:
+    """The likelihood as this experiment trains it: a Gaussian with a learned variance and no
+    floor of its own gets ``GAUSSIAN_FLOOR`` (the module docstring says why)."""
+    likelihood = Likelihood.parse(spec)
+    if likelihood.name == "gaussian" and likelihood.scale != "fixed" and likelihood.floor == -math.inf:
+        likelihood = replace(likelihood, floor=GAUSSIAN_FLOOR)
+    return likelihood
+
+
+def work_list(estimators=(), seeds: int = 1, base_seed: int = 0, likelihoods=()) -> list[Run]:
+    """The experiment's runs, each repeated over ``seeds`` training seeds. Without
+    ``likelihoods``: the paper's five with the total gradient, then the IWAE at k = 5 and 50
+    with each extra estimator. With them: per likelihood the VAE, the IWAE at k = 50 and the
+    IWAE at k = 50 with DReG and each extra estimator. Every shard builds this same list and
+    takes its part."""
+    extra = [e for e in dict.fromkeys(estimators) if e != "iwae"]
+    if likelihoods:
+        kinds = [(objective, k, estimator, experiment_likelihood(spec).label) for spec in likelihoods
+                 for objective, k, estimator in LIKELIHOOD_RUNS
+                 + [("iwae", 50, e) for e in extra if e != "dreg"]]
+    else:
+        kinds = [(objective, k, "iwae", "bernoulli") for objective, k in PAPER_RUNS]
+        kinds += [("iwae", k, estimator, "bernoulli") for estimator in extra for k in (5, 50)]
+    return [Run(objective, k, estimator, base_seed + i, likelihood) for i in range(seeds)
+            for objective, k, estimator, likelihood in kinds]
+
+
+def bits_per_dim(nll: float, D: int, likelihood) -> float:
+    """Test NLL (nats per image) in bits per pixel: NLL / (D log 2), plus 8 bits (log 256 nats
+    per pixel) for a continuous density on dequantized data (the module docstring derives it)."""
+    per_pixel = nll / D + (math.log(LEVELS) if Likelihood.parse(likelihood).continuous else 0.0)
+    return per_pixel / math.log(2.0)
 
 
 RUNS = work_list()
@@ -125,11 +203,13 @@ def streamed_log_weights(model, x: torch.Tensor, k: int, chunk: int, backend: st
             pending = torch.cat([pending, next(blocks)])
         eps, pending = pending[:size], pending[size:]
         z = mu.unsqueeze(1) + std.unsqueeze(1) * eps.transpose(0, 1)
+        lik = {"likelihood": model.likelihood, "scale": model.scale}
         if backend == "fused":  # the chunk's logits are never stored
             layer = model.output_layer
-            log_w = head_log_weights(x, model.decode_hidden(z), layer.weight, layer.bias, z, mu, logvar, "fused")
+            log_w = head_log_weights(x, model.decode_hidden(z), layer.weight, layer.bias, z, mu, logvar, "fused",
+                                     **lik)
         else:
-            log_w = log_weights(x, model.decoder(z), z, mu, logvar, backend)
+            log_w = log_weights(x, model.decoder(z), z, mu, logvar, backend, **lik)
         log_w_parts.append(log_w)
         lse_parts.append(torch.logsumexp(log_w, dim=1))
     return torch.cat(log_w_parts, dim=1), torch.logsumexp(torch.stack(lse_parts, dim=1), dim=1)
@@ -169,103 +249,182 @@ def evaluate(model, test: torch.Tensor, schedule: Schedule, backend: str, seed: 
 # --------------------------------------------------------------------------- training
 
 
-def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str,
-          device: torch.device, log=print) -> tuple[BernoulliVAE, list[dict]]:
-    """Adam (betas 0.9/0.999, eps 1e-4, as in the paper) on dynamically binarized images."""
+def lowest_log_scale(model, logits: torch.Tensor | None) -> float:
+    """The smallest log-scale (the Gaussian's log-variance, the logistic's log-scale) the
+    decoder produced, before any floor: the learned per-pixel one, or the per-sample channels
+    of logits [B, k, C D] (the last L channels); NaN for a likelihood without a learned scale."""
+    likelihood = model.likelihood
+    if likelihood.scale == "pixel":
+        return model.scale.min().item()
+    if likelihood.scale != "sample":
+        return math.nan
+    return logits.detach().unflatten(-1, (likelihood.channels, -1))[..., -likelihood.mixture:, :].min().item()
+
+
+def _batch_loss(model, loss_fn, x, k, generator, backend) -> tuple[torch.Tensor, float]:
+    """The batch's loss and the smallest log-scale the decoder produced for it (on the fused
+    backend, whose logits never exist, that of each example's first sample)."""
+    if backend == "fused":  # the output layer fused into the bound: no logits stored
+        h, z, mu, logvar = model.forward_hidden(x, k, generator=generator)
+        layer = model.output_layer
+        loss = loss_fn.from_hidden(x, h, layer, z, mu, logvar, scale=model.scale)
+        with torch.no_grad():
+            first = F.linear(h[:, :1], layer.weight, layer.bias) if model.likelihood.scale == "sample" else None
+        return loss, lowest_log_scale(model, first)
+    logits, z, mu, logvar = model(x, k, generator=generator)
+    return loss_fn(x, logits, z, mu, logvar, scale=model.scale), lowest_log_scale(model, logits)
+
+
+def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str, device: torch.device, log=print,
+          prepare=None) -> tuple[VAE, list[dict], int | None]:
+    """Adam (betas 0.9/0.999, eps 1e-4, as in the paper) on the images as the run's likelihood
+    models them, drawn afresh per batch (``prepare(intensities, generator)``, default
+    ``data.model_data``). Returns the model, one row per epoch (with the smallest log-scale
+    the decoder produced where it learns one) and the epoch whose loss went non-finite (None if
+    none): the run stops there, before stepping on it, and that epoch's objective is the
+    non-finite value."""
     objective, k, seed = run.objective, run.k, run.seed
+    likelihood = Likelihood.parse(run.likelihood)
+    prepare = prepare or (lambda images, generator: model_data(images, likelihood, generator))
     torch.manual_seed(seed)
-    model = BernoulliVAE(split.train.shape[1], schedule.latent, schedule.hidden).to(device)
-    loss_fn = IWAELoss(objective, backend, estimator=run.estimator)
+    model = VAE(split.train.shape[1], schedule.latent, schedule.hidden, likelihood).to(device)
+    loss_fn = IWAELoss(objective, backend, estimator=run.estimator, likelihood=likelihood)
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.stages[0][1], betas=(0.9, 0.999), eps=1e-4)
     data_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 2)
     train = split.train
-    history, epoch, started = [], 0, time.perf_counter()
-    for stage_epochs, lr in schedule.stages:
+    history, diverged, started = [], None, time.perf_counter()
+    for epoch, lr in enumerate((lr for stage_epochs, lr in schedule.stages for _ in range(stage_epochs)), 1):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(stage_epochs):
-            epoch += 1
-            order = torch.randperm(train.shape[0], generator=data_gen)
-            total, count = 0.0, 0
-            for start in range(0, train.shape[0], schedule.batch_size):
-                x = binarize(train[order[start:start + schedule.batch_size]], data_gen).to(device)
-                if backend == "fused":  # the output layer fused into the bound: no logits stored
-                    h, z, mu, logvar = model.forward_hidden(x, k, generator=noise_gen)
-                    loss = loss_fn.from_hidden(x, h, model.output_layer, z, mu, logvar)
-                else:
-                    loss = loss_fn(x, *model(x, k, generator=noise_gen))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * x.shape[0]
-                count += x.shape[0]
-            history.append({"epoch": epoch, "lr": lr, "train_objective": -total / count,
-                            "seconds": time.perf_counter() - started})
-    log(f"  {run.name}: {epoch} epochs in {time.perf_counter() - started:.0f} s, "
-        f"train objective {history[-1]['train_objective']:.2f}")
-    return model, history
+        order = torch.randperm(train.shape[0], generator=data_gen)
+        total, count, lowest = 0.0, 0, math.inf
+        for start in range(0, train.shape[0], schedule.batch_size):
+            x = prepare(train[order[start:start + schedule.batch_size]], data_gen).to(device)
+            loss, batch_lowest = _batch_loss(model, loss_fn, x, k, noise_gen, backend)
+            lowest = min(lowest, batch_lowest)  # a NaN (a diverging batch's) is passed over
+            value = loss.item()
+            if not math.isfinite(value):
+                diverged, total, count = epoch, value, 1
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value * x.shape[0]
+            count += x.shape[0]
+        row = {"epoch": epoch, "lr": lr, "train_objective": -total / count, "seconds": time.perf_counter() - started}
+        if likelihood.scale in ("pixel", "sample"):
+            row["min_log_scale"] = lowest if lowest < math.inf else math.nan
+        history.append(row)
+        if diverged:
+            break
+    state = f"diverged (non-finite loss) in epoch {diverged}" if diverged else \
+        f"train objective {history[-1]['train_objective']:.2f}"
+    log(f"  {run.name}: {epoch} epochs in {time.perf_counter() - started:.0f} s, {state}")
+    return model, history, diverged
+
+
+def collapse_demo(out: Path, split: MNISTSplit, epochs: int, lr: float, schedule: Schedule, backend: str,
+                  device: torch.device, log=print) -> list[dict]:
+    """What keeps the Gaussian's variance, taken away: ``COLLAPSE`` (the IWAE at k = 50 with a
+    per-sample Gaussian and no floor) trained on the raw intensities v/255, not dequantized,
+    for ``epochs`` epochs at ``lr``. Writes and returns collapse.csv's rows: per epoch the
+    training objective and the smallest log-variance the decoder produced, ``diverged`` true
+    on the epoch whose loss went non-finite (the last one then)."""
+    demo = Schedule(**{**asdict(schedule), "stages": [(epochs, lr)]})
+    _, history, diverged = train(COLLAPSE, split, demo, backend, device, log, prepare=lambda images, _: images)
+    rows = [{"likelihood": COLLAPSE.likelihood, "data": "raw", **row, "diverged": row["epoch"] == diverged}
+            for row in history]
+    write_csv(out / "collapse.csv", rows, COLLAPSE_COLUMNS)
+    return rows
 
 
 # --------------------------------------------------------------------------- the experiment
 
 
+def evaluation_data(split: MNISTSplit, likelihood, data_seed: int) -> torch.Tensor:
+    """The test images as ``likelihood`` models them, made once from the data seed: every model
+    of a likelihood (every run, every training seed) is evaluated on the same dequantized
+    images."""
+    return model_data(split.test, Likelihood.parse(likelihood), torch.Generator().manual_seed(data_seed))
+
+
 def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.device,
                    runs: list[Run] | None = None, data_seed: int = 0, resume: bool = False,
-                   shard: Shard | None = None, log=print) -> Path:
+                   shard: Shard | None = None, collapse_epochs: int = 0, log=print) -> Path:
     """Train and evaluate every run (this shard's part of them); write CSVs, checkpoints,
     plots, report and machine.json into ``out``. ``resume`` keeps the runs already in
-    summary.csv and trains only the others."""
+    summary.csv and trains only the others. ``collapse_epochs``: also run ``collapse_demo``
+    that long at the first learning rate (in the first shard; kept on resume)."""
     runs = list(runs if runs is not None else RUNS)
     mine = shard.take(runs) if shard is not None else runs
     out.mkdir(parents=True, exist_ok=True)
     for folder in ("runs", "checkpoints"):
         (out / folder).mkdir(exist_ok=True)
-    summary = _read_rows(out / "summary.csv") if resume else []
-    curve_rows = _read_rows(out / "lk_curve.csv") if resume else []
-    done = {(r["objective"], int(r["k"]), r["estimator"], int(r["seed"])) for r in summary}
-    split = load_mnist(schedule.train_size, schedule.test_size, data_seed)
-    test = split.test.to(device)
+    summary = read_rows(out / "summary.csv") if resume else []
+    curve_rows = read_rows(out / "lk_curve.csv") if resume else []
+    done = {(r["objective"], int(r["k"]), r["estimator"], int(r["seed"]), r["likelihood"]) for r in summary}
+    splits = {}  # gray or binarized test images: the same split, loaded when first needed
+
+    def split_for(likelihood: Likelihood) -> MNISTSplit:
+        gray = likelihood.name != "bernoulli"
+        if gray not in splits:
+            splits[gray] = load_mnist(schedule.train_size, schedule.test_size, data_seed, gray=gray)
+        return splits[gray]
+
     record = MachineRecord.open(out / "machine.json", device, resume=resume)
     entry = record.start_run(backend=backend, schedule=asdict(schedule), data_seed=data_seed,
-                             runs=[asdict(r) for r in runs], shard=shard.as_dict() if shard else None)
+                             runs=[asdict(r) for r in runs], shard=shard.as_dict() if shard else None,
+                             collapse_epochs=collapse_epochs)
+    if collapse_epochs and (shard is None or shard.index == 0) and not (resume and (out / "collapse.csv").exists()):
+        collapse_demo(out, split_for(Likelihood.parse(COLLAPSE.likelihood)), collapse_epochs, schedule.stages[0][1],
+                      schedule, backend, device, log)
     for run in mine:
         if run.key() in done:
             continue
-        model, history = train(run, split, schedule, backend, device, log)
+        likelihood = Likelihood.parse(run.likelihood)
+        split = split_for(likelihood)
+        model, history, diverged = train(run, split, schedule, backend, device, log)
         write_csv(out / "runs" / f"{run.name}.csv", history)
         save_checkpoint(model, out / "checkpoints" / f"{run.name}.pt")
-        start = time.perf_counter()
-        result = evaluate(model, test, schedule, backend, seed=run.seed)
-        eval_seconds = time.perf_counter() - start
-        summary.append({**asdict(run), "backend": backend, "epochs": schedule.epochs,
-                        "train_seconds": history[-1]["seconds"], "eval_seconds": eval_seconds,
-                        "train_objective": history[-1]["train_objective"],
-                        "test_nll": result["test_nll"], "test_elbo": result["test_elbo"],
-                        "active_units": result["active_units"],
-                        "paper_nll": paper_nll(run.objective, run.k, run.estimator),
-                        "paper_active_units": paper_active_units(run.objective, run.k, run.estimator)})
-        curve_rows += [{"objective": run.objective, "k_train": run.k, "estimator": run.estimator,
-                        "seed": run.seed, "k_eval": ke, "L_k": value, "elbo": result["test_elbo"]}
-                       for ke, value in result["curve"].items()]
-        log(f"  -> test NLL {result['test_nll']:.2f} nats, {result['active_units']} active units "
-            f"(evaluated in {eval_seconds:.0f} s)")
+        row = {**asdict(run), "backend": backend, "epochs": schedule.epochs,
+               "train_seconds": history[-1]["seconds"], "train_objective": history[-1]["train_objective"],
+               "diverged_epoch": diverged or ""}
+        if likelihood.name == "bernoulli":
+            row.update(paper_nll=paper_nll(run.objective, run.k, run.estimator),
+                       paper_active_units=paper_active_units(run.objective, run.k, run.estimator))
+        if not diverged:
+            start = time.perf_counter()
+            result = evaluate(model, evaluation_data(split, likelihood, data_seed).to(device), schedule, backend,
+                              seed=run.seed)
+            row.update(eval_seconds=time.perf_counter() - start, test_nll=result["test_nll"],
+                       test_bpd=bits_per_dim(result["test_nll"], split.test.shape[1], likelihood),
+                       test_elbo=result["test_elbo"], active_units=result["active_units"])
+            curve_rows += [{"objective": run.objective, "k_train": run.k, "estimator": run.estimator,
+                            "seed": run.seed, "likelihood": run.likelihood, "k_eval": ke, "L_k": value,
+                            "elbo": result["test_elbo"]} for ke, value in result["curve"].items()]
+            log(f"  -> test NLL {result['test_nll']:.2f} nats ({row['test_bpd']:.3f} bits/dim), "
+                f"{result['active_units']} active units (evaluated in {row['eval_seconds']:.0f} s)")
+        summary.append(row)
         write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
         write_csv(out / "lk_curve.csv", curve_rows, CURVE_COLUMNS)
     record.finish(entry)
-    return render_experiment(out) if summary else out / "summary.csv"
+    return render_experiment(out) if summary or (out / "collapse.csv").exists() else out / "summary.csv"
 
 
-SUMMARY_COLUMNS = ["objective", "k", "estimator", "seed", "backend", "epochs", "train_seconds",
-                   "eval_seconds", "train_objective", "test_nll", "test_elbo", "active_units",
-                   "paper_nll", "paper_active_units"]
-CURVE_COLUMNS = ["objective", "k_train", "estimator", "seed", "k_eval", "L_k", "elbo"]
+SUMMARY_COLUMNS = ["objective", "k", "estimator", "seed", "likelihood", "backend", "epochs", "train_seconds",
+                   "eval_seconds", "train_objective", "test_nll", "test_bpd", "test_elbo", "active_units",
+                   "diverged_epoch", "paper_nll", "paper_active_units"]
+CURVE_COLUMNS = ["objective", "k_train", "estimator", "seed", "likelihood", "k_eval", "L_k", "elbo"]
+COLLAPSE_COLUMNS = ["likelihood", "data", "epoch", "lr", "train_objective", "min_log_scale", "seconds", "diverged"]
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """A summary.csv's or lk_curve.csv's rows; a row from before the likelihood column (the
+    Bernoulli experiment's) reads as the Bernoulli's."""
     import csv
 
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{**row, "likelihood": row.get("likelihood") or "bernoulli"} for row in csv.DictReader(f)]

@@ -1,7 +1,10 @@
 """The MNIST experiment's report: plots and report.md rendered from its CSVs alone.
 
-Every number is read from summary.csv and lk_curve.csv (ours) or ``paper.PAPER_TABLE1``
-(theirs); the comparison sentences are generated from those numbers.
+Every number is read from summary.csv, lk_curve.csv, runs/*.csv and collapse.csv (ours) or
+``paper.PAPER_TABLE1`` (theirs); the comparison sentences are generated from those numbers.
+The Bernoulli's runs (binarized MNIST) get the paper's table; the other likelihoods' (gray-level
+MNIST) a table in bits per dimension; the Gaussian collapse demo its own section. A summary.csv
+from before the likelihood column is the Bernoulli's.
 """
 
 from __future__ import annotations
@@ -15,10 +18,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kernels.likelihood import Likelihood  # noqa: E402
+
 from ..files import read_json, save_figure, write_text  # noqa: E402
+from .data import DEQUANTIZED_LOG_VARIANCE, IMAGE_PIXELS  # noqa: E402
 from .paper import PAPER_EPOCHS, PAPER_TRAIN_IMAGES, paper_active_units, paper_nll  # noqa: E402
 
 LABELS = {"elbo": "VAE", "multi_sample_elbo": "VAE (k-sample ELBO)", "iwae": "IWAE"}
+BERNOULLI = "bernoulli"
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """summary.csv or lk_curve.csv; rows from before the likelihood column are the Bernoulli's."""
+    table = pd.read_csv(path)
+    table["likelihood"] = table["likelihood"].fillna(BERNOULLI) if "likelihood" in table else BERNOULLI
+    return table
+
+
+def run_name(row) -> str:
+    """The name a summary row's run files carry (``mnist.Run.name``)."""
+    from .mnist import Run
+
+    return Run(row.objective, int(row.k), row.estimator, int(row.seed), row.likelihood).name
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
@@ -39,21 +60,50 @@ def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def render_experiment(out: Path) -> Path:
-    """Plots and report.md from summary.csv, lk_curve.csv and runs/*.csv alone."""
-    summary = pd.read_csv(out / "summary.csv")
-    curve = pd.read_csv(out / "lk_curve.csv")
+    """Plots and report.md from summary.csv, lk_curve.csv, runs/*.csv and collapse.csv alone."""
+    summary = read_table(out / "summary.csv") if (out / "summary.csv").exists() else pd.DataFrame(
+        columns=["objective", "k", "estimator", "seed", "likelihood"])
+    curve = read_table(out / "lk_curve.csv") if (out / "lk_curve.csv").exists() else None
+    collapse = pd.read_csv(out / "collapse.csv") if (out / "collapse.csv").exists() else None
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
+    bernoulli = summary[summary["likelihood"] == BERNOULLI]
+    others = summary[summary["likelihood"] != BERNOULLI]
+    histories = {run_name(row): pd.read_csv(out / "runs" / f"{run_name(row)}.csv")
+                 for row in summary.itertuples() if (out / "runs" / f"{run_name(row)}.csv").exists()}
+    if len(bernoulli):
+        _bernoulli_plots(plots, bernoulli, curve[curve["likelihood"] == BERNOULLI], histories)
+    if len(others):
+        _likelihood_plot(plots, others, histories)
+    if collapse is not None:
+        _collapse_plot(plots, collapse, _collapse_controls(summary, histories))
+    record = read_json(out / "machine.json")
+    text = _report_text(bernoulli, curve, record) if len(bernoulli) else _likelihood_header(record)
+    if len(others):
+        text += _likelihood_text(others)
+    if collapse is not None:
+        text += _collapse_text(collapse, _collapse_controls(summary, histories))
+    write_text(out / "report.md", text)
+    return out / "report.md"
 
+
+def _finish(fig, ax, path: Path, **legend) -> None:
+    """Grid, the legend (when there are lines to name) and the file."""
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(**legend)
+    save_figure(fig, path)
+
+
+def _bernoulli_plots(plots: Path, summary, curve, histories: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for path in sorted((out / "runs").glob("*.csv")):
-        history = pd.read_csv(path)
-        ax.plot(history["epoch"], history["train_objective"], label=path.stem, lw=1)
+    for name in sorted(run_name(row) for row in summary.itertuples()):
+        if name in histories:
+            history = histories[name]
+            ax.plot(history["epoch"], history["train_objective"], label=name, lw=1)
     ax.set(xlabel="epoch", ylabel="training objective (nats, higher is better)",
            title="training curves (each objective's own bound on the training batches)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    save_figure(fig, plots / "training_curves.png")
+    _finish(fig, ax, plots / "training_curves.png", fontsize=6, ncol=2)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     means = curve.groupby(["objective", "k_train", "estimator", "k_eval"], sort=False)["L_k"].mean().reset_index()
@@ -67,9 +117,6 @@ def render_experiment(out: Path) -> Path:
     ax.legend(fontsize=7)
     save_figure(fig, plots / "lk_curves.png")
 
-    write_text(out / "report.md", _report_text(summary, curve, read_json(out / "machine.json")))
-    return out / "report.md"
-
 
 def _fmt(value, digits=2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -82,6 +129,8 @@ def _mean_std(mean, std, digits=2) -> str:
 
 
 def _report_text(summary, curve, record) -> str:
+    """The Bernoulli experiment's report (binarized MNIST beside the paper's Table 1)."""
+    curve = curve[curve["likelihood"] == BERNOULLI]
     run = (record.get("runs") or [{}])[0]
     info = record.get("machine", {})
     schedule = run.get("schedule", {})
@@ -170,3 +219,148 @@ def _comparison(table, schedule: dict, seeds: int) -> list[str]:
                    f"images and 1/{PAPER_EPOCHS / epochs:.0f} of its epochs; compare the differences between "
                    "objectives, not the levels.")
     return out
+
+
+# --------------------------------------------------------------------------- gray-level MNIST
+
+ESTIMATOR_LABELS = {"dreg": "DReG", "stl": "STL"}
+DATA = {"continuous": "dequantized 8-bit", "discretized": "8-bit levels"}
+
+
+def _model_label(objective: str, k, estimator: str) -> str:
+    label = LABELS.get(objective, objective) + (f"-{k}" if objective != "elbo" else "")
+    return label + (f" {ESTIMATOR_LABELS.get(estimator, estimator)}" if estimator != "iwae" else "")
+
+
+def _bpd(objective_nats, likelihood: str):
+    """A training objective (nats per image) in bits per pixel, the test NLL's footing."""
+    from .mnist import bits_per_dim
+
+    return bits_per_dim(-objective_nats, IMAGE_PIXELS, likelihood)
+
+
+def _likelihood_header(record) -> str:
+    run = (record.get("runs") or [{}])[0]
+    info = record.get("machine", {})
+    return (f"# Gray-level MNIST: likelihoods in bits per dimension\n\n"
+            f"Made by `{run.get('command', '?')}` on {info.get('device_name', '?')} "
+            f"(torch {info.get('torch', '?')}, commit {info.get('commit', '?')}), backend "
+            f"`{run.get('backend', '?')}`. Every number below is read from `summary.csv`, `runs/*.csv` "
+            "and `collapse.csv`.\n")
+
+
+def _likelihood_text(summary) -> str:
+    """The likelihoods' table in bits per dimension and what it says."""
+    keys = ["likelihood", "objective", "k", "estimator"]
+    table = summary.groupby(keys, sort=False).agg(
+        seeds=("seed", "nunique"), test_nll=("test_nll", "mean"), test_nll_std=("test_nll", "std"),
+        test_bpd=("test_bpd", "mean"), test_bpd_std=("test_bpd", "std"), active_units=("active_units", "mean"),
+        train_seconds=("train_seconds", "mean"), eval_seconds=("eval_seconds", "mean"),
+        diverged=("diverged_epoch", lambda d: ", ".join(str(int(e)) for e in d.dropna()))).reset_index()
+    lines = ["", "## Gray-level MNIST: the likelihoods in bits per dimension", "",
+             "The same images, not binarized. The continuous densities are trained on uniformly dequantized "
+             "levels (v + u) / 256 and evaluated on the test images dequantized once with the data seed, "
+             "bits/dim = (NLL / D + log 256) / log 2; the discretized likelihood on the 256 levels themselves, "
+             "bits/dim = NLL / (D log 2): both upper-bound the 8-bit images' bits per pixel (experiments/mnist.py "
+             "derives it). Test NLL: -L_k at the evaluation k, nats per image.", "",
+             "| likelihood | data | model | test NLL (nats) | bits/dim | active units | train time (s) | "
+             "eval time (s) | diverged (epoch) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in table.itertuples():
+        likelihood = Likelihood.parse(row.likelihood)
+        data = DATA["continuous" if likelihood.continuous else "discretized"]
+        lines.append(f"| `{row.likelihood}` | {data} | {_model_label(row.objective, row.k, row.estimator)} | "
+                     f"{_mean_std(row.test_nll, row.test_nll_std)} | {_mean_std(row.test_bpd, row.test_bpd_std, 3)} | "
+                     f"{_fmt(row.active_units, 0 if row.seeds == 1 else 1)} | {_fmt(row.train_seconds, 0)} | "
+                     f"{_fmt(row.eval_seconds, 0)} | {row.diverged or '-'} |")
+    lines += [""] + _likelihood_comparison(table)
+    lines += ["", "![training bits/dim](plots/likelihood_training.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _likelihood_comparison(table) -> list[str]:
+    out = []
+    by = {(r.likelihood, r.objective, r.k, r.estimator): r for r in table.itertuples()}
+    for likelihood in dict.fromkeys(table["likelihood"]):
+        vae, iwae, dreg = (by.get((likelihood, o, k, e)) for o, k, e in
+                           (("elbo", 1, "iwae"), ("iwae", 50, "iwae"), ("iwae", 50, "dreg")))
+        if vae is not None and iwae is not None and not math.isnan(vae.test_bpd + iwae.test_bpd):
+            gain = vae.test_bpd - iwae.test_bpd
+            out.append(f"- `{likelihood}`: IWAE-50 {iwae.test_bpd:.3f} against the VAE's {vae.test_bpd:.3f} bits/dim "
+                       f"({'better' if gain > 0 else 'not better'} by {abs(gain):.3f}), {iwae.active_units:g} active "
+                       f"units against {vae.active_units:g}"
+                       + (f"; with DReG {dreg.test_bpd:.3f} bits/dim, {dreg.active_units:g} active units"
+                          if dreg is not None and not math.isnan(dreg.test_bpd) else "") + ".")
+    finished = table.dropna(subset=["test_bpd"])
+    if len(finished):
+        best = finished.loc[finished["test_bpd"].idxmin()]
+        out.append(f"- Lowest bits/dim: `{best['likelihood']}` with "
+                   f"{_model_label(best['objective'], best['k'], best['estimator'])}, {best['test_bpd']:.3f}.")
+    return out
+
+
+def _likelihood_plot(plots: Path, summary, histories: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in summary.itertuples():
+        history = histories.get(run_name(row))
+        if history is not None:
+            ax.plot(history["epoch"], [_bpd(v, row.likelihood) for v in history["train_objective"]],
+                    label=f"{row.likelihood} {_model_label(row.objective, row.k, row.estimator)}", lw=1)
+    ax.set(xlabel="epoch", ylabel="training bound in bits/dim (lower is better)",
+           title="training curves on gray-level MNIST (each run's own bound on its training batches)")
+    _finish(fig, ax, plots / "likelihood_training.png", fontsize=6)
+
+
+def _collapse_controls(summary, histories: dict) -> dict:
+    """The experiment's own runs of the demo's model (IWAE-50, per-sample Gaussian), trained on
+    dequantized data with their floor: label -> history."""
+    controls = {}
+    for row in summary.itertuples():
+        likelihood = Likelihood.parse(row.likelihood)
+        if (likelihood.name, likelihood.scale, row.objective, int(row.k), row.estimator) == \
+                ("gaussian", "sample", "iwae", 50, "iwae") and run_name(row) in histories:
+            controls[row.likelihood] = histories[run_name(row)]
+    return controls
+
+
+def _collapse_plot(plots: Path, collapse, controls: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(collapse["epoch"], collapse["min_log_scale"], marker="o", label="raw intensities, no floor")
+    for label, history in controls.items():
+        ax.plot(history["epoch"], history["min_log_scale"], marker=".", label=f"dequantized, {label}")
+        floor = Likelihood.parse(label).floor
+        if floor > -math.inf:
+            ax.axhline(floor, color="gray", ls="--", lw=1)
+    ax.set(xlabel="epoch", ylabel="smallest log-variance the decoder produced",
+           title="the Gaussian's variance with and without dequantization and a floor (IWAE-50)")
+    _finish(fig, ax, plots / "collapse.png", fontsize=7)
+
+
+def _collapse_text(collapse, controls: dict) -> str:
+    """What the collapse demo did, from collapse.csv, beside the experiment's floored run."""
+    epochs = int(collapse["epoch"].max())
+    diverged = collapse[collapse["diverged"].astype(str) == "True"]
+    first, last = collapse.iloc[0], collapse.iloc[-1]
+    lines = ["", "## The Gaussian's variance without dequantization and without a floor", "",
+             f"IWAE-50 with a per-sample Gaussian (`{first['likelihood']}`, no floor) trained on the raw "
+             f"intensities v/255 (background pixels exactly 0), at learning rate {first['lr']:g}."]
+    if len(diverged):
+        lines.append(f"- The loss became non-finite in epoch {int(diverged['epoch'].iloc[0])}: the run stopped "
+                     "there, before stepping on it.")
+    else:
+        lines.append(f"- No non-finite loss within {epochs} epochs.")
+    lines.append(f"- Smallest log-variance the decoder produced: {first['min_log_scale']:.2f} in epoch 1, "
+                 f"{last['min_log_scale']:.2f} in epoch {int(last['epoch'])} "
+                 f"(a constant pixel dequantized has log-variance log(1 / (12 256^2)) = "
+                 f"{DEQUANTIZED_LOG_VARIANCE:.2f}: below it, only the raw data's exact zeros pay).")
+    for label, history in controls.items():
+        common = history[history["epoch"] <= epochs]
+        if len(common):
+            end = common.iloc[-1]
+            lines.append(f"- The experiment's own IWAE-50 (`{label}`, dequantized data) at epoch {int(end['epoch'])}: "
+                         f"smallest log-variance {end['min_log_scale']:.2f}, training objective "
+                         f"{end['train_objective']:.1f} nats against the raw run's {last['train_objective']:.1f}.")
+    lines += ["", "| epoch | training objective (nats) | smallest log-variance |", "|---|---|---|"]
+    lines += [f"| {int(r.epoch)} | {_fmt(float(r.train_objective), 1)} | {_fmt(float(r.min_log_scale))} |"
+              for r in collapse.itertuples()]
+    lines += ["", "![collapse](plots/collapse.png)", ""]
+    return "\n".join(lines) + "\n"
