@@ -68,12 +68,17 @@ def log_discretized_logistic(x, mean, log_scale, bins: int = 256) -> torch.Tenso
     inv = torch.exp(-log_scale)
     a = (x + half - mean) * inv
     b = (x - half - mean) * inv
-    log_fa, log_fb = F.logsigmoid(a), F.logsigmoid(b)
-    log_sa, log_sb = F.logsigmoid(-a), F.logsigmoid(-b)
-    below = log_fa + torch.log1p(-torch.exp(log_fb - log_fa))
-    above = log_sb + torch.log1p(-torch.exp(log_sa - log_sb))
-    middle = torch.where(b > 0, above, below)
-    return torch.where(x < half - 1, log_fa, torch.where(x > 1 - half, log_sb, middle))
+    # each form sees its own bins only (others a safe a > b), so the unused one is never -inf:
+    # torch.where's gradient is 0 * its derivative there, NaN were that infinite
+    up = b > 0
+    a_lo, b_lo = torch.where(up, 0.0, a), torch.where(up, -1.0, b)
+    a_up, b_up = torch.where(up, a, 1.0), torch.where(up, b, 0.0)
+    log_fa_lo = F.logsigmoid(a_lo)
+    log_sb_up = F.logsigmoid(-b_up)
+    below = log_fa_lo + torch.log1p(-torch.exp(F.logsigmoid(b_lo) - log_fa_lo))
+    above = log_sb_up + torch.log1p(-torch.exp(F.logsigmoid(-a_up) - log_sb_up))
+    middle = torch.where(up, above, below)
+    return torch.where(x < half - 1, F.logsigmoid(a), torch.where(x > 1 - half, F.logsigmoid(-b), middle))
 
 
 def channels(logits: torch.Tensor, likelihood: Likelihood) -> list[torch.Tensor]:

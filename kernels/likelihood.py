@@ -253,11 +253,12 @@ def floored_scale(s_raw, floor):
 
 @triton.jit
 def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
-                    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr):
+                    LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr, FAST: tl.constexpr = False):
     """One tile of log p(x | m, s), lane by lane, into three accumulators: acc += the terms
     without a log, prod *= the factors whose logs are subtracted, prod2 *= those whose logs are
     added (``likelihood_flush`` takes the logs). x, s and inv broadcast against m; s is 0.0 for
-    a fixed scale (its -s/2 is in ``Likelihood.constant``)."""
+    a fixed scale (its -s/2 is in ``Likelihood.constant``). FAST (a compiled launch): the
+    continuous Bernoulli's log a is one MUFU.LG2, not libdevice's software log."""
     if LIKELIHOOD == 0:  # Bernoulli: x l - max(l, 0) = (x - 1/2) l - |l| / 2; factor 1 + e^-|l|
         magnitude = tl.abs(m)
         acc = tl.fma(magnitude, -0.5, tl.fma(x - 0.5, m, acc))
@@ -269,7 +270,7 @@ def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
         a = tl.abs(m)
         series = a < 0.5
         acc = tl.fma(a, -0.5, tl.fma(x - 0.5, m, acc))
-        acc += tl.where(series, _log_phi_series(a), LN2 * log2_(a, False))
+        acc += tl.where(series, _log_phi_series(a), LN2 * log2_(a, FAST))
         prod *= tl.where(series, 1.0, 1.0 - exp_neg_(a))
     else:  # discretized logistic: log F(a) - softplus(b) + log(1 - e^-eps), edges open
         c = x - m
@@ -281,10 +282,13 @@ def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
         series = eps < 0.5
         # log F(a) = min(a, 0) - log(1 + e^-|a|); -softplus(b) = -max(b, 0) - log(1 + e^-|b|)
         acc += tl.where(top, 0.0, tl.minimum(a, 0.0)) - tl.where(bottom, 0.0, tl.maximum(b, 0.0))
+        # (nested selects, not series & ~edge: with a fixed scale series is a scalar, and the
+        # interpreter cannot combine a scalar and a block mask)
+        edge = top | bottom
         log_eps = log_two_half_bin - s
-        acc += tl.where(series & ~top & ~bottom, log_eps - _log_phi_series(eps), 0.0)
+        acc += tl.where(edge, 0.0, tl.where(series, log_eps - _log_phi_series(eps), 0.0))
         prod *= tl.where(top, 1.0, 1.0 + exp_neg_(tl.abs(a))) * tl.where(bottom, 1.0, 1.0 + exp_neg_(tl.abs(b)))
-        prod2 *= tl.where(series | top | bottom, 1.0, 1.0 - exp_neg_(eps))
+        prod2 *= tl.where(edge, 1.0, tl.where(series, 1.0, 1.0 - exp_neg_(eps)))
     return acc, prod, prod2
 
 
