@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from iwae_bench.profile.kernels import specialization  # noqa: E402
 from iwae_bench.profile.sass import compile_for_target  # noqa: E402
 from kernels._common import Reduction, capture_launches  # noqa: E402
+from kernels.likelihood import Likelihood  # noqa: E402
 from kernels.fused_bound import fused_iwae_forward  # noqa: E402
 from kernels.fused_linear import fused_linear_backward, fused_linear_forward, matmul_tf32  # noqa: E402
 from kernels.logw import log_weights_backward, log_weights_forward  # noqa: E402
@@ -37,6 +38,9 @@ FAMILY_FLAGS = ("LINEAR", "SCALED", "GROUPED")  # the bound's epilogue beyond th
 # MIWAE-like groups, VR's scale, and CIWAE's mean mixed in with groups and a scale (k = 3000 and
 # k = 8 both split into 2 groups)
 FAMILY = (Reduction(groups=2), Reduction(scale=0.5), Reduction(scale=0.5, groups=2, beta=0.25))
+# every (likelihood, scale) code the head's kernels specialize on
+LIKELIHOODS = ("continuous_bernoulli", "gaussian:sigma=0.3", "gaussian:pixel,floor=-9", "gaussian:floor=-9",
+               "discretized_logistic:scale=0.05", "discretized_logistic:pixel", "discretized_logistic")
 
 
 def meta(*shape, dtype=torch.float32):
@@ -81,6 +85,18 @@ def launches():
                     fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False))
                 if every:
                     fused_linear_forward(*head[:3], None, *head[4:])
+        # the head's continuous likelihoods (kernels/likelihood.py), one shape: C output channels
+        # and a per-pixel scale where they take one
+        for dtype in (torch.float32, torch.bfloat16):
+            for spec in LIKELIHOODS:
+                likelihood = Likelihood.parse(spec)
+                B, k, C = 1024, 8, likelihood.channels
+                head = (meta(B, D), meta(B, k, H, dtype=dtype), meta(C * D, H, dtype=dtype),
+                        meta(C * D, dtype=dtype), meta(B, k, d), meta(B, d), meta(B, d))
+                lik = {"likelihood": likelihood, "scale": meta(D) if likelihood.needs_scale else None}
+                fused_linear_forward(*head, save_log_w=True, **lik)
+                fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False, True),
+                                      **lik)
     return captured
 
 
@@ -107,6 +123,7 @@ def main() -> int:
         if "INPUT_PRECISION" in constexprs:
             flags += f" {constexprs['INPUT_PRECISION']}"
         flags += "".join(f" {f}=1" for f in FAMILY_FLAGS if constexprs.get(f))  # only where on
+        flags += "".join(f" {f}={constexprs[f]}" for f in ("LIKELIHOOD", "SCALE") if constexprs.get(f))
         line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags}".strip()
         key = (line, tuple(sorted(signature.items())), tuple(sorted(aligned)),
                tuple(sorted((k, str(v)) for k, v in constexprs.items())))
