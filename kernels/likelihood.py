@@ -104,10 +104,8 @@ class Likelihood:
             raise ValueError(f"{name} has no scale, got scale={self.scale!r}")
         if not math.isfinite(self.log_scale):
             raise ValueError(f"log_scale must be finite, got {self.log_scale!r}")
-        if self.floor != -math.inf and not (math.isfinite(self.floor) and self.floor <= 0.0):
-            # the kernels' padded lanes read a log-scale of 0 and must add exactly 0 after the
-            # clamp; a floor above 0 (sigma > 1 on data in [0, 1] or [-1, 1]) has no use
-            raise ValueError(f"floor must be a finite number <= 0 (or -inf for none), got {self.floor!r}")
+        if self.floor != -math.inf and not math.isfinite(self.floor):
+            raise ValueError(f"floor must be finite (or -inf for none), got {self.floor!r}")
         if not isinstance(self.mixture, int) or self.mixture < 1:
             raise ValueError(f"mixture must be an integer >= 1, got {self.mixture!r}")
         if self.mixture > 1 and (name != "discretized_logistic" or self.scale != "sample"):
@@ -259,7 +257,8 @@ def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
     """One tile of log p(x | m, s), lane by lane, into three accumulators: acc += the terms
     without a log, prod *= the factors whose logs are subtracted, prod2 *= those whose logs are
     added (``likelihood_flush`` takes the logs). x, s and inv broadcast against m; s is 0.0 for
-    a fixed scale (its -s/2 is in ``Likelihood.constant``)."""
+    a fixed scale (its -s/2 is in ``Likelihood.constant``). FAST (a compiled launch): the
+    continuous Bernoulli's log a is one MUFU.LG2, not libdevice's software log."""
     if LIKELIHOOD == 0:  # Bernoulli: x l - max(l, 0) = (x - 1/2) l - |l| / 2; factor 1 + e^-|l|
         magnitude = tl.abs(m)
         acc = tl.fma(magnitude, -0.5, tl.fma(x - 0.5, m, acc))
@@ -283,9 +282,10 @@ def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
         series = eps < 0.5
         # log F(a) = min(a, 0) - log(1 + e^-|a|); -softplus(b) = -max(b, 0) - log(1 + e^-|b|)
         acc += tl.where(top, 0.0, tl.minimum(a, 0.0)) - tl.where(bottom, 0.0, tl.maximum(b, 0.0))
-        log_eps = log_two_half_bin - s
+        # (nested selects, not series & ~edge: with a fixed scale series is a scalar, and the
+        # interpreter cannot combine a scalar and a block mask)
         edge = top | bottom
-        # (nested selects: eps is a number, not a tile, for a fixed scale)
+        log_eps = log_two_half_bin - s
         acc += tl.where(edge, 0.0, tl.where(series, log_eps - _log_phi_series(eps), 0.0))
         prod *= tl.where(top, 1.0, 1.0 + exp_neg_(tl.abs(a))) * tl.where(bottom, 1.0, 1.0 + exp_neg_(tl.abs(b)))
         prod2 *= tl.where(edge, 1.0, tl.where(series, 1.0, 1.0 - exp_neg_(eps)))
@@ -346,7 +346,3 @@ def likelihood_grads(x, m, s, inv, half_bin, LIKELIHOOD: tl.constexpr, FAST: tl.
         g_x = -g_m
     return g_m, g_s, g_x
 
-
-def _bernoulli_only(likelihood, scale) -> None:  # until the kernels take the likelihood (this session)
-    if as_likelihood(likelihood).name != "bernoulli" or scale is not None:
-        raise NotImplementedError("the kernels take the Bernoulli likelihood only so far")

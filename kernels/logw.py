@@ -1,6 +1,10 @@
-"""Batched log-weights of a Bernoulli-decoder VAE, broadcast over k samples without repeats.
+"""Batched log-weights of a VAE, broadcast over k samples without repeats.
 
-For example b and sample i (h = z[b, i], logits l = logits[b, i]):
+The decoder's likelihood is a compile-time choice (LIKELIHOOD, SCALE: kernels/likelihood.py
+has each one's math, its stable form and its MUFU floor; ``likelihood_step`` is one tile of
+it, with the same accumulators, group products and padded-lane rule as below). What follows
+is written for the Bernoulli, the default. For example b and sample i (h = z[b, i], logits
+l = logits[b, i]):
 
     log w[b, i] = log p(x|h) + log p(h) - log q(h|x)
                 = sum_D [x * l - softplus(l)]
@@ -70,7 +74,6 @@ from ._math import exp_neg_
 from .likelihood import floored_scale, likelihood_flush, likelihood_grads, likelihood_step
 
 PROD_GROUP = 64  # factors in (1, 2] multiplied before one log: product <= 2**64
-MASKED_LOGIT = tl.constexpr(-65504.0)  # adds 0 and a factor of 1 beside x = 0; finite in fp16, bf16 and fp32
 SPLIT_QUANTUM = 256  # samples per split are a multiple of this, so any BLOCK_K <= 256 tiles it
 
 
@@ -86,17 +89,6 @@ def _tile_offsets(rows, cols, stride_r, stride_c):
     a loop visits, so the loop adds one scalar base (int64) per iteration instead of 64-bit
     arithmetic per element. The host keeps strides small enough (``int32_tiles``)."""
     return rows[:, None] * stride_r + cols[None, :] * stride_c
-
-
-@triton.jit
-def _bernoulli_step(acc, group_prod, x_block, logit_block):
-    """One tile of the Bernoulli sums (module docstring), lane by lane: acc += x l - max(l, 0)
-    and group_prod *= 1 + exp(-|l|), in one |l|, two FMAs for acc, one multiply and one MUFU.EX2
-    for the exp and one FMA for the product. x_block broadcasts against the tile."""
-    magnitude = tl.abs(logit_block)
-    acc = tl.fma(magnitude, -0.5, tl.fma(x_block - 0.5, logit_block, acc))
-    group_prod = tl.fma(group_prod, exp_neg_(magnitude), group_prod)
-    return acc, group_prod
 
 
 @triton.jit

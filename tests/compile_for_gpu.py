@@ -41,6 +41,9 @@ FAMILY = (Reduction(groups=2), Reduction(scale=0.5), Reduction(scale=0.5, groups
 # the likelihoods beyond the Bernoulli (kernels/likelihood.py): every scale kind and each family
 LIKELIHOODS = ("gaussian:sigma=0.1", "gaussian:pixel,floor=-9", "gaussian:sample,floor=-9",
                "continuous_bernoulli", "discretized_logistic")
+# every (likelihood, scale) code the head's kernels specialize on
+HEAD_LIKELIHOODS = ("continuous_bernoulli", "gaussian:sigma=0.3", "gaussian:pixel,floor=-9", "gaussian:floor=-9",
+                    "discretized_logistic:scale=0.05", "discretized_logistic:pixel", "discretized_logistic")
 LIKELIHOOD_FLAGS = ("LIKELIHOOD", "SCALE")  # printed as their codes where not the Bernoulli's 0
 
 
@@ -97,6 +100,20 @@ def launches():
                     fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False))
                 if every:
                     fused_linear_forward(*head[:3], None, *head[4:])
+        # the head's continuous likelihoods (kernels/likelihood.py), one shape: C output channels
+        # and a per-pixel scale where they take one
+        # (16-bit for every code; the exact float32 dots for the two-channel ones only: the
+        # suite's time)
+        for dtype, specs in ((torch.bfloat16, HEAD_LIKELIHOODS), (torch.float32, HEAD_LIKELIHOODS[3::3])):
+            for spec in specs:
+                likelihood = Likelihood.parse(spec)
+                B, k, C = 1024, 8, likelihood.channels
+                head = (meta(B, D), meta(B, k, H, dtype=dtype), meta(C * D, H, dtype=dtype),
+                        meta(C * D, dtype=dtype), meta(B, k, d), meta(B, d), meta(B, d))
+                lik = {"likelihood": likelihood, "scale": meta(D) if likelihood.needs_scale else None}
+                fused_linear_forward(*head, save_log_w=True, **lik)
+                fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False, True),
+                                      **lik)
     return captured
 
 
