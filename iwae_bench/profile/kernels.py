@@ -164,6 +164,19 @@ def _likelihood_scenarios() -> list[Scenario]:
                     Scenario(f"log-weights backward, {spec}", "backward", dtype_name, f"B={B} k={k}", size,
                              lambda i=inputs, o=options: log_weights_backward(*i, _meta(B, k), **o), backward,
                              _pixel_loop_rank)]
+    from kernels.fused_linear import fused_linear_forward
+
+    B, k, H = HEAD_SHAPES[0]
+    for spec, (forward, _) in LIKELIHOOD_MUFU.items():  # the fused head, 16-bit (its usual dtype)
+        lik = Likelihood.parse(spec)
+        C = lik.channels
+        head = (_meta(B, D), _meta(B, k, H, dtype=torch.bfloat16), _meta(C * D, H, dtype=torch.bfloat16),
+                _meta(C * D, dtype=torch.bfloat16), _meta(B, k, d), _meta(B, d), _meta(B, d))
+        options = {"likelihood": lik, "scale": _meta(D) if lik.needs_scale else None}
+        size = sum(t.numel() * t.element_size() for t in head)
+        out.append(Scenario(f"fused linear forward, {spec}", "head", "bfloat16", f"B={B} k={k} H={H}", size,
+                            lambda i=head, o=options: fused_linear_forward(*i, save_log_w=True, **o), forward,
+                            _pixel_loop_rank))
     return out
 
 
@@ -287,7 +300,8 @@ def _row(scenario: Scenario, launch, config, meta: dict, named: dict, compiled, 
         "programs_per_sm": round(programs / sm_count, 2), "bytes_in_flight_per_sm": in_flight,
     }
     misses = _misses(scenario.direction, row, scenario.mufu_target)
-    row["meets_static_targets"] = ("n/a (no static target)" if scenario.direction not in TARGET_MUFU
+    targeted = scenario.direction in TARGET_MUFU or scenario.mufu_target is not None
+    row["meets_static_targets"] = ("n/a (no static target)" if not targeted
                                    else "n/a (inputs under 2 MB)" if scenario.input_bytes < SMALL_INPUTS
                                    else "yes" if not misses else "no")
     row["misses"] = "; ".join(misses)
