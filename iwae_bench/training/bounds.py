@@ -51,28 +51,37 @@ def torch_log_likelihood(x, logits, likelihood: Likelihood = BERNOULLI, scale=No
     if likelihood.name == "bernoulli":
         return torch_bernoulli(x, logits)
     x = x.float().unsqueeze(1)
-    parts = [c.float() for c in logits.unflatten(-1, (likelihood.channels, -1)).unbind(-2)]
     if likelihood.name == "continuous_bernoulli":
-        l = parts[0]  # x l - max(l, 0) + log phi(|l|), each side of l = 0 by one even function
+        l = logits.float()  # x l - max(l, 0) + log phi(|l|), each side of l = 0 by one even function
         return ((x - 0.5) * l + log_phi_less_half(l)).sum(-1)
+    mix, means, log_scales = location_channels(logits, likelihood, scale)
+    if likelihood.name == "gaussian":
+        m, s = means[0], log_scales[0]
+        return (-0.5 * ((x - m) ** 2 * torch.exp(-s) + s + LOG_2PI)).sum(-1)
+    each = [discretized_logistic(x, m, s, likelihood.half_bin) for m, s in zip(means, log_scales)]
+    if not mix:
+        return each[0].sum(-1)
+    log_mix = torch.log_softmax(torch.stack(mix), dim=0)
+    return torch.logsumexp(log_mix + torch.stack(each), dim=0).sum(-1)
+
+
+def location_channels(outputs, likelihood: Likelihood, scale=None) -> tuple[list, list, list]:
+    """A location family's decoder output [..., C D] (kernels/likelihood.py) as (mixing
+    logits, means, log-scales), lists of [..., D] float32 tensors, L of each (no mixing logits
+    for one logistic); the log-scales the channels, the per-pixel ``scale`` or the fixed
+    number, clamped at the floor."""
+    parts = [c.float() for c in outputs.unflatten(-1, (likelihood.channels, -1)).unbind(-2)]
     L = likelihood.mixture
-    means = parts[L:2 * L] if L > 1 else parts[:1]
+    mix, means = (parts[:L], parts[L:2 * L]) if L > 1 else ([], parts[:1])
     if likelihood.scale == "sample":
         log_scales = parts[2 * L:] if L > 1 else parts[1:]
     elif likelihood.scale == "pixel":
         log_scales = [scale.float()]
     else:
-        log_scales = [torch.tensor(likelihood.log_scale, device=x.device)]
-    log_scales = [torch.clamp(s, min=likelihood.floor) if likelihood.floor > -math.inf else s
-                  for s in log_scales]
-    if likelihood.name == "gaussian":
-        m, s = means[0], log_scales[0]
-        return (-0.5 * ((x - m) ** 2 * torch.exp(-s) + s + LOG_2PI)).sum(-1)
-    each = [discretized_logistic(x, m, s, likelihood.half_bin) for m, s in zip(means, log_scales)]
-    if L == 1:
-        return each[0].sum(-1)
-    log_mix = torch.log_softmax(torch.stack(parts[:L]), dim=0)
-    return torch.logsumexp(log_mix + torch.stack(each), dim=0).sum(-1)
+        log_scales = [torch.tensor(likelihood.log_scale, device=outputs.device)]
+    if likelihood.floor > -math.inf:
+        log_scales = [torch.clamp(s, min=likelihood.floor) for s in log_scales]
+    return mix, means, log_scales
 
 
 def log_phi_less_half(t: torch.Tensor) -> torch.Tensor:
