@@ -637,13 +637,14 @@ def _cmd_compare(args, parser) -> int:
     device = _device(parser, args.device)
     problem = Problem(args.batch, args.k, args.latent, args.data_dim, args.dtype, args.seed, args.regime)
     inputs = make_inputs(problem, device)
-    want = reference.bound(*inputs)
+    likelihood = problem.likelihood_spec
+    want = reference.bound(*inputs[:5], likelihood, inputs.scale)
     print(f"B={problem.batch} k={problem.k} d={problem.latent} D={problem.data_dim} "
           f"logits {problem.dtype}, {problem.regime} inputs on {device}; float64 reference mean bound "
           f"{want.mean().item():.4f}")
     print(f"{'variant':<9} {'bound mean':>12} {'max |err|':>11} {'finite':>7}")
     for name in args.variants:
-        got = variants.get(name)(*inputs)
+        got = variants.get(name)(*inputs, likelihood=likelihood)
         finite = torch.isfinite(got).double().mean().item()
         print(f"{name:<9} {got.double().mean().item():>12.4f} {_fmt(max_abs_err(got, want)):>11} {finite:>7.0%}")
     return 0

@@ -270,7 +270,7 @@ def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, 
             bar.update()
         return
     inputs = make_inputs(problem, device)
-    ref = Reference(inputs, problem.spec)
+    ref = Reference(inputs, problem.spec, problem.likelihood_spec)
     for variant, mode in cells:
         if out_of_time():
             break
