@@ -165,15 +165,17 @@ def bound_identity(variant: str, problem: Problem, mode: str, device: torch.devi
     return {"family": problem.family, "variant": variant, "device": device.type, "dtype": problem.dtype,
             "k": problem.k, "batch": problem.batch, "latent": problem.latent,
             "data_dim": problem.data_dim, "hidden": problem.hidden, "mode": mode,
-            "regime": problem.regime, "objective": problem.objective, "seed": problem.seed,
-            "threads": torch.get_num_threads()}
+            "regime": problem.regime, "objective": problem.objective, "likelihood": problem.likelihood,
+            "seed": problem.seed, "threads": torch.get_num_threads()}
 
 
 def reduction_identity(variant: str, batch: int, k: int, device: torch.device, seed: int) -> dict:
-    """The identity columns of a reduction cell: float32 log-weights, latent and data_dim 0."""
+    """The identity columns of a reduction cell: float32 log-weights, latent and data_dim 0 (and
+    the defaults of the axes that make log-weights, which it takes ready-made)."""
     return {"family": "reduction", "variant": variant, "device": device.type, "dtype": "float32",
             "k": k, "batch": batch, "latent": 0, "data_dim": 0, "hidden": 0, "mode": "forward",
-            "regime": "realistic", "objective": "iwae", "seed": seed, "threads": torch.get_num_threads()}
+            "regime": "realistic", "objective": "iwae", "likelihood": "bernoulli", "seed": seed,
+            "threads": torch.get_num_threads()}
 
 
 def reduction_log_weights(batch: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
