@@ -76,6 +76,14 @@ def _likelihood(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+LIKELIHOOD_HELP = ("the decoder's p(x|h): bernoulli (binarized data), continuous_bernoulli (cb), "
+                   "gaussian (a log-variance per sample, the decoder's second channel; gaussian:pixel "
+                   "a learned one per pixel, gaussian:sigma=S a fixed one), discretized_logistic "
+                   "(logistic; :pixel and :scale=S likewise, :mix=L a mixture of L, torch variants "
+                   "only), each with ,floor=F to clamp a learned log-scale; the continuous ones on "
+                   "gray-level data")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -149,7 +157,7 @@ def _cmd_sweep(args, parser) -> int:
         grid = Grid.preset(args.preset, device, variants=args.variants, seed=args.seed, k=args.k,
                            batch=args.batch, latent=args.latent, data_dim=args.data_dim,
                            dtype=args.dtype, mode=args.mode, regime=args.regime, hidden=args.hidden,
-                           objective=args.objective)
+                           objective=args.objective, likelihood=args.likelihood)
         against = _results_dir(args.against, "--against") if args.against else _reference_for(top)
         csv_path = run_sweep(grid, device, out, resume=args.resume, shard=shard,
                              progress=False if args.no_progress else None, min_time=args.min_time)
@@ -188,13 +196,15 @@ def _add_sweep(sub) -> None:
                     "the same name (results/reference/<name>) when there is one.\n\n"
                     "The preset's grid is a few blocks: k x B at d = 50, a few (B, k) at other\n"
                     "latent widths, a saturated-logits block, a decoder-head block (H = 200), a\n"
-                    "block of the importance-weighted family (--objective) and the reduction\n"
-                    "alone. Any of --k, --batch, --latent, --data-dim, --hidden, --dtype, --mode,\n"
-                    "--regime, --objective replaces it by one product: the flags given, the\n"
+                    "block of the importance-weighted family (--objective), a block of the\n"
+                    "continuous likelihoods (--likelihood) and the reduction alone. Any of --k,\n"
+                    "--batch, --latent, --data-dim, --hidden, --dtype, --mode, --regime,\n"
+                    "--objective, --likelihood replaces it by one product: the flags given, the\n"
                     "preset's main block for the rest.",
         epilog="Examples:\n  python -m iwae_bench sweep                       quick preset on this machine\n"
                "  python -m iwae_bench sweep --k 1 64 5000 --batch 20 --mode forward backward\n"
                "  python -m iwae_bench sweep --k 64 --objective iwae vr:0.5 miwae:8x8 ciwae:0.05\n"
+               "  python -m iwae_bench sweep --k 64 --likelihood gaussian:pixel cb logistic:mix=5\n"
                "  python -m iwae_bench sweep --resume                continue an interrupted sweep\n"
                "  python -m iwae_bench promote results/runs/cpu      make this run the reference",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,8 +231,15 @@ def _add_sweep(sub) -> None:
                         "multi_sample_elbo, vr:ALPHA (Renyi; ALPHA < 0 is not a lower bound), "
                         "miwae:MxK (M groups of K, M K = k), ciwae:BETA (BETA in [0, 1]); piwae:MxK "
                         "and rws report the IWAE bound")
+    p.add_argument("--likelihood", type=_likelihood, nargs="+", metavar="LIK",
+                   help=f"likelihoods every variant that takes them computes (default bernoulli; the "
+                        f"preset adds a block of gaussian continuous_bernoulli discretized_logistic): "
+                        f"{LIKELIHOOD_HELP}")
     p.add_argument("--regime", nargs="+", choices=list(REGIMES),
-                   help="inputs: realistic (MNIST-like) or saturated (2%% of logits 20-40 nats on the wrong side)")
+                   help="inputs: realistic (MNIST-like) or saturated (2%% of logits 20-40 nats on the wrong "
+                        "side; for a continuous likelihood its trap: a Gaussian's variance collapsed onto "
+                        "pixels that are 0, continuous Bernoulli logits near 0 and at +-80, logistic bins "
+                        "10-40 scales from their means)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=Path, help="output folder (default results/runs/<device>, e.g. results/runs/cpu)")
     p.add_argument("--against", type=Path, metavar="DIR",
@@ -658,15 +675,20 @@ def _cmd_compare(args, parser) -> int:
     from .report import _fmt
 
     device = _device(parser, args.device)
-    problem = Problem(args.batch, args.k, args.latent, args.data_dim, args.dtype, args.seed, args.regime)
+    try:
+        problem = Problem(args.batch, args.k, args.latent, args.data_dim, args.dtype, args.seed, args.regime,
+                          likelihood=args.likelihood)
+    except ValueError as error:
+        parser.error(str(error))
     inputs = make_inputs(problem, device)
-    want = reference.bound(*inputs)
+    likelihood = problem.likelihood_spec
+    want = reference.bound(*inputs[:5], likelihood, inputs.scale)
     print(f"B={problem.batch} k={problem.k} d={problem.latent} D={problem.data_dim} "
-          f"logits {problem.dtype}, {problem.regime} inputs on {device}; float64 reference mean bound "
-          f"{want.mean().item():.4f}")
+          f"logits {problem.dtype}, {problem.regime} inputs, likelihood {problem.likelihood} on {device}; "
+          f"float64 reference mean bound {want.mean().item():.4f}")
     print(f"{'variant':<9} {'bound mean':>12} {'max |err|':>11} {'finite':>7}")
-    for name in args.variants:
-        got = variants.get(name)(*inputs)
+    for name in [v for v in args.variants if variants.get(v).takes(likelihood)]:
+        got = variants.get(name)(*inputs, likelihood=likelihood)
         finite = torch.isfinite(got).double().mean().item()
         print(f"{name:<9} {got.double().mean().item():>12.4f} {_fmt(max_abs_err(got, want)):>11} {finite:>7.0%}")
     return 0
@@ -684,6 +706,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
     p.add_argument("--regime", choices=list(REGIMES), default="realistic",
                    help="realistic inputs, or saturated logits (default realistic)")
+    p.add_argument("--likelihood", type=_likelihood, default="bernoulli", metavar="LIK",
+                   help=f"{LIKELIHOOD_HELP} (default bernoulli; variants that do not take it are left out)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    metavar="VARIANT", help=f"variants to compare (default all: {', '.join(VARIANTS)})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=DEVICE_HELP)

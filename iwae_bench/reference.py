@@ -62,8 +62,10 @@ def log_discretized_logistic(x, mean, log_scale, bins: int = 256) -> torch.Tenso
     From the definition, F(a) - F(b) with F the logistic CDF, taken in logs as
     log F(a) + log1p(-F(b) / F(a)) for a bin below the mean and as the same difference of
     survival functions, log S(b) + log1p(-S(a) / S(b)) with S(t) = F(-t), for a bin above it
-    (where F rounds to 1 even in float64); a different form from the kernels' (both are checked
-    against scipy.stats and mpmath)."""
+    (where F rounds to 1 even in float64): the bin above is the bin (-a, -b) below, so one
+    formula on the mirrored ends serves both, and no unused branch (whose log1p(-1) would make
+    the gradient 0 * inf = NaN) is ever evaluated. A different form from the kernels' (both are
+    checked against scipy.stats and mpmath)."""
     half = 1.0 / (bins - 1)
     inv = torch.exp(-log_scale)
     a = (x + half - mean) * inv

@@ -448,8 +448,33 @@ def _objective_sections(report: Report, family: pd.DataFrame) -> None:
                        pivot(timed, "time_ms", index))
 
 
+def _likelihood_sections(report: Report, continuous: pd.DataFrame) -> None:
+    """The likelihoods' block (rows whose likelihood is not the Bernoulli): per likelihood and
+    mode, each variant's error against the float64 bound under that likelihood, and its time,
+    by regime, family, dtype and (B, k) (and objective where there are several)."""
+    if continuous.empty:
+        return
+    index = [c for c in ("objective", "regime", "family", "dtype") if continuous[c].nunique() > 1] + ["batch", "k"]
+    for (likelihood, mode), part in _groups(continuous, ["likelihood", "mode"]):
+        report.add(f"Likelihood {likelihood}: bound error, {mode}",
+                   f"The bound under the likelihood {likelihood} (kernels/likelihood.py) on gray-level data "
+                   f"(iwae_bench/problems.py; the saturated regime is its trap) by every variant that takes "
+                   f"it: largest |bound - float64 bound written from the likelihood's definition| in "
+                   f"{NATS}. naive computes it as typical code does (torch.distributions, PixelCNN++'s "
+                   "recipe) with no max shift; blog is the Bernoulli's only.", pivot(part, "max_abs_err", index))
+        if part["grad_max_abs_err"].notna().any():
+            report.add(f"Likelihood {likelihood}: gradient error, {mode}", "Largest |gradient - float64 "
+                       "autograd gradient| over every input but x (every channel of the decoder output, "
+                       "a per-pixel scale).", pivot(part, "grad_max_abs_err", index))
+        timed = part[part["status"].isin(TIMED)]
+        if not timed.empty:
+            report.add(f"Likelihood {likelihood}: time, {mode}", "Median time per call in ms (timed "
+                       "variants only; the Bernoulli's cells of the same (B, k) are in the sections above).",
+                       pivot(timed, "time_ms", index))
+
+
 def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
-    columns = ["family", "variant", "mode", "dtype", "regime", "batch", "latent", "hidden", "k"]
+    columns = ["family", "variant", "mode", "dtype", "regime", "likelihood", "batch", "latent", "hidden", "k"]
     last = (record.get("runs") or [{}])[-1]
     missing = last.get("missing_cells") or []
     if missing:
@@ -522,8 +547,10 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
     everything, problems = load(csv_path)
     record = read_json(csv_path.parent / "machine.json")
     report = Report(out)
-    # the IWAE bound's rows feed the plots and sections; the rest of the family its own tables
-    frame = everything[everything["objective"] == "iwae"]
+    # the Bernoulli IWAE bound's rows feed the plots and sections; the rest of the family and
+    # the other likelihoods their own tables
+    bernoulli = everything[everything["likelihood"] == "bernoulli"]
+    frame = bernoulli[bernoulli["objective"] == "iwae"]
 
     if (frame["device"] == "cuda").any():
         from .targets import targets_table
@@ -543,7 +570,8 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
                    "figure (on a CPU only torch.compile's cells lack one: its generated code is "
                    "invisible to the tensor tracker), so the column is empty rather than guessed.")
     _accuracy_sections(report, frame)
-    _objective_sections(report, everything[everything["objective"] != "iwae"])
+    _objective_sections(report, bernoulli[bernoulli["objective"] != "iwae"])
+    _likelihood_sections(report, everything[everything["likelihood"] != "bernoulli"])
     _status_sections(report, everything, record)
     if against is not None:
         _comparison_section(report, everything, against)

@@ -2,16 +2,25 @@
 
 Three families share the registry and its flags:
 
-- ``bound``: ``fn(x, logits, z, mu, logvar, objective) -> [B] float32`` (shapes as in
-  ``kernels.log_weights``), from the five inputs;
-- ``reduction``: ``fn(log_w [B, k]) -> [B] float32``, the last step alone (the logsumexp over k);
-- ``head``: ``fn(x, h, weight, bias, z, mu, logvar, objective) -> [B] float32``, the decoder's
-  output layer (l = h weight^T + bias) and the bound together.
+- ``bound``: ``variant(x, logits, z, mu, logvar[, scale], objective=, likelihood=) -> [B] float32``
+  (shapes as in ``kernels.log_weights``), from the five inputs;
+- ``reduction``: ``variant(log_w [B, k]) -> [B] float32``, the last step alone (the logsumexp over k);
+- ``head``: ``variant(x, h, weight, bias, z, mu, logvar[, scale], objective=, likelihood=) -> [B]
+  float32``, the decoder's output layer (l = h weight^T + bias) and the bound together.
 
 ``objective`` (training/family.py; the IWAE bound when not given) is the member of the family a
 bound or head variant computes: each variant computes every member in its own style (naive
 without the max shift, torch stable, triton and fused through ``kernels.Reduction``), except
 ``blog``, which stands for one blog's IWAE code and computes that bound only.
+
+``likelihood`` (kernels/likelihood.py; the Bernoulli's when not given) is the decoder's p(x|h):
+the logits then hold its C channels ([B, k, C D]; the head's weight [C D, H]) and ``scale`` is
+its per-pixel log-scale [D] where it has one. Each variant computes every likelihood in its own
+style: ``naive`` as typical code does (torch.distributions' Normal and ContinuousBernoulli on
+inputs repeated to [B*k, ...], PixelCNN++'s recipe for the discretized logistic), the stable
+ones through the stable forms (training.bounds, the kernels), except ``blog`` (the Bernoulli's
+only) and the kernels' variants on a logistic mixture (one logistic per pixel: a mixture runs
+on torch).
 
 Every variant checks its inputs with the same function as the kernels, so bad input reads
 the same whichever variant meets it. The harness reads a variant's flags (``uses_triton``:
@@ -34,8 +43,9 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import IWAE, Reduction, check_bound_inputs
-from kernels._common import check_log_weights
+from kernels._common import check_channels, check_devices, check_log_weights, check_scale
 from kernels.fused_linear import check_head_inputs
+from kernels.likelihood import BERNOULLI, Likelihood, as_likelihood
 
 from .training import bounds
 from .training.family import IWAE_OBJECTIVE, Objective, default_estimator
@@ -54,30 +64,58 @@ class Variant:
     uses_triton: bool = False   # runs Triton kernels (interpreted, so not timed as speed, on CPU)
     compiles: bool = False      # torch.compile: compiled afresh for every cell
     iwae_only: bool = False     # computes the IWAE bound only (not the rest of the family)
+    bernoulli_only: bool = False  # computes the Bernoulli likelihood only
 
     def computes(self, objective: Objective) -> bool:
         """Whether this variant computes ``objective``'s bound (the reduction family: the IWAE's)."""
         return objective.name == "iwae" or not (self.iwae_only or self.family == "reduction")
 
-    def __call__(self, *args, objective: Objective | None = None, **kwargs) -> torch.Tensor:
+    def takes(self, likelihood: Likelihood) -> bool:
+        """Whether this variant computes a bound under ``likelihood`` (the kernels take one
+        logistic per pixel; the reduction family takes log-weights, whatever made them)."""
+        if self.bernoulli_only:
+            return likelihood.name == "bernoulli"
+        return not (self.uses_triton and likelihood.mixture > 1)
+
+    def __call__(self, *args, objective: Objective | None = None, likelihood=None, **kwargs) -> torch.Tensor:
         names = INPUTS[self.family]
-        given = {**dict(zip(names, args)), **kwargs}
-        if len(args) > len(names) or set(given) != set(names):
-            raise TypeError(f"a {self.family} variant takes ({', '.join(names)}), got "
+        optional = () if self.family == "reduction" else ("scale",)
+        given = {**dict(zip(names + optional, args)), **kwargs}
+        if len(args) > len(names) + len(optional) or not set(names) <= set(given) <= set(names + optional):
+            raise TypeError(f"a {self.family} variant takes ({', '.join(names + optional)}), got "
                             f"{len(args)} positional and {sorted(kwargs)} keyword arguments")
         inputs = [given[name] for name in names]
-        if self.family == "bound":
-            check_bound_inputs(*inputs, for_kernel=self.uses_triton)
-        elif self.family == "head":
-            check_head_inputs(*inputs, for_kernel=self.uses_triton)
-        else:
+        if self.family == "reduction":
+            if likelihood is not None:
+                raise TypeError("a reduction variant takes log_w alone: the likelihood is the bound's")
             check_log_weights("log_w", *inputs, for_kernel=self.uses_triton)
             return self.fn(*inputs)
+        likelihood, scale = as_likelihood(likelihood), given.get("scale")
+        if not self.takes(likelihood):
+            why = "the Bernoulli likelihood only" if self.bernoulli_only else \
+                "the kernels, which take one logistic per pixel (a mixture runs on torch)"
+            raise ValueError(f"variant {self.name!r} computes {why}, not likelihood {likelihood.label!r}")
+        if self.family == "bound":
+            check_bound_inputs(*inputs, for_kernel=self.uses_triton, likelihood=likelihood, scale=scale)
+        else:
+            check_head(*inputs, for_kernel=self.uses_triton, likelihood=likelihood, scale=scale)
         objective = objective or IWAE_OBJECTIVE
         if not self.computes(objective):
             raise ValueError(f"variant {self.name!r} computes the IWAE bound only, not {objective.label!r}")
         objective.check(inputs[1].shape[1], default_estimator(objective))
-        return self.fn(*inputs, objective.value(inputs[1].shape[1]))
+        return self.fn(*inputs, objective.value(inputs[1].shape[1]), likelihood, scale)
+
+
+def check_head(x, h, weight, bias, z, mu, logvar, *, for_kernel: bool, likelihood: Likelihood, scale) -> None:
+    """The decoder head's inputs for ``likelihood``: weight [C D, H] and bias [C D] hold its C
+    channels (each checked as the first one's D rows, the shapes' error naming the argument),
+    ``scale`` [D] where it has a per-pixel scale."""
+    weight_d = check_channels("weight", weight, x, likelihood, axis=0)
+    bias_d = check_channels("bias", bias, x, likelihood, axis=0)
+    D = check_head_inputs(x, h, weight_d, bias_d, z, mu, logvar, for_kernel=for_kernel)[2]
+    tensors = {"x": x}
+    check_scale(scale, D, likelihood, tensors)
+    check_devices(tensors, for_kernel)
 
 
 REGISTRY: dict[str, dict[str, Variant]] = {family: {} for family in FAMILIES}
@@ -127,22 +165,61 @@ def compiled(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------- the bound
 
 
-def textbook_log_weights(x, logits, z, mu, logvar) -> torch.Tensor:
+def textbook_log_weights(x, logits, z, mu, logvar, likelihood: Likelihood = BERNOULLI, scale=None) -> torch.Tensor:
     """log w [B, k] as the textbook and blog code compute it: the per-example inputs repeated
-    to [B*k, ...], BCE on sigmoid probabilities (torch clamps each log at -100), and
-    hand-written Gaussian log-densities with their 2 pi terms."""
-    B, k, D = logits.shape
+    to [B*k, ...], the likelihood as ``textbook_log_likelihood`` writes it, and hand-written
+    Gaussian log-densities with their 2 pi terms."""
+    B, k, _ = logits.shape
     d = z.shape[2]
     x_rep = x.float().repeat_interleave(k, dim=0)                   # [B*k, D]
     mu_rep = mu.float().repeat_interleave(k, dim=0)                 # [B*k, d]
     logvar_rep = logvar.float().repeat_interleave(k, dim=0)
     h = z.float().reshape(B * k, d)
-    probs = torch.sigmoid(logits.float().reshape(B * k, D))
-    log_px = -F.binary_cross_entropy(probs, x_rep, reduction="none").sum(dim=1)
+    log_px = textbook_log_likelihood(x_rep, logits.float().reshape(B * k, -1), likelihood, scale)
     log_2pi = math.log(2.0 * math.pi)
     log_ph = -0.5 * (h ** 2).sum(dim=1) - 0.5 * d * log_2pi
     log_qh = -0.5 * ((h - mu_rep) ** 2 / torch.exp(logvar_rep) + logvar_rep).sum(dim=1) - 0.5 * d * log_2pi
     return (log_px + log_ph - log_qh).view(B, k)
+
+
+def textbook_log_likelihood(x_rep, outputs, likelihood: Likelihood, scale) -> torch.Tensor:
+    """log p(x|h) [B*k] on repeated inputs (x_rep [B*k, D], outputs [B*k, C D]) as typical code
+    writes each likelihood: BCE on sigmoid probabilities (torch clamps each log at -100);
+    torch.distributions' Normal (mean, exp(s / 2)) and ContinuousBernoulli(logits) (which clamps
+    its probabilities: ~0.8 nats off at |l| = 80 even in float64, more in float32);
+    ``pixelcnn_logistic`` for the discretized logistic and its mixture."""
+    if likelihood.name == "bernoulli":
+        return -F.binary_cross_entropy(torch.sigmoid(outputs), x_rep, reduction="none").sum(dim=1)
+    if likelihood.name == "continuous_bernoulli":
+        return torch.distributions.ContinuousBernoulli(logits=outputs).log_prob(x_rep).sum(dim=1)
+    mix, means, log_scales = bounds.location_channels(outputs, likelihood, scale)
+    if likelihood.name == "gaussian":
+        return torch.distributions.Normal(means[0], torch.exp(0.5 * log_scales[0])).log_prob(x_rep).sum(dim=1)
+    each = torch.stack([pixelcnn_logistic(x_rep, m, s, likelihood.half_bin) for m, s in zip(means, log_scales)])
+    if not mix:
+        return each[0].sum(dim=1)
+    return torch.logsumexp(each + torch.log_softmax(torch.stack(mix), dim=0), dim=0).sum(dim=1)
+
+
+def pixelcnn_logistic(x, mean, log_scale, half_bin: float) -> torch.Tensor:
+    """The log mass of x's bin as PixelCNN++'s published loss computes it (Salimans et al. 2017):
+    the difference of the two sigmoids, its log clamped at 1e-12; where that difference is
+    below 1e-5, the density at the bin's centre times the bin's width instead (a patch for the
+    difference's underflow, wrong by the density's curvature over the bin); the edge bins from
+    log sigmoid(a) and -softplus(b). (The recipe's clamp of the log-scales at -7 belongs to its
+    model, not to the likelihood: left out, as ``floor`` is the spec's.)"""
+    centred = x - mean
+    inv = torch.exp(-log_scale)
+    plus, minus = inv * (centred + half_bin), inv * (centred - half_bin)
+    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+    log_cdf_plus = plus - F.softplus(plus)      # the bottom bin: log F(a)
+    log_one_minus_cdf_min = -F.softplus(minus)  # the top bin: log(1 - F(b))
+    mid = inv * centred
+    log_pdf_mid = mid - log_scale - 2.0 * F.softplus(mid)
+    inner = torch.where(cdf_delta > 1e-5, torch.log(torch.clamp(cdf_delta, min=1e-12)),
+                        log_pdf_mid + math.log(2.0 * half_bin))
+    return torch.where(x < half_bin - 1.0, log_cdf_plus,
+                       torch.where(x > 1.0 - half_bin, log_one_minus_cdf_min, inner))
 
 
 def naive_reduce(log_w: torch.Tensor, reduction: Reduction) -> torch.Tensor:
@@ -159,22 +236,24 @@ def naive_reduce(log_w: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     return value.mean(1)
 
 
-@register("bound", "naive", "textbook: inputs repeated to [B*k, ...], BCE on sigmoid probabilities, "
-                            "log(mean(exp(log_w))) with no max shift")
-def naive_bound(x, logits, z, mu, logvar, reduction=IWAE):
-    return naive_reduce(textbook_log_weights(x, logits, z, mu, logvar), reduction)
+@register("bound", "naive", "textbook: inputs repeated to [B*k, ...], BCE on sigmoid probabilities "
+                            "(torch.distributions' Normal and ContinuousBernoulli, PixelCNN++'s "
+                            "discretized logistic), log(mean(exp(log_w))) with no max shift")
+def naive_bound(x, logits, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
+    return naive_reduce(textbook_log_weights(x, logits, z, mu, logvar, likelihood, scale), reduction)
 
 
 @register("bound", "blog", "the blog code's IWAE loss as written: inputs repeated to [B*k, ...], "
                            "BCE on sigmoid probabilities (log clamped at -100), then torch.logsumexp",
-          iwae_only=True)
-def blog_bound(x, logits, z, mu, logvar, reduction=IWAE):
+          iwae_only=True, bernoulli_only=True)
+def blog_bound(x, logits, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
     log_w = textbook_log_weights(x, logits, z, mu, logvar)
     return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
 
 
-def torch_bound(x, logits, z, mu, logvar, reduction=IWAE):
-    return bounds.reduced_bound(x, logits, z, mu, logvar, reduction, backend="torch")
+def torch_bound(x, logits, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
+    return bounds.reduced_bound(x, logits, z, mu, logvar, reduction, backend="torch", likelihood=likelihood,
+                                scale=scale)
 
 
 register("bound", "torch", "stable PyTorch: broadcasting instead of repeats, BCE with logits, "
@@ -185,14 +264,16 @@ register("bound", "compile", "torch.compile of the torch variant (default settin
 
 @register("bound", "triton", "two Triton kernels: batched log-weights, then the logsumexp over k",
           uses_triton=True)
-def triton_bound(x, logits, z, mu, logvar, reduction=IWAE):
-    return kernels.iwae_bound(kernels.log_weights(x, logits, z, mu, logvar), reduction)
+def triton_bound(x, logits, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
+    log_w = kernels.log_weights(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
+    return kernels.iwae_bound(log_w, reduction)
 
 
 @register("bound", "fused", "one Triton kernel from (x, logits, z, mu, logvar) to the bound",
           uses_triton=True)
-def fused_bound(x, logits, z, mu, logvar, reduction=IWAE):
-    return bounds.reduced_bound(x, logits, z, mu, logvar, reduction, backend="fused")
+def fused_bound(x, logits, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
+    return bounds.reduced_bound(x, logits, z, mu, logvar, reduction, backend="fused", likelihood=likelihood,
+                                scale=scale)
 
 
 # --------------------------------------------------------------------------- the reduction alone
@@ -220,8 +301,8 @@ register("reduction", "triton", "the streaming Triton logsumexp (kernels.iwae_bo
 # triton) or never (fused_linear).
 
 
-def torch_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE):
-    return bounds.reduced_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction, backend="torch")
+def torch_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
+    return torch_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction, likelihood, scale)
 
 
 register("head", "torch", "nn.Linear's matmul, then the stable torch bound")(torch_head)
@@ -231,11 +312,13 @@ register("head", "compile", "torch.compile of the torch head (matmul and bound t
 
 @register("head", "triton", "the matmul by torch, then the fused Triton bound on the logits",
           uses_triton=True)
-def triton_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE):
-    return kernels.fused_iwae_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction)
+def triton_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
+    return kernels.fused_iwae_bound(x, F.linear(h, weight, bias), z, mu, logvar, reduction,
+                                    likelihood=likelihood, scale=scale)
 
 
 @register("head", "fused_linear", "one Triton kernel from h and the output layer to the bound: "
                                   "logits built on chip, never stored", uses_triton=True)
-def fused_linear_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE):
-    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction)
+def fused_linear_head(x, h, weight, bias, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
+    return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction,
+                                           likelihood=likelihood, scale=scale)

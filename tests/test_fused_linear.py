@@ -112,7 +112,7 @@ def test_realistic_head_is_float32_accurate_in_every_lane(device):
     from iwae_bench.problems import Problem, make_inputs
 
     x, h, weight, bias, z, mu, logvar = make_inputs(Problem(4, 64, 50, 784, "float32", 0, "realistic", 200),
-                                                    torch.device(device))
+                                                    torch.device(device))[:7]
     want = reference_head_log_weights(*_leaves((x, h, weight, bias, z, mu, logvar), torch.float64))
     got = fused_linear_log_weights(x, h, weight, bias, z, mu, logvar)
     assert_close(got, want, rtol=0.0, atol=2e-3, what="log_w")

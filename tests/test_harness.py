@@ -44,7 +44,7 @@ def test_head_reference_sums_shared_gradients_over_slices(monkeypatch):
     ref = cell.Reference(inputs)
     from iwae_bench import reference
 
-    leaves = [t.double().requires_grad_() for t in inputs[1:]]
+    leaves = [t.double().requires_grad_() for t in inputs[1:7]]
     h, weight, bias, z, mu, logvar = leaves
     total = reference.bound(inputs.x, h @ weight.T + bias, z, mu, logvar).sum()
     exact = torch.autograd.grad(total, leaves)
@@ -52,6 +52,41 @@ def test_head_reference_sums_shared_gradients_over_slices(monkeypatch):
     planted = list(exact)
     planted[1] = planted[1].clone()
     planted[1][3, 2] += 0.25
+    assert abs(ref.grad_max_abs_err(planted) - 0.25) < 1e-12
+
+
+def test_likelihood_bytes_by_hand():
+    """What each likelihood reads: C channels of the decoder output, a per-pixel scale [D].
+    B=4, k=8, D=10, d=3: logits 2 x 320 for gaussian (a log-variance channel), 320 and a [10]
+    scale for gaussian:pixel (whose gradient backward writes too), 320 for a fixed variance."""
+    plain = 40 + 96 + 12 + 12  # x, z, mu, logvar
+    sample = make_inputs(Problem(4, 8, 3, 10, likelihood="gaussian"))
+    pixel = make_inputs(Problem(4, 8, 3, 10, likelihood="gaussian:pixel"))
+    fixed = make_inputs(Problem(4, 8, 3, 10, likelihood="gaussian:sigma=0.1"))
+    assert cell.bound_bytes(sample, "forward") == (plain + 640) * 4 + 16
+    assert cell.bound_bytes(pixel, "forward") == (plain + 320 + 10) * 4 + 16
+    assert cell.bound_bytes(pixel, "backward") == (plain + 320 + 10) * 4 + 32 + (320 + 10 + 96 + 12 + 12) * 4
+    assert cell.bound_bytes(fixed, "forward") == (plain + 320) * 4 + 16
+    head = make_inputs(Problem(2, 3, 4, 10, hidden=5, likelihood="discretized_logistic"))  # weight [20, 5]
+    assert cell.bound_bytes(head, "forward") == (20 + 30 + 100 + 20 + 24 + 8 + 8) * 4 + 8
+    assert cell.head_flops(head, "forward") == 2 * 2 * 3 * 5 * 20
+
+
+def test_reference_sums_the_scale_gradient_over_slices(monkeypatch):
+    """A per-pixel scale is every example's: its float64 gradient is summed over the slices."""
+    problem = Problem(5, 3, 2, 12, likelihood="discretized_logistic:pixel")
+    inputs = make_inputs(problem)
+    monkeypatch.setattr(cell.Reference, "CHUNK_ELEMENTS", 2 * 3 * 12)  # two examples per slice
+    ref = cell.Reference(inputs, likelihood=problem.likelihood_spec)
+    from iwae_bench import reference
+
+    leaves = [t.double().requires_grad_() for t in inputs[1:]]
+    total = reference.bound(inputs.x, *leaves[:4], problem.likelihood_spec, leaves[4]).sum()
+    exact = torch.autograd.grad(total, leaves)
+    assert ref.grad_max_abs_err(exact) < 1e-12
+    planted = list(exact)
+    planted[4] = planted[4].clone()
+    planted[4][7] += 0.25
     assert abs(ref.grad_max_abs_err(planted) - 0.25) < 1e-12
 
 

@@ -111,7 +111,7 @@ def test_realistic_d784_log_weights_are_float32_accurate_in_every_lane(device):
     lane at the scale of 32752 (0.02 nats here)."""
     from iwae_bench.problems import Problem, make_inputs
 
-    inputs = make_inputs(Problem(4, 64, 50, 784, "float32", 0, "realistic"), torch.device(device))
+    inputs = make_inputs(Problem(4, 64, 50, 784, "float32", 0, "realistic"), torch.device(device))[:5]
     want = reference.log_weights(*(t.double() for t in inputs))
     assert_close(kernels.log_weights(*inputs), want, rtol=0.0, atol=2e-3, what="log_w")
     assert_close(kernels.fused_iwae_bound(*inputs), reference.iwae_bound(want), rtol=0.0, atol=2e-3,

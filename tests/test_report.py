@@ -104,6 +104,29 @@ def test_report_compares_with_another_run(tmp_path):
     assert (out / "plots" / "against_reference.png").exists()
 
 
+def test_report_has_a_section_per_likelihood(tmp_path):
+    """The continuous likelihoods' rows get their own sections, by likelihood and mode; the
+    Bernoulli's plots and tables hold none of them."""
+    rows = [_row("torch", k, 2.0 * k) for k in (1, 64)]
+    for likelihood, err in (("gaussian", 0.625), ("discretized_logistic:mix=3", 0.375)):
+        for regime in ("realistic", "saturated"):
+            rows += [dict(_row("naive", 64, 9.0, regime=regime, err=err), likelihood=likelihood),
+                     dict(_row("torch", 64, 7.0, regime=regime, err=3.5e-05), likelihood=likelihood),
+                     dict(_row("torch", 64, 14.0, mode="backward", regime=regime, err=3.5e-05, grad_err=4.5e-06),
+                          likelihood=likelihood)]
+    text = render(_write(tmp_path / "run", rows)).read_text()
+    for likelihood, err in (("gaussian", "0.625"), ("discretized_logistic:mix=3", "0.375")):
+        section = text.split(f"## Likelihood {likelihood}: bound error, forward")[1].split("##")[0]
+        assert f"| realistic | 4 | 64 | {err} | 3.5e-05 |" in section and f"| saturated | 4 | 64 | {err} | 3.5e-05 |" in section
+        gradient = text.split(f"## Likelihood {likelihood}: gradient error, backward")[1].split("##")[0]
+        assert "| realistic | 4 | 64 | 4.5e-06 |" in gradient
+        assert f"## Likelihood {likelihood}: time, forward" in text
+    bernoulli = text.split("## Likelihood")[0]
+    assert "0.625" not in bernoulli and "3.5e-05" not in bernoulli and "4.5e-06" not in bernoulli
+    assert "## Likelihood bernoulli" not in text
+    assert text.index("## Likelihood discretized_logistic:mix=3") < text.index("## Likelihood gaussian")
+
+
 def _record_figures(monkeypatch) -> dict[str, list[tuple[str, int, str]]]:
     """Every figure the report saves, by file name: [(panel title, how many points it draws, its x
     label)]. A point is a finite marker of a data line; reference lines (axhline) have no markers."""

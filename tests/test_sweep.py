@@ -43,11 +43,15 @@ def test_help_explains_every_flag():
     done = _cli("sweep", "--help")
     assert done.returncode == 0
     for flag in ["--preset", "--k", "--batch", "--latent", "--data-dim", "--variants", "--dtype",
-                 "--mode", "--regime", "--device", "--out", "--against", "--resume", "--seed",
-                 "--min-time", "--no-progress"]:
+                 "--mode", "--regime", "--objective", "--likelihood", "--device", "--out", "--against",
+                 "--resume", "--seed", "--min-time", "--no-progress"]:
         assert flag in done.stdout
     assert "results.csv" in done.stdout and "machine.json" in done.stdout
     assert "results/runs/<device>" in done.stdout and "promote" in done.stdout
+    help_text = " ".join(done.stdout.split())
+    for spelling in ("continuous_bernoulli (cb)", "gaussian:pixel", "gaussian:sigma=S", "(logistic;",
+                     ":mix=L", ",floor=F"):
+        assert spelling in help_text, spelling
 
 
 def test_quick_preset_varies_k_batch_and_latent_width():
@@ -136,18 +140,73 @@ def test_family_cells_are_each_objectives_against_its_float64_value(tmp_path):
     assert "## The family: bound error, forward" in report and "| miwae:2x2 |" in report
 
 
-def test_a_csv_of_an_earlier_version_reads_its_rows_as_the_iwae_bound(tiny_sweep, tmp_path):
+def test_a_csv_of_an_earlier_version_reads_its_rows_as_the_bernoulli_iwae_bound(tiny_sweep, tmp_path):
+    """CSVs written before the objective and likelihood columns: their rows are the IWAE bound
+    under the Bernoulli, and the report renders them."""
     from iwae_bench.harness.table import read_table
+    from iwae_bench.report import render
 
     rows = _rows(tiny_sweep / "results.csv")
     old = tmp_path / "results.csv"
     with open(old, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[c for c in COLUMNS if c != "objective"], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[c for c in COLUMNS if c not in ("objective", "likelihood")],
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     table = read_table(old)
     assert len(table.rows) == len(rows) and not table.problems
     assert {r["objective"] for r in table.rows} == {"iwae"}
+    assert {r["likelihood"] for r in table.rows} == {"bernoulli"}
+    assert "## Bound error: forward, realistic inputs" in render(tmp_path).read_text()
+
+
+def test_quick_presets_have_a_likelihood_block():
+    """Each continuous likelihood at B = 4, k = 64, D = 784 on the CPU (bigger on CUDA), every
+    variant that takes it (not blog), beside the Bernoulli of the other blocks."""
+    for device, cells in (("cpu", {(4, 64, 784)}), ("cuda", {(256, 64, 784), (256, 1024, 784), (20, 64, 784)})):
+        grid = Grid.preset("quick", torch.device(device))
+        block = [(p, todo) for p, todo in grid.problems() if p.likelihood != "bernoulli"]
+        assert {p.likelihood for p, _ in block} == {"gaussian", "continuous_bernoulli", "discretized_logistic"}
+        assert {(p.batch, p.k, p.data_dim) for p, _ in block if p.family == "bound"} == cells
+        for _, todo in block:
+            assert "blog" not in {v for v, _ in todo} and {m for _, m in todo} == {"forward", "backward"}
+        assert {p.likelihood for p, _ in grid.problems() if p.objective != "iwae"} == {"bernoulli"}
+
+
+def test_likelihood_axis_keeps_each_variant_to_the_likelihoods_it_takes():
+    grid = Grid.preset("quick", torch.device("cpu"), likelihood=["bernoulli", "discretized_logistic:mix=2", "cb"])
+    variants = {p.likelihood: {v for v, _ in todo} for p, todo in grid.problems() if p.k == 8 and p.batch == 4}
+    assert variants == {"bernoulli": {"naive", "blog", "torch", "compile", "triton", "fused"},
+                        "discretized_logistic:mix=2": {"naive", "torch", "compile"},
+                        "continuous_bernoulli": {"naive", "torch", "compile", "triton", "fused"}}
+
+
+def test_likelihood_cells_are_each_likelihoods_against_its_float64_value(tmp_path):
+    """--likelihood: a column of its own; each cell's bound, gradients and bytes under its
+    likelihood, against the float64 reference of the same seeded problem; blog only where the
+    Bernoulli is; a section per likelihood in the report."""
+    done = _cli("sweep", *TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "backward",
+                "--variants", "naive", "blog", "torch", "--likelihood", "bernoulli", "gaussian:pixel",
+                "logistic:mix=2", "--regime", "saturated", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _rows(tmp_path / "results.csv")
+    cells = {(r["likelihood"], r["regime"], r["variant"]) for r in rows}
+    assert len(rows) == len(cells) == 3 + 2 + 2
+    assert {lik for lik, _, v in cells if v == "blog"} == {"bernoulli"}
+    for r in rows:
+        problem = Problem(2, 4, 3, 20, regime=r["regime"], likelihood=r["likelihood"])
+        inputs = make_inputs(problem)
+        want = reference.bound(*inputs[:5], problem.likelihood_spec, inputs.scale).mean().item()
+        assert int(r["bytes"]) == bound_bytes(inputs, "backward")
+        if r["variant"] == "torch":
+            assert r["status"] in ("ok", "noisy") and float(r["max_abs_err"]) < 1e-3, r
+            assert math.isclose(float(r["bound_mean"]), want, abs_tol=1e-3)
+            assert float(r["grad_max_abs_err"]) < 1e-3, r
+    report = (tmp_path / "report.md").read_text()
+    for likelihood in ("gaussian:pixel", "discretized_logistic:mix=2"):
+        for section in ("bound error", "gradient error", "time"):
+            assert f"## Likelihood {likelihood}: {section}, backward" in report
+    assert "## Likelihood bernoulli" not in report
 
 
 def test_tiny_sweep_writes_report_and_machine(tiny_sweep):
@@ -304,11 +363,15 @@ def test_check_resume_names_every_clash():
     (["--objective", "miwae:8"], "argument --objective: objective 'miwae:8': miwae takes its groups as MxK"),
     (["--objective", "ciwae:2"], "argument --objective: objective 'ciwae:2': beta must lie in [0, 1]"),
     (["--k", "6", "--objective", "miwae:4x4"], "miwae groups M x K = 4 x 4 = 16 samples, but k = 6"),
+    (["--likelihood", "poisson"], "argument --likelihood: likelihood 'poisson': likelihood must be one of "
+                                  "bernoulli, continuous_bernoulli, gaussian, discretized_logistic, got 'poisson'"),
+    (["--likelihood", "gaussian:sigma=0.1", "--regime", "saturated"],
+     "regime 'saturated' is a Gaussian's learned variance collapsed onto pixels that are 0"),
     (["--out", "{file}/sub"], "is not writable"),
     (["--against", "{file}"], "--against {file}: no such folder"),
 ], ids=["k=0", "unknown-variant", "batch-not-int", "min-time-0", "min-time-negative",
-        "unknown-regime", "objective-spelling", "objective-beta", "objective-groups", "unwritable-out",
-        "against-missing"])
+        "unknown-regime", "objective-spelling", "objective-beta", "objective-groups", "likelihood-spelling",
+        "likelihood-saturated-fixed", "unwritable-out", "against-missing"])
 def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 import kernels
+from kernels.likelihood import BERNOULLI, Likelihood
 
 from .. import reference
 from ..problems import HeadInputs, Problem
@@ -34,9 +35,11 @@ def bound_bytes(inputs, mode: str) -> int:
     """The fewest bytes a bound or decoder-head cell must move: every input read once and the
     [B] float32 bound written once; forward + backward also reads the incoming [B] gradient and
     writes the gradient of every input but x (data) once: logits, z, mu and logvar, or for the
-    head h, weight, bias, z, mu and logvar."""
-    x, *rest = inputs
-    read = sum(t.numel() * t.element_size() for t in inputs)
+    head h, weight, bias, z, mu and logvar. What the likelihood reads is in the inputs: x, the
+    decoder output's C channels ([B, k, C D] logits, the head's [C D, H] weight and [C D]
+    bias) and a per-pixel scale [D] (read, and its gradient written) where it has one."""
+    x, *rest = [t for t in inputs if t is not None]
+    read = sum(t.numel() * t.element_size() for t in (x, *rest))
     out = x.shape[0] * 4
     if mode == "forward":
         return read + out
@@ -73,54 +76,58 @@ def max_abs_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float("inf") if not torch.isfinite(diff).all() else diff.max().item()
 
 
+SHARED = ("weight", "bias", "scale")  # inputs not of one example: whole in every slice
+
+
 class Reference:
     """float64 values for one problem's inputs, shared by all its variants and modes.
 
     Computed over slices of the batch (each example's bound depends on its own row only), so
     a float64 copy of the largest cells' logits never has to exist whole. A decoder-head
-    problem's logits are built in float64 from h, weight and bias, slice by slice.
+    problem's logits are built in float64 from h, weight and bias, slice by slice. The
+    likelihood (kernels/likelihood.py) is the problem's; a per-pixel scale is an input.
     """
 
     CHUNK_ELEMENTS = 1 << 25  # float64 logits elements per slice
 
-    def __init__(self, inputs, objective: Objective = IWAE_OBJECTIVE):
+    def __init__(self, inputs, objective: Objective = IWAE_OBJECTIVE, likelihood: Likelihood = BERNOULLI):
         self.inputs = inputs
         self.objective = objective
+        self.likelihood = likelihood
         self.head = isinstance(inputs, HeadInputs)
-        log_w = torch.cat([reference.log_weights(*self._bound_inputs(part)) for part in self._slices()])
+        self.names = [name for name, t in zip(inputs._fields, inputs) if t is not None]
+        log_w = torch.cat([self._log_weights(part) for part in self._slices()])
         self.bound = reference.objective_bound(log_w, objective)
         self.elbo = reference.elbo(log_w)
 
-    def _bound_inputs(self, part) -> tuple:
-        if not self.head:
-            return part
-        x, h, weight, bias, z, mu, logvar = part
-        return x, HeadInputs(*part).logits(), z, mu, logvar
+    def _log_weights(self, part: dict) -> torch.Tensor:
+        logits = HeadInputs(**part).logits() if self.head else part["logits"]
+        return reference.log_weights(part["x"], logits, part["z"], part["mu"], part["logvar"], self.likelihood,
+                                     part.get("scale"))
 
-    def _slices(self) -> Iterator[tuple]:
+    def _slices(self) -> Iterator[dict]:
         x = self.inputs[0]
         k = self.inputs[1].shape[1]
         rows = max(1, self.CHUNK_ELEMENTS // (k * x.shape[1]))
+        given = {name: getattr(self.inputs, name) for name in self.names}
         for start in range(0, x.shape[0], rows):
-            yield tuple(t if self.head and name in ("weight", "bias") else t[start:start + rows]
-                        for name, t in zip(self.inputs._fields, self.inputs))
+            yield {name: t if name in SHARED else t[start:start + rows] for name, t in given.items()}
 
     def grad_max_abs_err(self, grads) -> float:
         """Largest error of the gradients of the sum of the objective's bound (L_k by default)
-        with respect to every input but x (logits,
-        z, mu, logvar; or h, weight, bias, z, mu, logvar) against float64 autograd. The head's
-        weight and bias gradients sum over every slice before they are compared."""
+        with respect to every input but x (logits, z, mu, logvar; or h, weight, bias, z, mu,
+        logvar; and a per-pixel scale) against float64 autograd. The gradients of the inputs
+        every slice shares (the head's weight and bias, the scale) sum over the slices before
+        they are compared."""
         worst, start, shared = 0.0, 0, {}
-        names = self.inputs._fields[1:]
-        for x, *rest in self._slices():
-            leaves = [t.detach().double().requires_grad_() for t in rest]
-            part = (x, *leaves)
-            log_w = reference.log_weights(*self._bound_inputs(type(self.inputs)(*part)))
-            bound = reference.objective_bound(log_w, self.objective)
-            want = torch.autograd.grad(bound.sum(), leaves)
-            stop = start + x.shape[0]
+        names = self.names[1:]
+        for part in self._slices():
+            leaves = {name: part[name].detach().double().requires_grad_() for name in names}
+            bound = reference.objective_bound(self._log_weights({**part, **leaves}), self.objective)
+            want = torch.autograd.grad(bound.sum(), list(leaves.values()))
+            stop = start + part["x"].shape[0]
             for name, got, expected in zip(names, grads, want):
-                if name in ("weight", "bias"):
+                if name in SHARED:
                     shared[name] = shared.get(name, 0) + expected
                 else:
                     worst = max(worst, max_abs_err(got[start:stop], expected))
@@ -158,15 +165,17 @@ def bound_identity(variant: str, problem: Problem, mode: str, device: torch.devi
     return {"family": problem.family, "variant": variant, "device": device.type, "dtype": problem.dtype,
             "k": problem.k, "batch": problem.batch, "latent": problem.latent,
             "data_dim": problem.data_dim, "hidden": problem.hidden, "mode": mode,
-            "regime": problem.regime, "objective": problem.objective, "seed": problem.seed,
-            "threads": torch.get_num_threads()}
+            "regime": problem.regime, "objective": problem.objective, "likelihood": problem.likelihood,
+            "seed": problem.seed, "threads": torch.get_num_threads()}
 
 
 def reduction_identity(variant: str, batch: int, k: int, device: torch.device, seed: int) -> dict:
-    """The identity columns of a reduction cell: float32 log-weights, latent and data_dim 0."""
+    """The identity columns of a reduction cell: float32 log-weights, latent and data_dim 0 (and
+    the defaults of the axes that make log-weights, which it takes ready-made)."""
     return {"family": "reduction", "variant": variant, "device": device.type, "dtype": "float32",
             "k": k, "batch": batch, "latent": 0, "data_dim": 0, "hidden": 0, "mode": "forward",
-            "regime": "realistic", "objective": "iwae", "seed": seed, "threads": torch.get_num_threads()}
+            "regime": "realistic", "objective": "iwae", "likelihood": "bernoulli", "seed": seed,
+            "threads": torch.get_num_threads()}
 
 
 def reduction_log_weights(batch: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -265,16 +274,19 @@ def run_cell(row: dict, variant: Variant, call: Callable[[], object], check: Cal
     return row
 
 
-def bound_call(variant: Variant, inputs, mode: str, objective: Objective = IWAE_OBJECTIVE) -> Callable[[], tuple]:
-    """What one call of a bound or head cell runs: the objective's bound, and in backward mode
-    its gradients with respect to every input but x. Returns (bound, grads or None)."""
+def bound_call(variant: Variant, inputs, mode: str, objective: Objective = IWAE_OBJECTIVE,
+               likelihood: Likelihood = BERNOULLI) -> Callable[[], tuple]:
+    """What one call of a bound or head cell runs: the objective's bound under the likelihood,
+    and in backward mode its gradients with respect to every input but x (a per-pixel scale
+    among them). Returns (bound, grads or None)."""
+    given = [t for t in inputs if t is not None]  # the scale, where there is one, comes last
     if mode == "forward":
-        return lambda: (variant(*inputs, objective=objective), None)
-    x, *rest = inputs
+        return lambda: (variant(*given, objective=objective, likelihood=likelihood), None)
+    x, *rest = given
     leaves = [t.detach().requires_grad_() for t in rest]
 
     def call():
-        bound = variant(x, *leaves, objective=objective)
+        bound = variant(x, *leaves, objective=objective, likelihood=likelihood)
         return bound, torch.autograd.grad(bound.sum(), leaves)
 
     return call
@@ -299,7 +311,8 @@ def measure_bound(variant: Variant, problem: Problem, inputs, ref: Reference, mo
     row = {**bound_identity(variant.name, problem, mode, device), "copy_gbps": copy_gbps,
            "bytes": bound_bytes(inputs, mode), "flops": flops,
            "matmul_tflops": matmul_tflops if flops else None}
-    return run_cell(row, variant, bound_call(variant, inputs, mode, problem.spec), bound_check(ref), device,
+    call = bound_call(variant, inputs, mode, problem.spec, problem.likelihood_spec)
+    return run_cell(row, variant, call, bound_check(ref), device,
                     samples=problem.batch * problem.k, copy_gbps=copy_gbps, min_time=min_time)
 
 

@@ -3,9 +3,11 @@
     grid -> problem -> inputs -> cell (harness.cell) -> row -> results.csv (harness.table)
 
 A grid is a union of blocks, each a product of axes (k, batch, latent, data_dim, hidden, dtype,
-mode, regime): the main block sweeps k and B, smaller ones vary the latent width or the regime
-at a few (B, k), and one runs the decoder-head family (hidden > 0: the output layer fused into
-the bound), so the default run covers all three axes and both families within its time budget.
+mode, regime, objective, likelihood): the main block sweeps k and B, smaller ones vary the
+latent width or the regime at a few (B, k), one runs the decoder-head family (hidden > 0: the
+output layer fused into the bound), one the importance-weighted family's objectives and one the
+continuous likelihoods, so the default run covers every axis and both families within its
+time budget.
 
 Each row is appended and flushed the moment its cell finishes, so a sweep killed at any point
 keeps every finished row; ``resume=True`` runs only the grid's cells missing from the CSV,
@@ -46,11 +48,16 @@ class Block:
     regime: list[str] = field(default_factory=lambda: ["realistic"])
     hidden: list[int] = field(default_factory=lambda: [0])  # > 0: the decoder-head family
     objective: list[str] = field(default_factory=lambda: ["iwae"])  # members of the family (family.py)
+    likelihood: list[str] = field(default_factory=lambda: ["bernoulli"])  # p(x|h), kernels/likelihood.py
 
 
 # The family's block: one objective of each kind beside the IWAE bound of the main block (the
 # same inputs at the same (B, k)), every variant computing it, its error against float64.
 FAMILY_BLOCK = ["multi_sample_elbo", "vr:0.5", "miwae:8x8", "ciwae:0.05"]
+# The likelihoods' block: each continuous likelihood (the Gaussian with its per-sample variance)
+# on gray-level data beside the Bernoulli of the main block, every variant that takes it, its
+# error against float64.
+LIKELIHOOD_BLOCK = ["gaussian", "continuous_bernoulli", "discretized_logistic"]
 
 # Grids by preset and device type. The CPU quick preset is the README's main job: a couple of
 # minutes on 2 cores, most of it torch.compile compiling each cell afresh.
@@ -60,7 +67,8 @@ PRESETS = {
                             Block(k=[64], batch=[32], latent=[16, 200]),
                             Block(k=[8, 64], batch=[4], regime=["saturated"]),
                             Block(k=[8, 64], batch=[4], hidden=[200]),
-                            Block(k=[64], batch=[4], objective=FAMILY_BLOCK)],
+                            Block(k=[64], batch=[4], objective=FAMILY_BLOCK),
+                            Block(k=[64], batch=[4], likelihood=LIKELIHOOD_BLOCK)],
                     reductions=[(1024, 64), (8, 5000)]),
         "cuda": dict(blocks=[Block(k=[1, 16, 64, 256, 1024, 5000], batch=[20, 256],
                                    dtype=["float32", "bfloat16"]),
@@ -68,7 +76,12 @@ PRESETS = {
                              Block(k=[64], batch=[20], regime=["saturated"]),
                              Block(k=[64, 1024, 5000], batch=[20], hidden=[200],
                                    dtype=["float32", "bfloat16"]),
-                             Block(k=[64, 1024], batch=[256], objective=FAMILY_BLOCK)],
+                             Block(k=[64, 1024], batch=[256], objective=[o for o in FAMILY_BLOCK if o != "miwae:8x8"]),
+                             Block(k=[64], batch=[256], objective=["miwae:8x8"]),  # its groups make k = 64
+                             Block(k=[64, 1024], batch=[256], dtype=["float32", "bfloat16"],
+                                   likelihood=LIKELIHOOD_BLOCK),
+                             Block(k=[64], batch=[20], regime=["saturated"], likelihood=LIKELIHOOD_BLOCK),
+                             Block(k=[1024], batch=[20], hidden=[200], likelihood=LIKELIHOOD_BLOCK)],
                      reductions=[(65536, 16), (64, 5000), (8, 100_000)]),
     },
     "full": {
@@ -86,7 +99,7 @@ PRESETS = {
                                  (8, 1_000_000)]),
     },
 }
-AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime", "hidden", "objective")
+AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime", "hidden", "objective", "likelihood")
 
 
 @dataclass
@@ -123,14 +136,20 @@ class Grid:
         """Each problem once, with its (variant, mode) cells, in grid order."""
         cells: dict[Problem, list[tuple[str, str]]] = {}
         for block in self.blocks:
-            for dtype, regime, latent, data_dim, hidden, objective, batch, k in itertools.product(
-                    block.dtype, block.regime, block.latent, block.data_dim, block.hidden,
+            for likelihood, dtype, regime, latent, data_dim, hidden, objective, batch, k in itertools.product(
+                    block.likelihood, block.dtype, block.regime, block.latent, block.data_dim, block.hidden,
                     block.objective, block.batch, block.k):
-                problem = Problem(batch, k, latent, data_dim, dtype, self.seed, regime, hidden, objective)
+                problem = Problem(batch, k, latent, data_dim, dtype, self.seed, regime, hidden, objective,
+                                  likelihood)
                 todo = cells.setdefault(problem, [])
                 todo += [(v, m) for m in block.mode for v in self.variants_for(problem.family)
-                         if (v, m) not in todo and get(v, problem.family).computes(problem.spec)]
+                         if (v, m) not in todo and self.runs(get(v, problem.family), problem)]
         return [(problem, todo) for problem, todo in cells.items() if todo]
+
+    @staticmethod
+    def runs(variant, problem: Problem) -> bool:
+        """Whether ``variant`` computes ``problem``: its objective under its likelihood."""
+        return variant.computes(problem.spec) and variant.takes(problem.likelihood_spec)
 
     def reduction_variants(self) -> list[str]:
         return self.variants_for("reduction")
@@ -270,13 +289,14 @@ def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, 
             bar.update()
         return
     inputs = make_inputs(problem, device)
-    ref = Reference(inputs, problem.spec)
+    ref = Reference(inputs, problem.spec, problem.likelihood_spec)
     for variant, mode in cells:
         if out_of_time():
             break
         bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} d={problem.latent} "
                             + (f"H={problem.hidden}" if problem.hidden else problem.regime)
-                            + ("" if problem.objective == "iwae" else f" {problem.objective}"))
+                            + ("" if problem.objective == "iwae" else f" {problem.objective}")
+                            + ("" if problem.likelihood == "bernoulli" else f" {problem.likelihood}"))
         writer.write(measure_bound(get(variant, problem.family), problem, inputs, ref, mode, device,
                                    copy_gbps, min_time, matmul_tflops))
         bar.update()

@@ -25,9 +25,9 @@ TIMED = ("ok", "noisy")
 
 # identity: what a cell is; a resumed sweep skips a cell whose identity is already in the CSV
 IDENTITY = ["family", "variant", "device", "dtype", "k", "batch", "latent", "data_dim", "hidden",
-            "mode", "regime", "objective", "seed"]
+            "mode", "regime", "objective", "likelihood", "seed"]
 # identity columns that CSVs of earlier versions lack, and the value their rows had
-ADDED = {"objective": "iwae"}
+ADDED = {"objective": "iwae", "likelihood": "bernoulli"}
 MEASURED = [
     "time_ms", "time_ms_p20", "time_ms_p80", "time_samples", "time_spread", "samples_per_s",
     "bytes", "gbps", "copy_gbps", "bw_fraction", "flops", "tflops", "matmul_tflops",
@@ -38,7 +38,8 @@ MEASURED = [
 COLUMNS = IDENTITY + MEASURED
 INT_COLUMNS = {"k", "batch", "latent", "data_dim", "hidden", "seed", "time_samples", "bytes",
                "flops", "peak_mem_bytes", "threads"}
-TEXT_COLUMNS = {"family", "variant", "device", "dtype", "mode", "regime", "objective", "status", "message"}
+TEXT_COLUMNS = {"family", "variant", "device", "dtype", "mode", "regime", "objective", "likelihood", "status",
+                "message"}
 CHOICES = {"family": FAMILIES, "mode": MODES, "status": STATUSES, "device": ("cpu", "cuda")}
 REQUIRED = set(IDENTITY) | {"status"}
 
