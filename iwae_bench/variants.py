@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import IWAE, Reduction, check_bound_inputs
-from kernels._common import check_channels, check_devices, check_log_weights, check_scale
+from kernels._common import check_log_weights
 from kernels.fused_linear import check_head_inputs
 from kernels.likelihood import BERNOULLI, Likelihood, as_likelihood
 
@@ -108,14 +108,8 @@ class Variant:
 
 def check_head(x, h, weight, bias, z, mu, logvar, *, for_kernel: bool, likelihood: Likelihood, scale) -> None:
     """The decoder head's inputs for ``likelihood``: weight [C D, H] and bias [C D] hold its C
-    channels (each checked as the first one's D rows, the shapes' error naming the argument),
-    ``scale`` [D] where it has a per-pixel scale."""
-    weight_d = check_channels("weight", weight, x, likelihood, axis=0)
-    bias_d = check_channels("bias", bias, x, likelihood, axis=0)
-    D = check_head_inputs(x, h, weight_d, bias_d, z, mu, logvar, for_kernel=for_kernel)[2]
-    tensors = {"x": x}
-    check_scale(scale, D, likelihood, tensors)
-    check_devices(tensors, for_kernel)
+    channels, ``scale`` [D] where it has a per-pixel scale (the kernels' own check)."""
+    check_head_inputs(x, h, weight, bias, z, mu, logvar, for_kernel=for_kernel, likelihood=likelihood, scale=scale)
 
 
 REGISTRY: dict[str, dict[str, Variant]] = {family: {} for family in FAMILIES}

@@ -367,9 +367,7 @@ def test_bad_likelihood_input_names_the_argument(family):
                                           ("head", "fused_linear")])
 def test_kernel_variants_on_every_likelihood(family, name, spec, device):
     """The kernels' variants on every likelihood they take, realistic and at the traps, values
-    and gradients (every input but x, and the per-pixel scale) against float64 autograd.
-    PENDING: the kernels take the Bernoulli only until the likelihood branches merge; rename
-    to test_... to run it."""
+    and gradients (every input but x, and the per-pixel scale) against float64 autograd."""
     for regime in ("realistic", "trap"):
         inputs, likelihood = _likelihood_case(spec, regime, device=device)
         x, logits, z, mu, logvar, *scale = inputs
