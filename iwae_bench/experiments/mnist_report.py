@@ -257,6 +257,10 @@ def _likelihood_text(summary) -> str:
         test_bpd=("test_bpd", "mean"), test_bpd_std=("test_bpd", "std"), active_units=("active_units", "mean"),
         train_seconds=("train_seconds", "mean"), eval_seconds=("eval_seconds", "mean"),
         diverged=("diverged_epoch", lambda d: ", ".join(str(int(e)) for e in d.dropna()))).reset_index()
+    # each likelihood's rows together (shards write them in any order): VAE, IWAE, its estimators
+    order = {name: i for i, name in enumerate(dict.fromkeys(summary["likelihood"]))}
+    table = table.assign(_l=table["likelihood"].map(order), _e=(table["estimator"] != "iwae").astype(int))
+    table = table.sort_values(["_l", "k", "_e", "estimator"], kind="stable").drop(columns=["_l", "_e"])
     lines = ["", "## Gray-level MNIST: the likelihoods in bits per dimension", "",
              "The same images, not binarized. The continuous densities are trained on uniformly dequantized "
              "levels (v + u) / 256 and evaluated on the test images dequantized once with the data seed, "
@@ -356,9 +360,12 @@ def _collapse_text(collapse, controls: dict) -> str:
         common = history[history["epoch"] <= epochs]
         if len(common):
             end = common.iloc[-1]
+            floor = Likelihood.parse(label).floor
             lines.append(f"- The experiment's own IWAE-50 (`{label}`, dequantized data) at epoch {int(end['epoch'])}: "
-                         f"smallest log-variance {end['min_log_scale']:.2f}, training objective "
-                         f"{end['train_objective']:.1f} nats against the raw run's {last['train_objective']:.1f}.")
+                         f"smallest log-variance output {end['min_log_scale']:.2f}, which its likelihood reads as "
+                         f"{max(float(end['min_log_scale']), floor):.2f} (the floor clamps it, and passes no "
+                         f"gradient under it), training objective {end['train_objective']:.1f} nats against the "
+                         f"raw run's {last['train_objective']:.1f}.")
     lines += ["", "| epoch | training objective (nats) | smallest log-variance |", "|---|---|---|"]
     lines += [f"| {int(r.epoch)} | {_fmt(float(r.train_objective), 1)} | {_fmt(float(r.min_log_scale))} |"
               for r in collapse.itertuples()]
