@@ -252,6 +252,16 @@ def floored_scale(s_raw, floor):
 
 
 @triton.jit
+def _logistic_bin(x, m, inv, half_bin):
+    """x's bin in the logistic's standardized units: (a, b) its upper and lower edges
+    (x +- d - m) e^-s, eps = a - b, and whether it is the top or the bottom bin (open)."""
+    c = x - m
+    top = x > 1.0 - half_bin
+    bottom = x < half_bin - 1.0
+    return (c + half_bin) * inv, (c - half_bin) * inv, (2.0 * half_bin) * inv, top, bottom
+
+
+@triton.jit
 def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
                     LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr, FAST: tl.constexpr):
     """One tile of log p(x | m, s), lane by lane, into three accumulators: acc += the terms
@@ -273,12 +283,7 @@ def likelihood_step(acc, prod, prod2, x, m, s, inv, half_bin, log_two_half_bin,
         acc += tl.where(series, _log_phi_series(a), LN2 * log2_(a, FAST))
         prod *= tl.where(series, 1.0, 1.0 - exp_neg_(a))
     else:  # discretized logistic: log F(a) - softplus(b) + log(1 - e^-eps), edges open
-        c = x - m
-        a = (c + half_bin) * inv
-        b = (c - half_bin) * inv
-        eps = (2.0 * half_bin) * inv
-        top = x > 1.0 - half_bin
-        bottom = x < half_bin - 1.0
+        a, b, eps, top, bottom = _logistic_bin(x, m, inv, half_bin)
         series = eps < 0.5
         # log F(a) = min(a, 0) - log(1 + e^-|a|); -softplus(b) = -max(b, 0) - log(1 + e^-|b|)
         acc += tl.where(top, 0.0, tl.minimum(a, 0.0)) - tl.where(bottom, 0.0, tl.maximum(b, 0.0))
@@ -329,12 +334,7 @@ def likelihood_grads(x, m, s, inv, half_bin, LIKELIHOOD: tl.constexpr, FAST: tl.
         # 1/(e^eps - 1) terms of the middle bins cancel); d/ds = -(a dF/da + b dF/db) =
         # -(a sigmoid(-a) [not top] - b sigmoid(b) [not bottom] + eps / (e^eps - 1) [middle]);
         # d/dx = -d/dm
-        c = x - m
-        a = (c + half_bin) * inv
-        b = (c - half_bin) * inv
-        eps = (2.0 * half_bin) * inv
-        top = x > 1.0 - half_bin
-        bottom = x < half_bin - 1.0
+        a, b, eps, top, bottom = _logistic_bin(x, m, inv, half_bin)
         sig_neg_a = tl.where(top, 0.0, 1.0 / (1.0 + tl.exp(a)))
         sig_b = tl.where(bottom, 0.0, 1.0 / (1.0 + tl.exp(-b)))
         e2 = eps * eps
