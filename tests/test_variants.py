@@ -226,8 +226,8 @@ def test_bad_log_weights_for_the_reduction():
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
-def test_loss_refuses_an_empty_batch(backend):
-    inputs = make_case(1, 3, 5, 2)
+def test_loss_refuses_an_empty_batch(backend, device):
+    inputs = make_case(1, 3, 5, 2, device=device)
     empty = [t[:0] for t in inputs]
     with pytest.raises(ValueError, match=r"IWAELoss needs a batch of at least one example: x has shape \[0, 5\]"):
         IWAELoss("iwae", backend)(*empty)
