@@ -87,16 +87,19 @@ CASES = [("iwae", "iwae"), ("iwae", "stl"), ("iwae", "dreg"), ("multi_sample_elb
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("objective, estimator", CASES, ids=[f"{o}-{e}" for o, e in CASES])
-def test_every_parameter_gradient_matches_the_float64_surrogate(objective, estimator, backend):
+def test_every_parameter_gradient_matches_the_float64_surrogate(objective, estimator, backend, device):
+    """Ours on the test device (the fused kernels compiled on a GPU), the surrogate in float64
+    on the CPU."""
     model, x = _model(), _data()
     k = 1 if objective == "elbo" else 5
     eps = torch.randn(x.shape[0], k, LATENT, generator=torch.Generator().manual_seed(2))
-    ours, loss = _loss_grads(model, x, eps, objective, estimator, backend)
+    on_device = copy.deepcopy(model).to(device)
+    ours, loss = _loss_grads(on_device, x.to(device), eps.to(device), objective, estimator, backend)
     want = _surrogate_grads(model, x, eps, objective, estimator)
     for (name, _), got, expected in zip(model.named_parameters(), ours, want):
-        assert_close(got, expected, rtol=1e-4, atol=2e-5, what=f"{backend} {estimator} d/d{name}")
+        assert_close(got.cpu(), expected, rtol=1e-4, atol=2e-5, what=f"{backend} {estimator} d/d{name}")
     # the value does not depend on the estimator
-    plain = IWAELoss(objective, backend)(x, *_forward(copy.deepcopy(model), x, eps))
+    plain = IWAELoss(objective, backend)(x.to(device), *_forward(on_device, x.to(device), eps.to(device)))
     assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
@@ -144,7 +147,7 @@ def test_stl_is_unbiased_on_the_multi_sample_elbo():
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
-def test_analytic_kl_elbo_is_the_expectation_of_the_sampled_one(backend):
+def test_analytic_kl_elbo_is_the_expectation_of_the_sampled_one(backend, device):
     """E_q[log p(z) - log q(z)] = -KL(q || p): over many samples the sampled ELBO's mean
     approaches the analytic one within a few standard errors; their log-likelihood parts agree."""
     g = torch.Generator().manual_seed(4)
@@ -153,8 +156,9 @@ def test_analytic_kl_elbo_is_the_expectation_of_the_sampled_one(backend):
     mu, logvar = torch.randn(B, LATENT, generator=g), torch.randn(B, LATENT, generator=g) * 0.3
     z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * torch.randn(B, k, LATENT, generator=g)
     logits = torch.randn(B, k, D, generator=g)
-    sampled = objective_bound(x, logits, z, mu, logvar, "multi_sample_elbo", backend)
-    analytic = objective_bound(x, logits, z, mu, logvar, "multi_sample_elbo", backend, kl="analytic")
+    on_device = [t.to(device) for t in (x, logits, z, mu, logvar)]
+    sampled = objective_bound(*on_device, "multi_sample_elbo", backend).cpu()
+    analytic = objective_bound(*on_device, "multi_sample_elbo", backend, kl="analytic").cpu()
     log_w = _log_w64(x.double(), logits.double(), z.double(), mu.double(), logvar.double())
     se = log_w.std(1) / math.sqrt(k)
     assert ((sampled.double() - analytic.double()).abs() < 4 * se).all()

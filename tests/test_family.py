@@ -28,28 +28,30 @@ VALUE_CASES = ["iwae", "multi_sample_elbo", "vr:0.5", "vr:-0.5", "vr:1", "vr:2",
                "miwae:4x3", "miwae:12x1", "ciwae:0.3", "piwae:3x4", "rws"]
 
 
-def _inputs(B=3, k=12, D=37, d=5, seed=0, scale=3.0):
+def _inputs(B=3, k=12, D=37, d=5, seed=0, scale=3.0, device="cpu"):
+    """x, logits, z, mu, logvar drawn on the CPU (the same numbers everywhere), then moved to
+    the test device (the kernels compiled on a GPU, interpreted on a CPU)."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.rand(B, D, generator=g) < 0.5).float()
     mu, logvar = torch.randn(B, d, generator=g), 0.3 * torch.randn(B, d, generator=g)
     z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * torch.randn(B, k, d, generator=g)
-    return x, scale * torch.randn(B, k, D, generator=g), z, mu, logvar
+    return tuple(t.to(device) for t in (x, scale * torch.randn(B, k, D, generator=g), z, mu, logvar))
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("spec", VALUE_CASES)
-def test_every_objective_value_matches_its_float64_definition(spec, backend):
+def test_every_objective_value_matches_its_float64_definition(spec, backend, device):
     objective = Objective.parse(spec)
-    inputs = _inputs()
+    inputs = _inputs(device=device)
     want = reference.objective_bound(reference.log_weights(*inputs), objective)
     assert_close(objective_bound(*inputs, objective, backend), want, what=f"{spec} {backend}")
 
 
 @pytest.mark.parametrize("spec", ["vr:0.5", "miwae:3x4", "ciwae:0.3", "multi_sample_elbo"])
-def test_the_two_kernel_reduction_computes_the_family(spec):
+def test_the_two_kernel_reduction_computes_the_family(spec, device):
     """kernels.iwae_bound(log_w, reduction): the triton variant's last step, value and gradient."""
     objective = Objective.parse(spec)
-    log_w64 = reference.log_weights(*_inputs()).requires_grad_()
+    log_w64 = reference.log_weights(*_inputs(device=device)).requires_grad_()
     want = reference.objective_bound(log_w64, objective)
     log_w = log_w64.detach().float().requires_grad_()
     got = kernels.iwae_bound(log_w, objective.value(12))
@@ -60,11 +62,12 @@ def test_the_two_kernel_reduction_computes_the_family(spec):
 
 
 @pytest.mark.parametrize("spec", ["vr:0.5", "miwae:3x4", "ciwae:0.3"])
-def test_the_fused_head_computes_the_family(spec):
+def test_the_fused_head_computes_the_family(spec, device):
     objective = Objective.parse(spec)
-    x, _, z, mu, logvar = _inputs()
+    x, _, z, mu, logvar = _inputs(device=device)
     g = torch.Generator().manual_seed(5)
-    h, weight, bias = torch.randn(3, 12, 8, generator=g), torch.randn(37, 8, generator=g), torch.randn(37, generator=g)
+    h, weight, bias = (t.to(device) for t in (torch.randn(3, 12, 8, generator=g), torch.randn(37, 8, generator=g),
+                                              torch.randn(37, generator=g)))
     logits64 = torch.nn.functional.linear(h.double(), weight.double(), bias.double())
     want = reference.objective_bound(reference.log_weights(x, logits64, z, mu, logvar), objective)
     assert_close(head_objective_bound(x, h, weight, bias, z, mu, logvar, objective, "fused"), want, what=spec)
@@ -74,8 +77,8 @@ def test_the_fused_head_computes_the_family(spec):
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
-def test_identities_between_members(backend):
-    inputs = _inputs(seed=1)
+def test_identities_between_members(backend, device):
+    inputs = _inputs(seed=1, device=device)
     bound = lambda spec: objective_bound(*inputs, spec, backend)  # noqa: E731
     iwae, elbo = bound("iwae"), bound("multi_sample_elbo")
     # the same reduction, so the same bits
@@ -155,13 +158,15 @@ def _surrogate_grads(model, x, eps, spec: Objective, estimator, shift=None):
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, model.parameters())]
 
 
-def _loss_grads(model, x, eps, spec, estimator, backend, shift=None):
-    model = copy.deepcopy(model)
+def _loss_grads(model, x, eps, spec, estimator, backend, shift=None, device="cpu"):
+    """The loss's gradients with a copy of the model and the inputs on ``device``."""
+    model = copy.deepcopy(model).to(device)
+    x, eps = x.to(device), eps.to(device)
     logits, z, mu, logvar = _forward(model, x, eps)
     if shift is not None:
-        logits = logits + shift
+        logits = logits + shift.to(device)
     loss = IWAELoss(spec, backend, estimator=estimator)(x, logits, z, mu, logvar)
-    return torch.autograd.grad(loss, list(model.parameters())), loss
+    return [g.cpu() for g in torch.autograd.grad(loss, list(model.parameters()))], loss.cpu()
 
 
 GRAD_CASES = [("vr:0.5", "iwae"), ("vr:0.5", "stl"), ("vr:0.5", "dreg"), ("vr:-0.5", "dreg"),
@@ -173,11 +178,11 @@ GRAD_CASES = [("vr:0.5", "iwae"), ("vr:0.5", "stl"), ("vr:0.5", "dreg"), ("vr:-0
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("spec, estimator", GRAD_CASES, ids=[f"{s}-{e}" for s, e in GRAD_CASES])
-def test_every_parameter_gradient_matches_the_float64_surrogate(spec, estimator, backend):
+def test_every_parameter_gradient_matches_the_float64_surrogate(spec, estimator, backend, device):
     model, x = _model(), _data()
     spec = Objective.parse(spec)
     eps = torch.randn(x.shape[0], 6, LATENT, generator=torch.Generator().manual_seed(2))
-    ours, loss = _loss_grads(model, x, eps, spec, estimator, backend)
+    ours, loss = _loss_grads(model, x, eps, spec, estimator, backend, device=device)
     want = _surrogate_grads(model, x, eps, spec, estimator)
     for (name, _), got, expected in zip(model.named_parameters(), ours, want):
         assert_close(got, expected, rtol=1e-4, atol=2e-5, what=f"{backend} {spec.label} {estimator} d/d{name}")
@@ -190,7 +195,7 @@ def test_every_parameter_gradient_matches_the_float64_surrogate(spec, estimator,
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
-def test_piwae_encoder_gradient_is_exact_when_a_group_sits_40_nats_below(estimator, backend):
+def test_piwae_encoder_gradient_is_exact_when_a_group_sits_40_nats_below(estimator, backend, device):
     """PIWAE's encoder weight is rescaled from the IWAE's on the gradient at z: exact while the
     IWAE weights stay normal float32 numbers, which a 40-nat spread keeps."""
     model, x = _model(), _data()
@@ -199,7 +204,7 @@ def test_piwae_encoder_gradient_is_exact_when_a_group_sits_40_nats_below(estimat
     # the second group's samples: every pixel's logit pushed 7 nats against its x (per sample)
     shift = torch.zeros(x.shape[0], 6, x.shape[1])
     shift[:, 3:] = -7.0 * (2 * x[:, None] - 1)
-    ours, _ = _loss_grads(model, x, eps, spec, estimator, backend, shift)
+    ours, _ = _loss_grads(model, x, eps, spec, estimator, backend, shift, device)
     want = _surrogate_grads(model, x, eps, spec, estimator, shift)
     logits, z, mu, logvar = _forward(copy.deepcopy(model), x, eps)
     log_w = _log_w64(x.double(), (logits + shift).double(), z.double(), mu.double(), logvar.double())
@@ -245,7 +250,7 @@ def test_a_wrong_dreg_weight_fails_the_unbiasedness_test(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
-def test_rws_wake_phi_converges_to_the_exact_posterior_gradient(backend):
+def test_rws_wake_phi_converges_to_the_exact_posterior_gradient(backend, device):
     """One-dimensional latent, Bernoulli pixels with logits a z + c: p(z | x) by quadrature on
     a grid. Wake-phi's expectation is E_p[d log q(z) / d (mu, logvar)] (the gradient of
     -KL(p || q)); the self-normalized estimate converges to it as k grows."""
@@ -263,12 +268,14 @@ def test_rws_wake_phi_converges_to_the_exact_posterior_gradient(backend):
 
     def estimate(k, repeats, seed):
         g = torch.Generator().manual_seed(seed)
-        m, lv = mu.repeat(repeats, 1).requires_grad_(), logvar.repeat(repeats, 1).requires_grad_()
-        z = m[:, None] + torch.exp(0.5 * lv)[:, None] * torch.randn(repeats, k, 1, generator=g)
-        logits = a * z + c
-        loss = IWAELoss("rws", backend)(x.repeat(repeats, 1), logits, z, m, lv)
+        noise = torch.randn(repeats, k, 1, generator=g).to(device)
+        m = mu.repeat(repeats, 1).to(device).requires_grad_()
+        lv = logvar.repeat(repeats, 1).to(device).requires_grad_()
+        z = m[:, None] + torch.exp(0.5 * lv)[:, None] * noise
+        logits = a.to(device) * z + c.to(device)
+        loss = IWAELoss("rws", backend)(x.repeat(repeats, 1).to(device), logits, z, m, lv)
         dm, dlv = torch.autograd.grad(loss, [m, lv])
-        return -repeats * torch.stack([dm.mean(), dlv.mean()])  # loss = -mean over the batch
+        return -repeats * torch.stack([dm.mean(), dlv.mean()]).cpu()  # loss = -mean over the batch
 
     close = estimate(2000, 8, 0)
     far = estimate(2, 8, 0)
@@ -279,10 +286,10 @@ def test_rws_wake_phi_converges_to_the_exact_posterior_gradient(backend):
 # --------------------------------------------------------------------------- kernel paths
 
 
-def test_groups_straddling_splits_in_the_fused_kernels():
+def test_groups_straddling_splits_in_the_fused_kernels(device):
     """Each group split over k (K = 600 in three splits) with the mean mixed in (beta) and a
     scale: the split epilogue combines logsumexps and plain sums per group."""
-    inputs = _inputs(B=2, k=1200, D=20, d=3, seed=3, scale=1.0)
+    inputs = _inputs(B=2, k=1200, D=20, d=3, seed=3, scale=1.0, device=device)
     reduction = kernels.Reduction(scale=0.7, groups=2, beta=0.25)
     log_w64 = reference.log_weights(*inputs)
     grouped = log_w64.unflatten(1, (2, 600))
@@ -292,7 +299,7 @@ def test_groups_straddling_splits_in_the_fused_kernels():
     assert_close(lse, torch.logsumexp(0.7 * grouped, 2).flatten(), what="per-group lse")
     x, _, z, mu, logvar = inputs
     g = torch.Generator().manual_seed(6)
-    h, weight = torch.randn(2, 1200, 8, generator=g), 0.3 * torch.randn(20, 8, generator=g)
+    h, weight = torch.randn(2, 1200, 8, generator=g).to(device), 0.3 * torch.randn(20, 8, generator=g).to(device)
     head_log_w = reference.log_weights(x, torch.nn.functional.linear(h.double(), weight.double()), z, mu, logvar)
     head_grouped = head_log_w.unflatten(1, (2, 600))
     head_want = (0.75 * (torch.logsumexp(0.7 * head_grouped, 2) - math.log(600)) / 0.7

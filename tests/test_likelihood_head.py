@@ -31,14 +31,14 @@ LIKELIHOODS = [
 ]
 
 
-def make_head(spec, B, k, D, H, d, *, dtype=torch.float32, seed=0):
+def make_head(spec, B, k, D, H, d, *, dtype=torch.float32, seed=0, device="cpu"):
     """Inputs in the likelihood's domain, as a dict by NAMES: x gray levels v / 255 (the
     logistic's 2 v / 255 - 1, both edge bins in every row; binary for the Bernoulli); the
     mean channel's outputs about N(0.5, 0.5^2) for the Gaussian, N(0, 0.5^2) for the logistic,
     N(0, 2^2) logits (some under 1/2, the series' range) otherwise; the scale channel's
     log-variance about N(-3, 1) (the Gaussian, floored at -3.5) and log-scale about
     N(-4, 1.5^2) (the logistic: bins both under and over eps = 1/2); a per-pixel scale
-    about N(-2, 1), floored at -2.5."""
+    about N(-2, 1), floored at -2.5. Drawn on the CPU, then moved to ``device``."""
     likelihood = Likelihood.parse(spec)
     g = torch.Generator().manual_seed(seed)
     levels = torch.randint(0, 256, (B, D), generator=g).float()
@@ -61,7 +61,7 @@ def make_head(spec, B, k, D, H, d, *, dtype=torch.float32, seed=0):
     tensors = {"x": x, "h": h.to(dtype), "weight": torch.cat(weights).to(dtype), "bias": torch.cat(biases).to(dtype),
                "z": torch.randn(B, k, d, generator=g), "mu": 0.5 * torch.randn(B, d, generator=g),
                "logvar": 0.5 * torch.randn(B, d, generator=g), "scale": scale}
-    return likelihood, tensors
+    return likelihood, {name: None if t is None else t.to(device) for name, t in tensors.items()}
 
 
 def leaves(tensors, dtype=None):
@@ -98,13 +98,13 @@ def check_gradients(got, want, tol, of_largest=False):
 @pytest.mark.parametrize("spec", LIKELIHOODS)
 def test_bound_and_every_gradient_match_float64(spec, device):
     """D = 37 under the interpreter's 64-wide tile: every padded lane must add exactly 0."""
-    likelihood, tensors = make_head(spec, 2, 5, 37, 20, 3)
+    likelihood, tensors = make_head(spec, 2, 5, 37, 20, 3, device=device)
     got, want = leaves(tensors), leaves(tensors, torch.float64)
     bound = ours(fused_linear_iwae_bound, likelihood, got)
     ref = reference.iwae_bound(reference_log_weights(likelihood, want))
     assert bound.dtype == torch.float32 and bound.shape == (2,)
     assert_close(bound, ref, what="bound")
-    weights = torch.tensor([0.7, -1.3])
+    weights = torch.tensor([0.7, -1.3], device=device)
     (bound * weights).sum().backward()
     (ref * weights.double()).sum().backward()
     check_gradients(got, want, TOL[torch.float32])
@@ -112,12 +112,12 @@ def test_bound_and_every_gradient_match_float64(spec, device):
 
 @pytest.mark.parametrize("spec", ["gaussian", "discretized_logistic:pixel", "continuous_bernoulli"])
 def test_log_weights_and_their_gradients_match_float64(spec, device):
-    likelihood, tensors = make_head(spec, 3, 4, 21, 16, 2, seed=1)
+    likelihood, tensors = make_head(spec, 3, 4, 21, 16, 2, seed=1, device=device)
     got, want = leaves(tensors), leaves(tensors, torch.float64)
     log_w = ours(fused_linear_log_weights, likelihood, got)
     ref = reference_log_weights(likelihood, want)
     assert_close(log_w, ref, what="log_w")
-    weights = torch.randn(3, 4)
+    weights = torch.randn(3, 4).to(device)
     (log_w * weights).sum().backward()
     (ref * weights.double()).sum().backward()
     check_gradients(got, want, TOL[torch.float32])
@@ -128,7 +128,7 @@ def test_floor_clamps_and_stops_the_gradient(device):
     kinds occur here (the reference's clamp says the same)."""
     for spec, below in (("gaussian:pixel,floor=-2.5", lambda t: t["scale"] < -2.5),
                         ("gaussian:floor=-3.5", lambda t: F.linear(t["h"], t["weight"], t["bias"])[..., 37:] < -3.5)):
-        likelihood, tensors = make_head(spec, 2, 5, 37, 20, 3)
+        likelihood, tensors = make_head(spec, 2, 5, 37, 20, 3, device=device)
         clamped = below(tensors)
         assert 0 < clamped.sum() < clamped.numel()
         got = leaves(tensors)
@@ -143,7 +143,7 @@ def test_floor_clamps_and_stops_the_gradient(device):
 def test_floor_above_zero_on_padded_lanes(device):
     """A per-sample log-variance floored at 0.5: the padded lanes of the last tile (their
     scale channel 0) are floored too; the kernel takes their -s/2 back out."""
-    likelihood, tensors = make_head("gaussian:floor=0.5", 2, 3, 37, 16, 2)
+    likelihood, tensors = make_head("gaussian:floor=0.5", 2, 3, 37, 16, 2, device=device)
     got = ours(fused_linear_log_weights, likelihood, tensors)
     assert_close(got, reference_log_weights(likelihood, leaves(tensors, torch.float64)), what="log_w")
 
@@ -153,10 +153,10 @@ def test_split_paths_match_float64(spec, device):
     """k over three forward programs, the dh kernel over two splits, the dW kernel over three
     row ranges across examples; the C channels' partials at their rows of [splits, C D, H]."""
     B, k, D = 2, 7, 37
-    likelihood, tensors = make_head(spec, B, k, D, 20, 3, seed=2)
+    likelihood, tensors = make_head(spec, B, k, D, 20, 3, seed=2, device=device)
     want = leaves(tensors, torch.float64)
     log_w64 = reference_log_weights(likelihood, want)
-    weights = torch.tensor([1.1, -0.4])
+    weights = torch.tensor([1.1, -0.4], device=device)
     (reference.iwae_bound(log_w64) * weights.double()).sum().backward()
     inputs = [tensors[name] for name in NAMES[:7]]
     bound, lse, log_w = fused_linear_forward(*inputs, likelihood=likelihood, scale=tensors["scale"],
@@ -174,7 +174,7 @@ def test_split_paths_match_float64(spec, device):
 @pytest.mark.parametrize("spec", ["gaussian", "discretized_logistic", "continuous_bernoulli"])
 def test_bfloat16_h_and_weight(spec, device):
     """16-bit dots (float32 accumulation); the reference sees the rounded inputs."""
-    likelihood, tensors = make_head(spec, 2, 4, 37, 24, 3, dtype=torch.bfloat16, seed=3)
+    likelihood, tensors = make_head(spec, 2, 4, 37, 24, 3, dtype=torch.bfloat16, seed=3, device=device)
     got, want = leaves(tensors), leaves(tensors, torch.float64)
     bound = ours(fused_linear_iwae_bound, likelihood, got)
     ref = reference.iwae_bound(reference_log_weights(likelihood, want))
@@ -186,7 +186,7 @@ def test_bfloat16_h_and_weight(spec, device):
 
 def test_family_reduction(device):
     """MIWAE's two groups (kernels.Reduction) on a two-channel likelihood."""
-    likelihood, tensors = make_head("discretized_logistic", 2, 6, 37, 20, 3, seed=4)
+    likelihood, tensors = make_head("discretized_logistic", 2, 6, 37, 20, 3, seed=4, device=device)
     got, want = leaves(tensors), leaves(tensors, torch.float64)
     bound = ours(fused_linear_iwae_bound, likelihood, got, Reduction(groups=2))
     ref = reference.miwae_bound(reference_log_weights(likelihood, want), 2, 3)
@@ -201,19 +201,19 @@ def test_family_reduction(device):
     (lambda t: {**t, "bias": t["bias"][:37]}, r"bias must hold 2 channels"),
 ], ids=["weight-D-rows", "bias-D-entries"])
 def test_one_channel_output_layer_for_two_channels_names_it(change, match, device):
-    likelihood, tensors = make_head("gaussian", 2, 3, 37, 16, 2)
+    likelihood, tensors = make_head("gaussian", 2, 3, 37, 16, 2, device=device)
     with pytest.raises(ValueError, match=match):
         ours(fused_linear_iwae_bound, likelihood, change(tensors))
 
 
 def test_scale_is_required_and_checked(device):
-    likelihood, tensors = make_head("gaussian:pixel", 2, 3, 37, 16, 2)
+    likelihood, tensors = make_head("gaussian:pixel", 2, 3, 37, 16, 2, device=device)
     with pytest.raises(ValueError, match="needs scale"):
         ours(fused_linear_log_weights, likelihood, {**tensors, "scale": None})
     with pytest.raises(ValueError, match=r"scale must have shape \[37\]"):
         ours(fused_linear_log_weights, likelihood, {**tensors, "scale": tensors["scale"][:5]})
     with pytest.raises(ValueError, match="scale is for a likelihood"):
-        ours(fused_linear_log_weights, "gaussian:sigma=0.3", {**make_head("gaussian:sigma=0.3", 2, 3, 37, 16, 2)[1],
+        ours(fused_linear_log_weights, "gaussian:sigma=0.3", {**make_head("gaussian:sigma=0.3", 2, 3, 37, 16, 2, device=device)[1],
                                                              "scale": tensors["scale"]})
     with pytest.raises(ValueError, match="mixture runs on the torch backend"):
         ours(fused_linear_log_weights, "discretized_logistic:mix=2", tensors)
