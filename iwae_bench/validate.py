@@ -4,7 +4,8 @@ a short rental (10 minutes a command, a handful of files brought back).
 Phases, each runnable alone (``--phases``):
 
 1. ``tests``: the kernel, variant, training and estimator tests compiled (interpreter off) on
-   the device, with a timeout; output in tests.txt;
+   the device, one pytest process per file in parallel, with a timeout; output in tests.txt
+   (and tests/<file>.txt as they run);
 2. ``sweep``: the copy bandwidth (the yardstick), then the GPU grid: forward and forward +
    backward, float32 and bfloat16 logits, the targets' shapes, the reduction alone up to
    k = 10**6; no new cell starts once the budget is spent (the CSV stays resumable);
@@ -19,6 +20,7 @@ file. machine.json records each phase's time and whether autotuning was on.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -42,7 +44,8 @@ REPORT_RESERVE = 25.0  # seconds kept for the report and the archive
 # stay with CI).
 KERNEL_TESTS = ["tests/test_logsumexp.py", "tests/test_log_weights.py", "tests/test_backward.py",
                 "tests/test_variants.py", "tests/test_training.py", "tests/test_estimators.py",
-                "tests/test_fused_linear.py", "tests/test_likelihood_kernels.py"]
+                "tests/test_fused_linear.py", "tests/test_likelihood_kernels.py", "tests/test_family.py",
+                "tests/test_likelihood_head.py"]
 
 
 def gpu_grid() -> Grid:
@@ -55,20 +58,83 @@ def gpu_grid() -> Grid:
                 reductions=list(REDUCTION_SHAPES["cuda"]))
 
 
-def run_kernel_tests(out: Path, timeout: float | None = None) -> tuple[bool, str]:
-    """The kernel and variant tests with the real compiler on the device; output to tests.txt."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS]
+VERBOSE_OUTCOME = re.compile(r"::\S.* (PASSED|FAILED|ERROR)(?:\s+\[\s*\d+%\])?\s*$")
+
+
+def run_kernel_tests(out: Path, timeout: float | None = None, workers: int | None = None) -> tuple[bool, str]:
+    """The kernel and variant tests with the real compiler on the device; output to tests.txt.
+
+    Compiled, the suite is bound by Triton's compiler (each parametrization builds its own
+    kernels: 2-5 s a test on an H200's host, over 330 s for the whole list in one process), so
+    each file runs in its own pytest process, ``workers`` at a time (default: half the CPU
+    threads, at most 8), sharing Triton's cache. Each process writes its verbose output
+    straight to a file, so a timeout keeps every line a file got to (which tests passed,
+    which failed) instead of losing the end-of-run summary."""
+    files = list(KERNEL_TESTS)
+    workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
     env = {**os.environ, "TRITON_INTERPRET": "0", "IWAE_BENCH_AUTOTUNE": "0"}
+    parts = out / "tests"
+    parts.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending, running, results = list(files), {}, {}
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        text, passed = done.stdout + done.stderr, done.returncode == 0
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        summary = lines[-1] if lines else f"pytest exited {done.returncode}"
-    except subprocess.TimeoutExpired as expired:
-        text = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-        passed, summary = False, f"timed out after {timeout:.0f} s (the rest of the budget went to the sweep)"
-    write_text(out / "tests.txt", f"$ TRITON_INTERPRET=0 IWAE_BENCH_AUTOTUNE=0 {' '.join(command[1:])}\n\n"
-                                  f"{text}\n{summary}\n")
+        while pending or running:
+            while pending and len(running) < workers:
+                path = pending.pop(0)
+                log_path = parts / (Path(path).stem + ".txt")
+                handle = open(log_path, "w")
+                command = [sys.executable, "-m", "pytest", "-v", "--tb=short", "-rf", "-p", "no:cacheprovider", path]
+                running[path] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle,
+                                                  stderr=subprocess.STDOUT, text=True), handle, log_path)
+            for path, (proc, handle, log_path) in list(running.items()):
+                if proc.poll() is not None:
+                    handle.close()
+                    results[path] = (proc.returncode, log_path)
+                    del running[path]
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        for path, (proc, handle, log_path) in running.items():  # past the deadline: stop them
+            proc.kill()
+            proc.wait()
+            handle.close()
+            results[path] = (None, log_path)
+    return _summarize_tests(out, files, results, pending, timeout)
+
+
+def _summarize_tests(out: Path, files, results, never_started, timeout) -> tuple[bool, str]:
+    """tests.txt: the command, then each file's output; the summary counts passed and failed
+    tests over the files and names the files the timeout cut or never started."""
+    counts, cut, failed_files, sections = {"passed": 0, "failed": 0, "error": 0}, [], [], []
+    for path in files:
+        if path not in results:
+            continue
+        code, log_path = results[path]
+        text = log_path.read_text(errors="replace")
+        sections.append(f"===== {path} (exit {code if code is not None else 'killed at the time limit'})\n{text}")
+        for line in text.splitlines():  # verbose lines: "tests/x.py::name[id] PASSED   [ 10%]"
+            found = VERBOSE_OUTCOME.search(line)
+            if found and not line.startswith(("FAILED ", "ERROR ")):  # not -rf's summary lines
+                counts[found.group(1).lower()] += 1
+        if code is None:
+            cut.append(path)
+        elif code != 0:
+            failed_files.append(path)
+    summary = f"{counts['passed']} passed, {counts['failed']} failed"
+    if counts["error"]:
+        summary += f", {counts['error']} errors"
+    if failed_files:
+        summary += f" (failing files: {', '.join(Path(f).name for f in failed_files)})"
+    if cut or never_started:
+        limit = f"{timeout:.0f}" if timeout is not None else "?"
+        summary = (f"timed out after {limit} s (the rest of the budget went to the sweep): {summary}; "
+                   f"cut: {', '.join(Path(f).name for f in cut) or 'none'}; "
+                   f"not started: {', '.join(Path(f).name for f in never_started) or 'none'}")
+    passed = not (cut or never_started or failed_files) and counts["failed"] == 0 and counts["error"] == 0
+    header = (f"$ TRITON_INTERPRET=0 IWAE_BENCH_AUTOTUNE=0 python -m pytest -v --tb=short -rf <file>, one process "
+              f"per file: {' '.join(files)}\n\n")
+    write_text(out / "tests.txt", header + "\n".join(sections) + f"\n{summary}\n")
     return passed, summary
 
 
@@ -114,6 +180,10 @@ def validate(device: torch.device, out: Path, phases=PHASES, budget: float = DEF
     run = record.start_run(validate={"phases": list(phases), "budget_s": budget, "phase_seconds": timings,
                                      "tests": summary if "tests" in phases else "not run"},
                            missing_cells=[" ".join(cell) for cell in missing])
+    if "tests" in phases:  # a resumed run without the tests keeps the earlier run's verdict
+        write_text(out / "tests-summary.txt", f"{'passed' if passed else 'FAILED'}: {summary}\n")
+    # finished before the report renders it (else the report lists this run as interrupted)
+    record.finish(run, seconds=round(time.monotonic() - start, 1))
     if "report" in phases and (out / "results.csv").exists():
         from .report import render
 
@@ -121,8 +191,7 @@ def validate(device: torch.device, out: Path, phases=PHASES, budget: float = DEF
         report = render(out)
         timings["report"] = round(time.monotonic() - began, 1)
         log(f"[report] {report} ({timings['report']:.0f} s)")
-    write_text(out / "tests-summary.txt", f"{'passed' if passed else 'FAILED'}: {summary}\n")
-    record.finish(run, seconds=round(time.monotonic() - start, 1))
+        record.finish(run, seconds=round(time.monotonic() - start, 1))  # with the report's time
     if archive_to is not None:
         log(f"[archive] {archive(out, archive_to)}")
     if not passed:

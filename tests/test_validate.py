@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,49 @@ def test_kernel_tests_phase_has_a_time_limit(tmp_path, monkeypatch):
     passed, summary = validate_module.run_kernel_tests(tmp_path, timeout=0.5)
     assert not passed and summary.startswith("timed out after 0 s")
     assert "timed out" in (tmp_path / "tests.txt").read_text()
+
+
+PLANTED = """
+import time
+
+
+def test_passes():
+    assert 1 + 1 == 2
+
+
+def test_fails():
+    assert 1 + 1 == 3
+
+
+def test_slow():
+    time.sleep(float(__import__("os").environ.get("PLANTED_SLEEP", "0")))
+"""
+
+
+def test_kernel_tests_run_a_process_per_file_and_name_the_failing_file(tmp_path, monkeypatch):
+    planted = tmp_path / "test_planted.py"
+    planted.write_text(PLANTED)
+    monkeypatch.setattr(validate_module, "KERNEL_TESTS", ["tests/test_reference.py", str(planted)])
+    passed, summary = validate_module.run_kernel_tests(tmp_path / "out", workers=2)
+    assert not passed and summary == "10 passed, 1 failed (failing files: test_planted.py)"
+    text = (tmp_path / "out" / "tests.txt").read_text()
+    assert "test_planted.py::test_fails FAILED" in text and "assert 1 + 1 == 3" in text  # -v and the traceback
+    assert (tmp_path / "out" / "tests" / "test_reference.txt").exists()
+
+
+def test_a_timeout_keeps_the_lines_a_file_got_to(tmp_path, monkeypatch):
+    """The process killed at the limit leaves its finished tests in the record."""
+    planted = tmp_path / "test_planted.py"
+    planted.write_text(PLANTED)
+    monkeypatch.setenv("PLANTED_SLEEP", "60")
+    monkeypatch.setattr(validate_module, "KERNEL_TESTS", [str(planted), "tests/test_reference.py"])
+    began = time.monotonic()
+    passed, summary = validate_module.run_kernel_tests(tmp_path / "out", timeout=8, workers=1)
+    assert time.monotonic() - began < 30
+    assert not passed and summary.startswith("timed out after 8 s")
+    assert "cut: test_planted.py" in summary and "not started: test_reference.py" in summary
+    text = (tmp_path / "out" / "tests.txt").read_text()
+    assert "test_planted.py::test_passes PASSED" in text and "killed at the time limit" in text
 
 
 def test_kernel_tests_need_nothing_a_bare_gpu_image_lacks():
