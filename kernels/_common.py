@@ -289,6 +289,27 @@ class Tiling:
     tile: Callable[[dict], int] | None = None
 
 
+# CUDA's grid limits: 2^31 - 1 programs along the first axis, 65535 along the second and third.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def grid_fits(grid: Callable, meta: dict) -> bool:
+    """Whether a launch grid (a function of the block sizes) is within CUDA's limits."""
+    return all(n <= limit for n, limit in zip(grid(meta), GRID_LIMITS))
+
+
+def fitting_configs(configs: list, grid: Callable, named_args: dict) -> list:
+    """The configs whose grid CUDA can launch. A config over the limit fails at launch with
+    "invalid argument" (an H200 measured it: the logsumexp backward's one-column tile at
+    k = 100 000 asks for 100 000 programs along the second axis), which the autotuner does
+    not skip; a ValueError names the sizes when none fits."""
+    fitting = [c for c in configs if grid_fits(grid, {**named_args, **c.kwargs})]
+    if not fitting:
+        raise ValueError(f"no tile launches this problem within CUDA's grid limits {GRID_LIMITS}: "
+                         f"grid {grid({**named_args, **configs[-1].kwargs})} at the largest tile")
+    return fitting
+
+
 class Tunable:
     """A Triton kernel launched with the block sizes its ``Tiling`` gives."""
 
@@ -298,10 +319,18 @@ class Tunable:
         self.fn = fn
         self.tiling = tiling
         self.tuned = None
+        self._grid = None  # the launch being tuned: its grid prunes the configs CUDA cannot launch
         if not interpreted():
-            prune_by = {"early_config_prune": tiling.prune} if tiling.prune is not None else None
             self.tuned = triton.autotune(configs=tiling.configs, key=tiling.key,
-                                         prune_configs_by=prune_by)(fn)
+                                         prune_configs_by={"early_config_prune": self._prune})(fn)
+
+    def _prune(self, configs, named_args, **kwargs):
+        """The tiling's own pruning, then the grid limits (the tiling's fallback config too)."""
+        kept = self.tiling.prune(configs, named_args, **kwargs) if self.tiling.prune is not None else configs
+        if self._grid is None:
+            return kept
+        fitting = [c for c in kept if grid_fits(self._grid, {**named_args, **c.kwargs})]
+        return fitting or fitting_configs(configs, self._grid, named_args)
 
     def meta(self, sizes: dict) -> dict | None:
         """The block sizes a launch with these sizes gets, or None when the autotuner picks."""
@@ -318,7 +347,14 @@ class Tunable:
             return None
         meta = self.meta(sizes)
         if meta is None:
-            return self.tuned[grid](*args, **kwargs)
+            self._grid = grid
+            try:
+                return self.tuned[grid](*args, **kwargs)
+            finally:
+                self._grid = None
+        if not grid_fits(grid, meta):
+            raise ValueError(f"the {self.fn.__name__} launch for sizes {sizes} needs grid {grid(meta)}, "
+                             f"past CUDA's limits {GRID_LIMITS}")
         return self.fn[grid](*args, **kwargs, **meta)
 
 

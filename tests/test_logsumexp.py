@@ -91,3 +91,25 @@ def test_gradients_on_strided_views(view, device):
     ref = base.double().requires_grad_()
     (reference.iwae_bound(make(ref)) * weights.double()).sum().backward()
     assert_close(leaf.grad, ref.grad, rtol=1e-4, atol=1e-6, what=f"d/dt through {view}")
+
+
+def test_autotuning_keeps_only_configs_cuda_can_launch(monkeypatch):
+    """An H200 failed the reduction's backward at B = 8, k = 100 000 with "invalid argument":
+    the autotuner tried the one-column tile, 100 000 programs along the grid's second axis
+    (CUDA allows 65 535). The pruning runs the launch's own grid on every config."""
+    from kernels._common import GRID_LIMITS, Tunable, cdiv, fitting_configs
+    from kernels.lse import _lse_backward
+
+    grid = lambda m: (cdiv(8, m["BLOCK_R"]), cdiv(100_000, m["BLOCK_K"]))  # noqa: E731 (logsumexp_backward's)
+    kept = fitting_configs(_lse_backward.tiling.configs, grid, {"R": 8, "K": 100_000})
+    assert [c.kwargs["BLOCK_K"] for c in kept] == [8192, 4096, 2048, 1024, 256, 64, 16, 4]
+    # the autotuner's hook: the tiling's pruning, then the limits, for the launch being tuned
+    tunable = object.__new__(Tunable)
+    tunable.tiling, tunable._grid = _lse_backward.tiling, grid
+    assert tunable._prune(_lse_backward.tiling.configs, {"R": 8, "K": 100_000}) == kept
+    with pytest.raises(ValueError, match="no tile launches this problem within CUDA's grid limits"):
+        fitting_configs(_lse_backward.tiling.configs, lambda m: (1, GRID_LIMITS[1] + 1), {})
+    # without autotuning the chosen tile is checked before the launch
+    monkeypatch.setattr(Tunable, "meta", lambda self, sizes: {"BLOCK_R": 1, "BLOCK_K": 1})
+    with pytest.raises(ValueError, match=r"_logsumexp_backward_kernel launch .* needs grid \(8, 100000\)"):
+        _lse_backward.launch(grid, sizes={"K": 100_000})
