@@ -62,6 +62,7 @@ TERMS = 20          # series terms for the rest: ratio < 2/16, (1/8)^20 ~ 1e-18
 KHAT_UNRELIABLE = 0.7
 PRIOR_WEIGHT = 10   # the weakly informative prior: 10 observations at shape 0.5
 MIN_TAIL = 5        # fewer tail weights than this: no fit (NaN)
+COLUMNS = ["jvi1_nll", "jvi2_nll", "khat_median", "khat_above"]  # what evaluate reports of them
 ROWS = 16           # images at a time in the jackknife (its explicit pairs hold [ROWS, EXPLICIT, k])
 
 
