@@ -385,8 +385,8 @@ def test_family_report_judges_differences_against_the_seeds_spread(tmp_path):
     assert ("ours PIWAE(8, 8) < CIWAE(beta = 0.05) < MIWAE(8, 8); Rainforth et al. PIWAE(8, 8) < "
             "CIWAE(beta = 0.05) < MIWAE(8, 8) (the same order)") in text
     assert "PIWAE(8, 8) - MIWAE(8, 8): ours -1.00 nats, theirs -0.51 (same sign; ours beyond the seeds' spread)" in text
-    assert "PIWAE(8, 8) - CIWAE(beta = 0.05): ours -0.05 nats, theirs -0.11 (same sign; ours within the seeds' spread)" \
-        in text
+    assert ("PIWAE(8, 8) - CIWAE(beta = 0.05): ours -0.05 nats, theirs -0.11 (same sign; ours within the seeds' "
+            "spread)") in text
     assert "MIWAE(8, 8) against IWAE: +1.00 nats (worse; beyond the seeds' spread)" in text
     assert "VR(alpha = 0.5) against IWAE: +1.00 nats (worse; within the seeds' spread)" in text
     from iwae_bench.experiments.mnist_report import _t975

@@ -252,7 +252,8 @@ def _diagnostics_comparison(table) -> list[str]:
     shift = rows["jvi1_nll"] - rows["test_nll"]
     worst = rows.loc[rows["khat_above"].idxmax()] if rows["khat_above"].notna().any() else None
     out = [f"- The jackknife (order 1) moves the test NLL by {shift.min():+.2f} to {shift.max():+.2f} nats "
-           "(negative: the IWAE bound's own bias at the evaluation k, which the jackknife estimates and removes); order 2 "
+           "(negative: the IWAE bound's own bias at the evaluation k, which the jackknife estimates and "
+           "removes); order 2 "
            f"differs from order 1 by at most {(rows['jvi2_nll'] - rows['jvi1_nll']).abs().max():.2f} nats."]
     if worst is not None:
         out.append(f"- PSIS k-hat above {KHAT_UNRELIABLE}: on {_share(rows['khat_above'].min())} to "
@@ -329,7 +330,8 @@ def _family_text(family, summary, seeds: int) -> list[str]:
     base = rows.get(("iwae", "iwae"))
     others = [r for key, r in rows.items() if key != ("iwae", "iwae")]
     lines = ["Each member trained at the same budget of k = 64 samples per example (groups M x K = 8 x 8), "
-             "then evaluated like every model here (the IWAE bound at the evaluation k, 5000 by default). Rainforth et al.'s numbers come "
+             "then evaluated like every model here (the IWAE bound at the evaluation k, 5000 by default). "
+             "Rainforth et al.'s numbers come "
              "from the full training set and their own schedule: compare orderings and differences, not levels "
              "(our data is 1/15 of MNIST). A difference counts as beyond the seeds' spread when it lies outside "
              "its 95% interval over the training seeds (Student's t; paired by seed, since a seed fixes the "
