@@ -7,9 +7,14 @@ paper does, and writes OUT (default results/runs/experiment/):
 
     runs/<run name>.csv         per-epoch training curve (name: objective-k-estimator-seed)
     checkpoints/<run name>.pt   the trained model (the SNR benchmark loads it)
-    summary.csv                 test NLL (IWAE bound, k = 5000), active units, ELBO, time
+    summary.csv                 test NLL (IWAE bound, k = 5000) with its jackknife (orders 1, 2)
+                                and PSIS k-hat (median, share above 0.7), active units, ELBO, time
     lk_curve.csv                L_k and the ELBO on the test set for k = 1 ... 5000
     plots/, report.md, machine.json   (the report: ``mnist_report``)
+
+With ``--objectives`` (``FAMILY_RUNS``) it trains the importance-weighted family instead, at
+Rainforth et al. (2018)'s budget of k = 64 samples (MIWAE and PIWAE as 8 groups of 8), each
+member with its objective's gradient (RWS: wake-phi) and, where named, DReG.
 
 Evaluation streams the k = 5000 samples in chunks (with the fused backend through the kernel
 that fuses the decoder's output layer into the bound: no logits stored) so memory stays
