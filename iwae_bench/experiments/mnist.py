@@ -7,9 +7,14 @@ paper does, and writes OUT (default results/runs/experiment/):
 
     runs/<run name>.csv         per-epoch training curve (name: objective-k-estimator-seed)
     checkpoints/<run name>.pt   the trained model (the SNR benchmark loads it)
-    summary.csv                 test NLL (IWAE bound, k = 5000), active units, ELBO, time
+    summary.csv                 test NLL (IWAE bound, k = 5000) with its jackknife (orders 1, 2)
+                                and PSIS k-hat (median, share above 0.7), active units, ELBO, time
     lk_curve.csv                L_k and the ELBO on the test set for k = 1 ... 5000
     plots/, report.md, machine.json   (the report: ``mnist_report``)
+
+With ``--objectives`` (``FAMILY_RUNS``) it trains the importance-weighted family instead, at
+Rainforth et al. (2018)'s budget of k = 64 samples (MIWAE and PIWAE as 8 groups of 8), each
+member with its objective's gradient (RWS: wake-phi) and, where named, DReG.
 
 Evaluation streams the k = 5000 samples in chunks (with the fused backend through the kernel
 that fuses the decoder's output layer into the bound: no logits stored) so memory stays
@@ -74,14 +79,21 @@ from ..harness.machine import MachineRecord
 from ..harness.shard import Shard
 from ..training import IWAELoss, log_weights
 from ..training.bounds import head_log_weights
+from ..training.family import Objective, default_estimator
 from ..training.model import VAE, save_checkpoint
 from ..training.sampling import SAMPLE_BLOCK, noise_blocks
 from .data import DEQUANTIZED_LOG_VARIANCE, LEVELS, MNISTSplit, load_mnist, model_data
+from .diagnostics import COLUMNS as DIAGNOSTICS
+from .diagnostics import KHAT_UNRELIABLE, jvi, psis_khat
 from .mnist_report import render_experiment
-from .paper import paper_active_units, paper_nll
+from .paper import RAINFORTH_K, paper_active_units, paper_nll
 
 PAPER_RUNS = [("elbo", 1), ("multi_sample_elbo", 5), ("multi_sample_elbo", 50), ("iwae", 5), ("iwae", 50)]
 LIKELIHOOD_RUNS = [("elbo", 1, "iwae"), ("iwae", 50, "iwae"), ("iwae", 50, "dreg")]
+FAMILY_K = RAINFORTH_K  # Rainforth et al. (2018)'s budget: k = M K = 64
+FAMILY_RUNS = [("iwae", FAMILY_K, "iwae"), ("miwae:8x8", FAMILY_K, "iwae"), ("piwae:8x8", FAMILY_K, "iwae"),
+               ("ciwae:0.05", FAMILY_K, "iwae"), ("vr:0.5", FAMILY_K, "iwae"), ("rws", FAMILY_K, "wake"),
+               ("rws", FAMILY_K, "dreg"), ("iwae", FAMILY_K, "dreg")]
 ACTIVE_THRESHOLD = 1e-2
 GAUSSIAN_FLOOR = DEQUANTIZED_LOG_VARIANCE  # the least log-variance dequantized data supports
 
@@ -98,7 +110,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        name = f"{self.objective}-k{self.k}-{self.estimator}-seed{self.seed}"
+        """objective-k-estimator-seed; a family member's spelling with '-' for ':' (miwae-8x8-k64-...)."""
+        name = f"{self.objective.replace(':', '-')}-k{self.k}-{self.estimator}-seed{self.seed}"
         return name if self.likelihood == "bernoulli" else f"{slug(Likelihood.parse(self.likelihood))}-{name}"
 
     def key(self) -> tuple:
@@ -118,14 +131,20 @@ def experiment_likelihood(spec) -> Likelihood:
     return likelihood
 
 
-def work_list(estimators=(), seeds: int = 1, base_seed: int = 0, likelihoods=()) -> list[Run]:
-    """The experiment's runs, each repeated over ``seeds`` training seeds. Without
-    ``likelihoods``: the paper's five with the total gradient, then the IWAE at k = 5 and 50
-    with each extra estimator. With them: per likelihood the VAE, the IWAE at k = 50 and the
-    IWAE at k = 50 with DReG and each extra estimator. Every shard builds this same list and
-    takes its part."""
+def work_list(estimators=(), seeds: int = 1, base_seed: int = 0, likelihoods=(), objectives=None) -> list[Run]:
+    """The experiment's runs, each repeated over ``seeds`` training seeds. By default: the
+    paper's five with the total gradient, then the IWAE at k = 5 and 50 with each extra
+    estimator. With ``likelihoods``: per likelihood the VAE, the IWAE at k = 50 and the IWAE at
+    k = 50 with DReG and each extra estimator. With ``objectives`` (a list; empty: Rainforth's
+    set, ``FAMILY_RUNS``): each objective of the family at k = 64 with its default estimator
+    and each extra estimator that applies to it. Every shard builds this same list and takes
+    its part."""
     extra = [e for e in dict.fromkeys(estimators) if e != "iwae"]
-    if likelihoods:
+    if likelihoods and objectives is not None:
+        raise ValueError("objectives and likelihoods do not combine: the family is trained on binarized MNIST")
+    if objectives is not None:
+        kinds = [(objective, k, estimator, "bernoulli") for objective, k, estimator in family_runs(objectives, extra)]
+    elif likelihoods:
         kinds = [(objective, k, estimator, experiment_likelihood(spec).label) for spec in likelihoods
                  for objective, k, estimator in LIKELIHOOD_RUNS
                  + [("iwae", 50, e) for e in extra if e != "dreg"]]
@@ -134,6 +153,24 @@ def work_list(estimators=(), seeds: int = 1, base_seed: int = 0, likelihoods=())
         kinds += [("iwae", k, estimator, "bernoulli") for estimator in extra for k in (5, 50)]
     return [Run(objective, k, estimator, base_seed + i, likelihood) for i in range(seeds)
             for objective, k, estimator, likelihood in kinds]
+
+
+def family_runs(objectives, extra=()) -> list[tuple[str, int, str]]:
+    """(objective label, k, estimator) at k = 64: ``FAMILY_RUNS`` for no objectives, else each
+    objective (a spelling ``Objective.parse`` reads) with its default estimator; then each
+    ``extra`` estimator wherever the objective takes it. A ValueError names a bad spelling."""
+    if objectives:
+        runs = [(spec.label, FAMILY_K, default_estimator(spec)) for spec in map(Objective.parse, objectives)]
+    else:
+        runs = list(FAMILY_RUNS)
+    for objective in list(dict.fromkeys(label for label, _, _ in runs)):
+        for estimator in extra:
+            try:
+                Objective.parse(objective).check(FAMILY_K, estimator)
+            except ValueError:
+                continue
+            runs.append((objective, FAMILY_K, estimator))
+    return list(dict.fromkeys(runs))
 
 
 def bits_per_dim(nll: float, D: int, likelihood) -> float:
@@ -228,9 +265,11 @@ def active_units(model, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) ->
 def evaluate(model, test: torch.Tensor, schedule: Schedule, backend: str, seed: int = 0,
              batch: int = 100) -> dict:
     """Test NLL (-L_k at eval_k), the L_k curve from the first k of the same samples, the ELBO
-    (mean log-weight) and the active units."""
+    (mean log-weight), the active units, and from the same log-weights (experiments/diagnostics.py)
+    the jackknife NLLs of order 1 and 2 (NaN for eval_k <= order) and the PSIS k-hat per image:
+    its median and the share of images above 0.7 (NaN for eval_k < 25)."""
     lse_all, curve = [], {k: [] for k in schedule.k_curve}
-    elbo = []
+    elbo, jackknife, khat = [], {1: [], 2: []}, []
     for start in range(0, test.shape[0], batch):
         x = test[start:start + batch]
         log_w, lse = streamed_log_weights(model, x, schedule.eval_k, schedule.eval_chunk, backend,
@@ -239,11 +278,19 @@ def evaluate(model, test: torch.Tensor, schedule: Schedule, backend: str, seed: 
         for k in schedule.k_curve:
             curve[k].append((torch.logsumexp(log_w[:, :k].double(), dim=1) - math.log(k)))
         elbo.append(log_w.double().mean(dim=1))
+        for order in jackknife:
+            if schedule.eval_k > order:
+                jackknife[order].append(jvi(log_w.cpu(), order))
+        khat.append(psis_khat(log_w.cpu()))
     units, variance = active_units(model, test)
     bound = torch.cat(lse_all) - math.log(schedule.eval_k)
+    khat = torch.cat(khat)
     return {"test_nll": -bound.mean().item(), "test_elbo": torch.cat(elbo).mean().item(),
             "active_units": units, "unit_variance": variance.tolist(),
-            "curve": {k: torch.cat(v).mean().item() for k, v in curve.items()}}
+            "curve": {k: torch.cat(v).mean().item() for k, v in curve.items()},
+            **{f"jvi{order}_nll": -torch.cat(v).mean().item() if v else math.nan for order, v in jackknife.items()},
+            "khat_median": khat.median().item(),
+            "khat_above": (khat > KHAT_UNRELIABLE).double().mean().item() if not khat.isnan().all() else math.nan}
 
 
 # --------------------------------------------------------------------------- training
@@ -399,12 +446,15 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
                               seed=run.seed)
             row.update(eval_seconds=time.perf_counter() - start, test_nll=result["test_nll"],
                        test_bpd=bits_per_dim(result["test_nll"], split.test.shape[1], likelihood),
-                       test_elbo=result["test_elbo"], active_units=result["active_units"])
+                       test_elbo=result["test_elbo"], active_units=result["active_units"],
+                       **{name: result[name] for name in DIAGNOSTICS})
             curve_rows += [{"objective": run.objective, "k_train": run.k, "estimator": run.estimator,
                             "seed": run.seed, "likelihood": run.likelihood, "k_eval": ke, "L_k": value,
                             "elbo": result["test_elbo"]} for ke, value in result["curve"].items()]
-            log(f"  -> test NLL {result['test_nll']:.2f} nats ({row['test_bpd']:.3f} bits/dim), "
-                f"{result['active_units']} active units (evaluated in {row['eval_seconds']:.0f} s)")
+            log(f"  -> test NLL {result['test_nll']:.2f} nats ({row['test_bpd']:.3f} bits/dim; jackknife "
+                f"{result['jvi1_nll']:.2f}, {result['jvi2_nll']:.2f}), {result['active_units']} active units, "
+                f"k-hat > {KHAT_UNRELIABLE} on {result['khat_above']:.0%} of the images "
+                f"(evaluated in {row['eval_seconds']:.0f} s)")
         summary.append(row)
         write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
         write_csv(out / "lk_curve.csv", curve_rows, CURVE_COLUMNS)
@@ -414,7 +464,7 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
 
 SUMMARY_COLUMNS = ["objective", "k", "estimator", "seed", "likelihood", "backend", "epochs", "train_seconds",
                    "eval_seconds", "train_objective", "test_nll", "test_bpd", "test_elbo", "active_units",
-                   "diverged_epoch", "paper_nll", "paper_active_units"]
+                   "diverged_epoch", "paper_nll", "paper_active_units", *DIAGNOSTICS]
 CURVE_COLUMNS = ["objective", "k_train", "estimator", "seed", "likelihood", "k_eval", "L_k", "elbo"]
 COLLAPSE_COLUMNS = ["likelihood", "data", "epoch", "lr", "train_objective", "min_log_scale", "seconds", "diverged"]
 

@@ -22,7 +22,10 @@ from kernels.likelihood import Likelihood  # noqa: E402
 
 from ..files import read_json, save_figure, write_text  # noqa: E402
 from .data import DEQUANTIZED_LOG_VARIANCE, IMAGE_PIXELS  # noqa: E402
-from .paper import PAPER_EPOCHS, PAPER_TRAIN_IMAGES, paper_active_units, paper_nll  # noqa: E402
+from .diagnostics import COLUMNS as DIAGNOSTICS  # noqa: E402
+from .diagnostics import KHAT_UNRELIABLE  # noqa: E402
+from .paper import (PAPER_EPOCHS, PAPER_TRAIN_IMAGES, RAINFORTH_K, paper_active_units, paper_nll,  # noqa: E402
+                    rainforth_nll)
 
 LABELS = {"elbo": "VAE", "multi_sample_elbo": "VAE (k-sample ELBO)", "iwae": "IWAE"}
 BERNOULLI = "bernoulli"
@@ -32,7 +35,12 @@ def read_table(path: Path) -> pd.DataFrame:
     """summary.csv or lk_curve.csv; rows from before the likelihood column are the Bernoulli's."""
     table = pd.read_csv(path)
     table["likelihood"] = table["likelihood"].fillna(BERNOULLI) if "likelihood" in table else BERNOULLI
-    return table
+    return with_diagnostics(table)
+
+
+def with_diagnostics(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with the diagnostics' columns, NaN where it is from before them."""
+    return summary.assign(**{column: math.nan for column in DIAGNOSTICS if column not in summary})
 
 
 def run_name(row) -> str:
@@ -46,12 +54,13 @@ def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per (objective, k, estimator): means over the training seeds, their spread
     (sample standard deviation, NaN for one seed) and the count."""
     keys = ["objective", "k", "estimator"]
-    grouped = summary.groupby(keys, sort=False)
+    grouped = with_diagnostics(summary).groupby(keys, sort=False)
     table = grouped.agg(seeds=("seed", "nunique"), test_nll=("test_nll", "mean"),
                         test_nll_std=("test_nll", "std"), active_units=("active_units", "mean"),
                         active_min=("active_units", "min"), active_max=("active_units", "max"),
                         test_elbo=("test_elbo", "mean"), train_seconds=("train_seconds", "mean"),
-                        eval_seconds=("eval_seconds", "mean")).reset_index()
+                        eval_seconds=("eval_seconds", "mean"),
+                        **{column: (column, "mean") for column in DIAGNOSTICS}).reset_index()
     # the paper's columns from the one table (an older summary.csv put the IWAE's beside STL/DReG)
     table["paper_nll"] = [paper_nll(o, k, e) for o, k, e in zip(table["objective"], table["k"], table["estimator"])]
     table["paper_active_units"] = [paper_active_units(o, k, e) for o, k, e in
@@ -124,6 +133,10 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _share(value) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1%}"
+
+
 def _mean_std(mean, std, digits=2) -> str:
     return _fmt(mean, digits) + ("" if std is None or math.isnan(std) else f" ± {std:.{digits}f}")
 
@@ -149,19 +162,29 @@ def _report_text(summary, curve, record) -> str:
              f"{seeds} training seed{'s' if seeds > 1 else ''} per model"
              + (" (mean ± sample standard deviation over the seeds)" if seeds > 1 else "")
              + f". The paper: {PAPER_TRAIN_IMAGES} training images, {PAPER_EPOCHS} epochs, one run each.\n",
-             "| objective | k | estimator | test NLL (ours) | paper NLL | active units (ours) | "
-             "paper active | test -ELBO (ours) | train time (s) | eval time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Beside each test NLL, from the same log-weights: the jackknife estimates of order 1 and 2 "
+             "(JVI, Nowozin 2018: the IWAE bound's O(1/k) bias removed; not a bound) and the share of test "
+             f"images whose PSIS k-hat exceeds {KHAT_UNRELIABLE} (Vehtari et al.: there the importance-sampling "
+             "estimate of that image's likelihood is not to be trusted); experiments/diagnostics.py.\n",
+             "| objective | k | estimator | test NLL (ours) | paper NLL | JVI-1 NLL | JVI-2 NLL | "
+             f"k-hat > {KHAT_UNRELIABLE} | active units (ours) | paper active | test -ELBO (ours) | "
+             "train time (s) | eval time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
         units = _fmt(row.active_units, 0 if seeds == 1 else 1)
         if row.active_min != row.active_max:
             units += f" ({row.active_min}-{row.active_max})"
         lines.append(f"| {LABELS.get(row.objective, row.objective)} | {row.k} | {row.estimator} | "
-                     f"{_mean_std(row.test_nll, row.test_nll_std)} | {_fmt(row.paper_nll)} | {units} | "
+                     f"{_mean_std(row.test_nll, row.test_nll_std)} | {_fmt(row.paper_nll)} | {_fmt(row.jvi1_nll)} | "
+                     f"{_fmt(row.jvi2_nll)} | {_share(row.khat_above)} | {units} | "
                      f"{_fmt(row.paper_active_units, 0)} | {_fmt(-row.test_elbo)} | "
                      f"{_fmt(row.train_seconds, 0)} | {_fmt(row.eval_seconds, 0)} |")
     lines += ["", "## Where our smaller run agrees with the paper, and where it differs", ""]
-    lines += _comparison(table, schedule, seeds)
+    lines += _comparison(table, schedule, seeds) + _diagnostics_comparison(table)
+    family = table[table["k"] == RAINFORTH_K]
+    if len(family):
+        lines += ["", f"## The importance-weighted family at k = {RAINFORTH_K} beside Rainforth et al. (2018)", ""]
+        lines += _family_text(family, summary[summary["k"] == RAINFORTH_K], seeds)
     lines += ["", "## L_k against k on the test images (mean over seeds)", "",
               "![L_k](plots/lk_curves.png)", "",
               "| model | " + " | ".join(f"L_{k}" for k in sorted(curve["k_eval"].unique())) + " | ELBO |",
@@ -221,6 +244,138 @@ def _comparison(table, schedule: dict, seeds: int) -> list[str]:
     return out
 
 
+def _diagnostics_comparison(table) -> list[str]:
+    """What the jackknife and k-hat say about the NLLs above."""
+    rows = table.dropna(subset=["jvi1_nll"])
+    if not len(rows):
+        return []
+    shift = rows["jvi1_nll"] - rows["test_nll"]
+    worst = rows.loc[rows["khat_above"].idxmax()] if rows["khat_above"].notna().any() else None
+    out = [f"- The jackknife (order 1) moves the test NLL by {shift.min():+.2f} to {shift.max():+.2f} nats "
+           "(negative: the IWAE bound's own bias at the evaluation k, which the jackknife estimates and "
+           "removes); order 2 "
+           f"differs from order 1 by at most {(rows['jvi2_nll'] - rows['jvi1_nll']).abs().max():.2f} nats."]
+    if worst is not None:
+        out.append(f"- PSIS k-hat above {KHAT_UNRELIABLE}: on {_share(rows['khat_above'].min())} to "
+                   f"{_share(rows['khat_above'].max())} of the test images per model (most: "
+                   f"{_model_label(worst['objective'], worst['k'], worst['estimator'])}); for those images the "
+                   "IWAE estimate, and its jackknife, may sit well below log p(x).")
+    return out
+
+
+def _family_label(objective: str, estimator: str) -> str:
+    """Rainforth et al.'s names: IWAE, MIWAE(8, 8), CIWAE(beta = 0.05), VR(alpha = 0.5), RWS, and
+    the estimator where it is not the objective's default (IWAE DReG, RWS DReG)."""
+    from ..training.family import Objective, default_estimator
+
+    spec = Objective.parse(objective)
+    name = spec.name.upper()
+    if spec.name in ("miwae", "piwae"):
+        name += f"({spec.M}, {spec.K})"
+    elif spec.name == "ciwae":
+        name += f"(beta = {spec.beta:g})"
+    elif spec.name == "vr":
+        name = f"VR(alpha = {spec.alpha:g})"
+    return name + ("" if estimator == default_estimator(spec) else f" {ESTIMATOR_LABELS.get(estimator, estimator)}")
+
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student's t, 1..10 dof
+
+
+def _t975(dof: int) -> float:
+    """The 97.5% quantile of Student's t: the table to 10 degrees of freedom, then the
+    Cornish-Fisher expansion to 1/dof^3 (within 0.0005 from 11 on). NaN for no degrees of freedom."""
+    if dof < 1:
+        return math.nan
+    if dof <= len(T975):
+        return T975[dof - 1]
+    z = 1.959964
+    return (z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * dof ** 3))
+
+
+def _difference(a, b, nll: dict) -> tuple[float, float]:
+    """(NLL of a - that of b, the half-width of its 95% interval over the training seeds; NaN
+    with one seed). Paired by seed where both have two or more seeds in common (a seed fixes the
+    initial weights and the data order of every model alike, so most of the seed-to-seed spread
+    cancels in the difference): the per-seed differences' mean, and t(n - 1) times their standard
+    error; else the difference of the means, with both means' standard errors combined and the
+    smaller model's seeds - 1 degrees of freedom."""
+    x, y = nll[(a.objective, a.estimator)], nll[(b.objective, b.estimator)]
+    common = x.index.intersection(y.index)
+    if len(common) >= 2:
+        paired = x[common] - y[common]
+        return paired.mean(), _t975(len(common) - 1) * paired.std() / math.sqrt(len(common))
+    se = math.sqrt(a.test_nll_std ** 2 / a.seeds + b.test_nll_std ** 2 / b.seeds)
+    return a.test_nll - b.test_nll, _t975(min(a.seeds, b.seeds) - 1) * se
+
+
+def _verdict(diff: float, half_width: float) -> str:
+    if math.isnan(half_width):
+        return "one seed: no spread to judge it by"
+    return "within the seeds' spread" if abs(diff) <= half_width else "beyond the seeds' spread"
+
+
+def _family_text(family, summary, seeds: int) -> list[str]:
+    """The family's table (``aggregate``'s rows, in ``mnist.FAMILY_RUNS``' order) beside
+    Rainforth et al.'s numbers, and the orderings and differences, ours against theirs, each
+    judged against its 95% interval over the seeds (``_difference``; ``summary``: the
+    per-seed rows)."""
+    from .mnist import FAMILY_RUNS
+
+    order = {(objective, estimator): i for i, (objective, _, estimator) in enumerate(FAMILY_RUNS)}
+    rows = {(r.objective, r.estimator): r for r in sorted(
+        family.itertuples(), key=lambda r: order.get((r.objective, r.estimator), len(order)))}
+    nll = {key: part.set_index("seed")["test_nll"] for key, part in summary.groupby(["objective", "estimator"])}
+    base = rows.get(("iwae", "iwae"))
+    others = [r for key, r in rows.items() if key != ("iwae", "iwae")]
+    lines = ["Each member trained at the same budget of k = 64 samples per example (groups M x K = 8 x 8), "
+             "then evaluated like every model here (the IWAE bound at the evaluation k, 5000 by default). "
+             "Rainforth et al.'s numbers come "
+             "from the full training set and their own schedule: compare orderings and differences, not levels "
+             "(our data is 1/15 of MNIST). A difference counts as beyond the seeds' spread when it lies outside "
+             "its 95% interval over the training seeds (Student's t; paired by seed, since a seed fixes the "
+             "initial weights and the data order of every model alike).\n",
+             f"| model | test NLL (ours) | JVI-1 NLL | JVI-2 NLL | k-hat > {KHAT_UNRELIABLE} | active units | "
+             "vs our IWAE (95% interval) | Rainforth NLL |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows.values():
+        versus = "-"
+        if base is not None and row is not base:
+            diff, half_width = _difference(row, base, nll)
+            versus = f"{diff:+.2f}" + ("" if math.isnan(half_width) else f" ± {half_width:.2f}")
+        lines.append(f"| {_family_label(row.objective, row.estimator)} | "
+                     f"{_mean_std(row.test_nll, row.test_nll_std)} | {_fmt(row.jvi1_nll)} | {_fmt(row.jvi2_nll)} | "
+                     f"{_share(row.khat_above)} | {_fmt(row.active_units, 1)} | {versus} | "
+                     f"{_fmt(rainforth_nll(row.objective, row.k, row.estimator))} |")
+    lines.append("")
+    quoted = [r for r in rows.values() if rainforth_nll(r.objective, r.k, r.estimator) is not None]
+    if len(quoted) >= 2:
+        ours = sorted(quoted, key=lambda r: r.test_nll)
+        theirs = sorted(quoted, key=lambda r: rainforth_nll(r.objective, r.k, r.estimator))
+
+        def name(r):
+            return _family_label(r.objective, r.estimator)
+
+        same = [name(r) for r in ours] == [name(r) for r in theirs]
+        lines.append(f"- Ordering, best first: ours {' < '.join(name(r) for r in ours)}; Rainforth et al. "
+                     f"{' < '.join(name(r) for r in theirs)} ({'the same' if same else 'a different'} order).")
+        for i, a in enumerate(theirs):
+            for b in theirs[i + 1:]:
+                diff, se = _difference(a, b, nll)
+                paper = rainforth_nll(a.objective, a.k, a.estimator) - rainforth_nll(b.objective, b.k, b.estimator)
+                lines.append(f"- {name(a)} - {name(b)}: ours {diff:+.2f} nats, theirs {paper:+.2f} "
+                             f"({'same sign' if diff * paper > 0 else 'opposite sign'}; ours {_verdict(diff, se)}).")
+    if base is not None:
+        for row in others:
+            diff, se = _difference(row, base, nll)
+            lines.append(f"- {_family_label(row.objective, row.estimator)} against IWAE: {diff:+.2f} "
+                         f"nats ({'better' if diff < 0 else 'worse'}; {_verdict(diff, se)}).")
+    if seeds == 1:
+        lines.append("- One training seed per model: no difference here can be told from seed-to-seed noise; "
+                     "run with --seeds 3.")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- gray-level MNIST
 
 ESTIMATOR_LABELS = {"dreg": "DReG", "stl": "STL"}
@@ -255,6 +410,7 @@ def _likelihood_text(summary) -> str:
     table = summary.groupby(keys, sort=False).agg(
         seeds=("seed", "nunique"), test_nll=("test_nll", "mean"), test_nll_std=("test_nll", "std"),
         test_bpd=("test_bpd", "mean"), test_bpd_std=("test_bpd", "std"), active_units=("active_units", "mean"),
+        jvi1_nll=("jvi1_nll", "mean"), khat_above=("khat_above", "mean"),
         train_seconds=("train_seconds", "mean"), eval_seconds=("eval_seconds", "mean"),
         diverged=("diverged_epoch", lambda d: ", ".join(str(int(e)) for e in d.dropna()))).reset_index()
     # each likelihood's rows together (shards write them in any order): VAE, IWAE, its estimators
@@ -267,13 +423,15 @@ def _likelihood_text(summary) -> str:
              "bits/dim = (NLL / D + log 256) / log 2; the discretized likelihood on the 256 levels themselves, "
              "bits/dim = NLL / (D log 2): both upper-bound the 8-bit images' bits per pixel (experiments/mnist.py "
              "derives it). Test NLL: -L_k at the evaluation k, nats per image.", "",
-             "| likelihood | data | model | test NLL (nats) | bits/dim | active units | train time (s) | "
-             "eval time (s) | diverged (epoch) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| likelihood | data | model | test NLL (nats) | bits/dim | JVI-1 NLL | "
+             f"k-hat > {KHAT_UNRELIABLE} | active units | train time (s) | eval time (s) | diverged (epoch) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
         likelihood = Likelihood.parse(row.likelihood)
         data = DATA["continuous" if likelihood.continuous else "discretized"]
         lines.append(f"| `{row.likelihood}` | {data} | {_model_label(row.objective, row.k, row.estimator)} | "
                      f"{_mean_std(row.test_nll, row.test_nll_std)} | {_mean_std(row.test_bpd, row.test_bpd_std, 3)} | "
+                     f"{_fmt(row.jvi1_nll)} | {_share(row.khat_above)} | "
                      f"{_fmt(row.active_units, 0 if row.seeds == 1 else 1)} | {_fmt(row.train_seconds, 0)} | "
                      f"{_fmt(row.eval_seconds, 0)} | {row.diverged or '-'} |")
     lines += [""] + _likelihood_comparison(table)
