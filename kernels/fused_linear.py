@@ -912,6 +912,11 @@ def _checked(x, h, weight, bias, z, mu, logvar, likelihood, scale) -> tuple:
     take, the logistic mixture, is refused by name)."""
     likelihood = as_likelihood(likelihood)
     likelihood.kernel_args()
+    for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, torch.Tensor) or (name != "z" and t.dim() == 3):
+            raise ValueError(f"{name}: the fused head takes one stochastic layer with per-example [B, d] mu and "
+                             "logvar; stochastic layers (kernels.Latent) and per-sample parameters go through "
+                             "kernels.fused_iwae_bound on the logits")
     B, k = check_head_inputs(x, h, weight, bias, z, mu, logvar, likelihood=likelihood, scale=scale,
                              for_kernel=True)[:2]
     return likelihood, B, k
