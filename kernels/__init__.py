@@ -12,8 +12,8 @@
     log_weights(x, logits, z, mu, logvar)     -> [B, k]
     Latent(z, mu, logvar, prior_mu, prior_logvar)  one stochastic layer (kernels/latent.py):
                                               a sequence of them in z's place (mu, logvar None)
-                                              gives every entry point but the fused head
-                                              several layers, parameters per example or sample
+                                              gives every entry point several layers,
+                                              parameters per example or per sample
     fused_iwae_bound(x, logits, z, mu, logvar) -> [B]             one kernel, no [B, k, D] temp
     fused_iwae_bound_with_weights(...)   -> (bound, log_w, lse)   the same, and the weights' logs
     reweight(g, log_w, lse)              -> g * exp(log_w - lse)  per sample (DReG's extra factor)

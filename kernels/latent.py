@@ -14,8 +14,8 @@ The two-layer model of Burda et al. sums two such terms:
 ``Latent`` holds one layer. The one-layer call of every entry point (z, mu, logvar with
 [B, d] parameters and a standard normal prior) keeps its own path inside the log-weight kernels
 (kernels/logw.py), unchanged; any other set of layers goes through ``latent_log_ratio`` here,
-one launch per layer, whose [B, k] sum the log-weight and fused-bound kernels add to their
-likelihood term (their own latent loop then runs over d = 0 columns).
+one launch per layer, whose [B, k] sum the log-weight, fused-bound and fused-head kernels add
+to their likelihood term (their own latent loop then runs over d = 0 columns).
 
 Memory: a forward program owns one example and BLOCK_K samples and walks the latent width in
 BLOCK_L columns. A per-sample parameter is read like z, one [BLOCK_K, BLOCK_L] tile per block;
@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, check_channels, check_devices, check_float_tensor, check_inputs, check_scale,
-                      interpreted, next_pow2, shape_str)
+from ._common import (Tiling, Tunable, cdiv, check_channels, check_devices, check_float_tensor, check_inputs,
+                      check_scale, next_pow2, shape_str)
 from ._math import exp_neg_
 
 ABSENT, PER_EXAMPLE, PER_SAMPLE = 0, 1, 2  # how a parameter is laid out: its KIND in the kernels
@@ -122,7 +122,7 @@ def check_layers(layers: Sequence[Latent], B: int, k: int, others: dict, for_ker
     check_devices(tensors, for_kernel)
 
 
-HEAD_LAYOUT = {"x": ("B", "D"), "logits": ("B", "k", "D")}
+LOGITS_LAYOUT = {"x": ("B", "D"), "logits": ("B", "k", "D")}
 
 
 def check_layered_inputs(x, logits, layers: Sequence[Latent], *, for_kernel: bool = False, likelihood=None,
@@ -130,7 +130,7 @@ def check_layered_inputs(x, logits, layers: Sequence[Latent], *, for_kernel: boo
     """Validate x [B, D], logits [B, k, C D], ``scale`` and the layers (``check_layers``), the
     way ``check_bound_inputs`` does the one-layer call; return (B, k)."""
     tensors = {"x": x, "logits": check_channels("logits", logits, x, likelihood)}
-    sizes = check_inputs(tensors, HEAD_LAYOUT, {"B": ("logits", "x"), "k": ("logits",), "D": ("logits", "x")},
+    sizes = check_inputs(tensors, LOGITS_LAYOUT, {"B": ("logits", "x"), "k": ("logits",), "D": ("logits", "x")},
                          ("x", "logits"))
     if sizes["k"] < 1 or sizes["D"] < 1:
         raise ValueError(f"logits must have k >= 1 and D >= 1, got shape {shape_str(logits)}")
@@ -258,9 +258,26 @@ def _latent_backward_kernel(
 # --------------------------------------------------------------------------- host side
 
 
-def _blocks(k: int, d: int) -> dict:
+def _default_blocks(k: int, d: int) -> dict:
+    return {"BLOCK_K": min(next_pow2(k), 16), "BLOCK_L": min(next_pow2(d), 64), "num_warps": 4}
+
+
+def _interpreter_blocks(k: int, d: int) -> dict:
     # the interpreter pays per operation, not per element: larger tiles there
-    return {"BLOCK_K": min(next_pow2(k), 64 if interpreted() else 16), "BLOCK_L": min(next_pow2(d), 64)}
+    return {"BLOCK_K": min(next_pow2(k), 64), "BLOCK_L": min(next_pow2(d), 64)}
+
+
+def _prune(configs, named_args, **kwargs):
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max(8, next_pow2(named_args["k"]))]
+    return kept or configs[:1]
+
+
+TILING = Tiling([triton.Config({"BLOCK_K": bk, "BLOCK_L": bl}, num_warps=w) for bk, bl, w in
+                 ((8, 64, 2), (16, 64, 4), (32, 64, 4), (32, 32, 4), (64, 32, 8))],
+                key=["k", "d", "QM", "QV", "PM", "PV"], default=_default_blocks, interpreter=_interpreter_blocks,
+                prune=_prune, data_arg="z_ptr", tile=lambda meta: meta["BLOCK_K"] * meta["BLOCK_L"])
+_latent_forward = Tunable(_latent_forward_kernel, TILING)
+_latent_backward = Tunable(_latent_backward_kernel, TILING)
 
 
 def _launch_args(layer: Latent) -> tuple[tuple, tuple, dict]:
@@ -286,9 +303,8 @@ def latent_forward(layer: Latent) -> torch.Tensor:
     B, k, d = z.shape
     out = torch.empty((B, k), device=z.device, dtype=torch.float32)
     params, strides, kinds = _launch_args(layer)
-    blocks = _blocks(k, d)
-    _latent_forward_kernel[(B, cdiv(k, blocks["BLOCK_K"]))](
-        z, *params, out, *z.stride(), *strides, k, d, **kinds, **blocks)
+    _latent_forward.launch(lambda meta: (B, cdiv(k, meta["BLOCK_K"])), z, *params, out, *z.stride(), *strides,
+                           k, d, **kinds, sizes={"k": k, "d": d})
     return out
 
 
@@ -302,9 +318,8 @@ def latent_backward(layer: Latent, coef: torch.Tensor) -> tuple:
     for name in PARAMS:
         t = getattr(layer, name)
         grads.append(torch.empty(tuple(t.shape) if t is not None else (1,), device=z.device, dtype=torch.float32))
-    _latent_backward_kernel[(B,)](
-        z, *params, coef.to(torch.float32).contiguous(), *grads, *z.stride(), *strides, k, d, **kinds,
-        **_blocks(k, d))
+    _latent_backward.launch(lambda meta: (B,), z, *params, coef.to(torch.float32).contiguous(), *grads,
+                            *z.stride(), *strides, k, d, **kinds, sizes={"k": k, "d": d})
     return tuple(None if t is None else g.to(t.dtype) for g, t in zip(grads, layer))
 
 

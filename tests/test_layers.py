@@ -130,17 +130,47 @@ def test_bad_layers_are_named(backend):
         bounds.objective_bound(x, logits, layers, objective="multi_sample_elbo", backend=backend, kl="analytic")
 
 
-def test_the_fused_head_refuses_layers_by_name():
-    x, logits, z, mu, logvar = make_case(B, K, D, D1)
-    h, weight = torch.randn(B, K, 8), torch.randn(D, 8)
-    with pytest.raises(ValueError, match="mu: the fused head takes one stochastic layer"):
-        kernels.fused_linear_iwae_bound(x, h, weight, None, z, mu.unsqueeze(1).expand(B, K, D1), logvar)
-    with pytest.raises(ValueError, match="z: the fused head takes one stochastic layer"):
-        kernels.fused_linear_log_weights(x, h, weight, None, [Latent(z, mu, logvar)], None, None)
-    # the torch backend's head takes them
+def _head_case():
+    g = torch.Generator().manual_seed(6)
+    x = make_case(B, K, D, D1)[0]
+    return x, torch.randn(B, K, 8, generator=g), 0.3 * torch.randn(D, 8, generator=g), torch.randn(D, generator=g)
+
+
+HEAD_PATHS = {
+    "head-bound": (lambda *a: kernels.fused_linear_iwae_bound(*a), reference.iwae_bound),
+    "head-log-weights": (lambda *a: kernels.fused_linear_log_weights(*a), lambda w: w),
+    "head-torch-bound": (lambda *a: bounds.head_reduced_bound(*a), reference.iwae_bound),
+}
+
+
+@pytest.mark.parametrize("path", HEAD_PATHS, ids=list(HEAD_PATHS))
+def test_the_fused_head_takes_layers(path):
+    """The decoder's output layer fused in: values and the gradients of h, weight, bias and
+    every layer tensor against float64 autograd through the reference."""
+    compute, reduce = HEAD_PATHS[path]
+    x, *head = _head_case()
     layers = _layers(LAYOUTS["two-layer-vae"])
-    got = bounds.head_reduced_bound(x, h, weight, None, layers, None, None)
-    assert_close(got, reference.bound(x, torch.nn.functional.linear(h, weight), layers))
+    ours_in = _leaves(x, head[0], layers)[1:]
+    head_in = [t.clone().requires_grad_() for t in head]
+    ref_in = [t.detach().double().requires_grad_() for t in head_in + ours_in]
+    ours = compute(x, *head_in, _rebuild([None] + ours_in, layers))
+    logits64 = torch.nn.functional.linear(*ref_in[:3])
+    want = reduce(reference.log_weights(x, logits64, _rebuild([None] + ref_in[3:], layers)))
+    assert_close(ours, want)
+    cot = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad((ours * cot).sum(), head_in + ours_in)
+    expected = torch.autograd.grad((want * cot.double()).sum(), ref_in)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_close(a, b, rtol=1e-4, atol=1e-4, what=f"gradient of input {i}")
+
+
+def test_the_fused_head_names_bad_layers():
+    x, h, weight, bias = _head_case()
+    layers = _layers(LAYOUTS["two-layer-vae"])
+    with pytest.raises(ValueError, match=r"layers\[0\]\.z must have shape \[3, 5, d\]"):
+        kernels.fused_linear_iwae_bound(x, h, weight, bias, [layers[0]._replace(z=layers[0].z[:, :2])])
+    with pytest.raises(ValueError, match=r"weight must have shape"):
+        kernels.fused_linear_iwae_bound(x, h, weight[:, :3], bias, layers)
 
 
 def test_latent_terms_sum_over_layers_in_log_space():

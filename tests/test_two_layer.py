@@ -69,6 +69,19 @@ def test_every_objective_and_estimator_agrees_on_both_backends(objective, estima
         assert_close(b, a, rtol=1e-4, atol=1e-5, what=f"{objective} {estimator} d/d{name}")
 
 
+def test_the_fused_head_trains_the_two_layer_model_as_torch_does():
+    """IWAELoss.from_hidden (the output layer fused into the bound) with DReG: one gradient."""
+    model, x = _model(), _data()
+    results = []
+    for backend in ("torch", "fused"):
+        copy_ = copy.deepcopy(model)
+        h, layers = copy_.forward_hidden(x, 4, torch.Generator().manual_seed(2))
+        loss = IWAELoss("iwae", backend, estimator="dreg").from_hidden(x, h, copy_.output_layer, layers)
+        results.append(torch.autograd.grad(loss, list(copy_.parameters())))
+    for (name, _), a, b in zip(model.named_parameters(), *results):
+        assert_close(b, a, rtol=1e-4, atol=1e-5, what=f"head d/d{name}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 def test_the_total_gradient_matches_float64_autograd(backend):
     """A float64 model's outputs (the same draws twice) through the loss (float32 inside) and

@@ -267,7 +267,7 @@ def objective_bound(x, logits, z, mu=None, logvar=None, objective="iwae", backen
 # the torch backend builds the logits with F.linear; the fused one never stores them.
 
 
-def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+def head_log_weights(x, h, weight, bias, z, mu=None, logvar=None, backend: str = "torch", *, likelihood=BERNOULLI,
                      scale=None) -> torch.Tensor:
     """log w [B, k] float32 from h [B, k, H] and the output layer (weight [C D, H], bias [C D]:
     the likelihood's C channels)."""
@@ -279,7 +279,7 @@ def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch", 
     return log_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch", likelihood=likelihood, scale=scale)
 
 
-def head_reduced_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE,
+def head_reduced_bound(x, h, weight, bias, z, mu=None, logvar=None, reduction: Reduction = IWAE,
                        backend: str = "torch", with_log_w: bool = False, *, likelihood=BERNOULLI, scale=None):
     """``reduced_bound`` from h and the output layer (the fused backend never stores logits)."""
     check_choice("backend", backend, BACKENDS)
@@ -293,7 +293,7 @@ def head_reduced_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction =
     return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction, **lik)
 
 
-def head_objective_bound(x, h, weight, bias, z, mu, logvar, objective="iwae", backend: str = "torch",
+def head_objective_bound(x, h, weight, bias, z, mu=None, logvar=None, objective="iwae", backend: str = "torch",
                          *, likelihood=BERNOULLI, scale=None, **params) -> torch.Tensor:
     """``objective_bound`` with the output layer fused in (kl sampled)."""
     objective = as_objective(objective, **params)
