@@ -11,6 +11,8 @@ adds 0 where its infinite logit sits on x's side (x = 1 for +inf, x = 0 for -inf
 otherwise; a NaN logit gives NaN. Every stable variant follows the same rule.
 
     log w_i = log p(x|h_i) + log p(h_i) - log q(h_i|x)
+            = log p(x|h1_i) + log p(h1_i|h2_i) + log p(h2_i) - log q(h1_i|x) - log q(h2_i|h1_i)
+              (two stochastic layers: ``kernels.Latent``, parameters per example or per sample)
     ELBO    L_1 = mean_i log w_i
     IWAE    L_k = logsumexp_i log w_i - log k
 
@@ -26,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels.latent import Latent, as_layers
 from kernels.likelihood import BERNOULLI, Likelihood, as_likelihood
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -123,17 +126,39 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
 
 
 def log_diag_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))) summed over d; mu, logvar [B, d] -> [B, k]."""
+    """log N(z; mu, diag(exp(logvar))) summed over d; mu, logvar [B, d] (per example) or
+    [B, k, d] (per sample) -> [B, k]."""
     z = z.double()
-    mu = mu.double().unsqueeze(1)
-    logvar = logvar.double().unsqueeze(1)
+    mu = per_sample(mu.double())
+    logvar = per_sample(logvar.double())
     return -0.5 * ((z - mu) ** 2 / torch.exp(logvar) + logvar).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
 
 
-def log_weights(x, logits, z, mu, logvar, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
-    """log w [B, k] in float64 (``likelihood``: kernels/likelihood.py; the Bernoulli's by default)."""
-    return (log_likelihood(x, logits, likelihood, scale) + log_standard_normal(z)
-            - log_diag_normal(z, mu, logvar))
+def per_sample(t: torch.Tensor) -> torch.Tensor:
+    """A Gaussian parameter as [B, 1 or k, d]: a per-example [B, d] one broadcast over the samples."""
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def log_latent(layer: Latent) -> torch.Tensor:
+    """log p(z) - log q(z) [B, k] of one stochastic layer (kernels.Latent), float64, from the two
+    densities: the prior N(prior_mu, exp(prior_logvar)) with a missing parameter 0 (both
+    missing: N(0, I)), and the posterior N(mu, exp(logvar))."""
+    z = layer.z
+    if layer.prior_mu is None and layer.prior_logvar is None:
+        log_prior = log_standard_normal(z)
+    else:
+        zero = torch.zeros(z.shape[0], z.shape[-1], dtype=torch.float64, device=z.device)
+        log_prior = log_diag_normal(z, zero if layer.prior_mu is None else layer.prior_mu,
+                                    zero if layer.prior_logvar is None else layer.prior_logvar)
+    return log_prior - log_diag_normal(z, layer.mu, layer.logvar)
+
+
+def log_weights(x, logits, z, mu=None, logvar=None, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
+    """log w [B, k] in float64 (``likelihood``: kernels/likelihood.py; the Bernoulli's by default):
+    log p(x|h1) plus every stochastic layer's log p(z) - log q(z). ``z`` the one layer's
+    samples with mu, logvar (per example or per sample), or a sequence of ``kernels.Latent``
+    (h1, the layer the decoder reads, first)."""
+    return log_likelihood(x, logits, likelihood, scale) + sum(log_latent(layer) for layer in as_layers(z, mu, logvar))
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
@@ -147,8 +172,8 @@ def elbo(log_w: torch.Tensor) -> torch.Tensor:
     return log_w.double().mean(dim=-1)
 
 
-def bound(x, logits, z, mu, logvar, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
-    """L_k per example [B] in float64, from the five inputs."""
+def bound(x, logits, z, mu=None, logvar=None, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
+    """L_k per example [B] in float64, from the five inputs (or x, logits and the layers)."""
     return iwae_bound(log_weights(x, logits, z, mu, logvar, likelihood, scale))
 
 

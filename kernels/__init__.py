@@ -10,6 +10,10 @@
                                               MIWAE, CIWAE, the ELBOs) as a keyword of the
                                               iwae_bound / fused_* entry points
     log_weights(x, logits, z, mu, logvar)     -> [B, k]
+    Latent(z, mu, logvar, prior_mu, prior_logvar)  one stochastic layer (kernels/latent.py):
+                                              a sequence of them in z's place (mu, logvar None)
+                                              gives every entry point several layers,
+                                              parameters per example or per sample
     fused_iwae_bound(x, logits, z, mu, logvar) -> [B]             one kernel, no [B, k, D] temp
     fused_iwae_bound_with_weights(...)   -> (bound, log_w, lse)   the same, and the weights' logs
     reweight(g, log_w, lse)              -> g * exp(log_w - lse)  per sample (DReG's extra factor)
@@ -39,6 +43,7 @@ if interpreted():
 
 from ._common import IWAE, Reduction, check_bound_inputs  # noqa: E402
 from .likelihood import BERNOULLI, Likelihood  # noqa: E402
+from .latent import Latent  # noqa: E402
 from .fused_bound import fused_iwae_bound, fused_iwae_bound_with_weights  # noqa: E402
 from .fused_linear import (fused_linear_iwae_bound, fused_linear_iwae_bound_with_weights,  # noqa: E402
                            fused_linear_log_weights)
@@ -48,4 +53,4 @@ from .reweight import reweight  # noqa: E402
 
 __all__ = ["logsumexp", "iwae_bound", "log_weights", "fused_iwae_bound",
            "fused_iwae_bound_with_weights", "fused_linear_iwae_bound", "fused_linear_iwae_bound_with_weights", "fused_linear_log_weights",
-           "reweight", "check_bound_inputs", "interpreted", "Reduction", "IWAE", "Likelihood", "BERNOULLI"]
+           "reweight", "check_bound_inputs", "interpreted", "Reduction", "IWAE", "Likelihood", "BERNOULLI", "Latent"]

@@ -25,14 +25,16 @@ import triton.language as tl
 from .likelihood import BERNOULLI, Likelihood, as_likelihood
 from ._common import (IWAE, Reduction, SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2,
                       split_plan)
+from .latent import as_layers, check_layered_inputs, is_single, latent_log_ratio
 from .logw import (SPLIT_QUANTUM, _log_weight_block, block_tiling, bound_coefficients, input_strides,
-                   int32_tiles, latent_block, likelihood_launch, log_weights_backward, pixel_scale)
+                   int32_tiles, latent_block, likelihood_launch, likelihood_only, log_weights_backward,
+                   pixel_scale)
 from .lse import _fold_samples, _group_samples, _store_row_bound
 
 
 @triton.jit
 def _fused_iwae_forward_kernel(
-    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr,
+    x_ptr, logits_ptr, z_ptr, mu_ptr, logvar_ptr, px_ptr, offset_ptr,
     bound_ptr, lse_ptr, log_w_ptr, partial_ptr, linear_ptr, ticket_ptr,
     stride_xb, stride_xd, stride_lb, stride_lk, stride_ld,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
@@ -42,13 +44,14 @@ def _fused_iwae_forward_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
     LIKELIHOOD: tl.constexpr, SCALE: tl.constexpr, MASK_X: tl.constexpr, MASK_MEAN: tl.constexpr,
-    LOAD_STAGES: tl.constexpr = 1,
+    LOAD_STAGES: tl.constexpr = 1, OFFSET: tl.constexpr = False,
 ):
     # Program (b, s, g): split s of group g of example b (its K samples g K .. g K + K - 1; row
     # b M + g of the per-group outputs). It walks its samples in BLOCK_K blocks, folds each
     # block's log-weights into the group's running logsumexp of scale log w (and their sum
     # with LINEAR), and ends with the group's value (kernels/lse.py ``_store_row_bound``). The
-    # IWAE bound is one group, scale 1.
+    # IWAE bound is one group, scale 1. OFFSET: a [B, k] float32 term added to each log w (the
+    # stochastic layers' latent terms, kernels/latent.py; the kernel's own latent loop then has d = 0).
     b, row, k_start, k_stop = _group_samples(M, K, k_per_split, GROUPED)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
@@ -63,6 +66,8 @@ def _fused_iwae_forward_kernel(
             D, d, s_fixed, inv_fixed, floor, half_bin, log_two_half_bin, row_constant,
             BLOCK_K, BLOCK_D, BLOCK_L, PROD_GROUP, FAST, LOAD_STAGES, LIKELIHOOD, SCALE, MASK_X, MASK_MEAN,
         )
+        if OFFSET:
+            log_w += tl.load(offset_ptr + b.to(tl.int64) * k + offs_k, mask=mask_k, other=0.0)
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
         run_max, run_sum, run_lin = _fold_samples(run_max, run_sum, run_lin, log_w, mask_k, scale, LINEAR)
@@ -93,10 +98,10 @@ def example_bound(row_bound: torch.Tensor, reduction: Reduction) -> torch.Tensor
 
 def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, splits: int | None = None,
                        workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE,
-                       likelihood: Likelihood = BERNOULLI, scale=None):
+                       likelihood: Likelihood = BERNOULLI, scale=None, offset=None):
     """Return (bound [B], lse [B * M], log_w [B, k] or None), all float32 (inputs already
     checked); lse holds each group's logsumexp of scale log w (``reduction``; one group per
-    example for the IWAE bound).
+    example for the IWAE bound). ``offset`` [B, k] float32 is added to every log w.
 
     ``splits`` overrides the split plan of each group and ``workspace`` supplies the split's
     partials and tickets (tests use them to walk the multi-split path and to reuse one ticket
@@ -120,12 +125,13 @@ def fused_iwae_forward(x, logits, z, mu, logvar, save_log_w: bool = False, split
         workspace = SplitWorkspace(lse, lse)  # never read: SPLIT_K is off
     _fused_forward.launch(
         lambda meta: (B, plan.splits, reduction.groups),
-        x, logits, z, mu, logvar, pixel_scale(scale, likelihood, D, device), row_bound, lse, log_w,
+        x, logits, z, mu, logvar, pixel_scale(scale, likelihood, D, device),
+        lse if offset is None else offset.contiguous(), row_bound, lse, log_w,
         workspace.partial, workspace.linear_partial, workspace.ticket, *input_strides(x, logits, z, mu, logvar),
         B, k, D, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:], *numbers,
         SAVE_LOG_W=save_log_w, LINEAR=reduction.linear, GROUPED=reduction.groups > 1, SPLIT_K=plan.is_split,
         BLOCK_L=latent_block(d), PROD_GROUP=likelihood.prod_group, FAST=not interpreted(),
-        BLOCK_S=next_pow2(plan.splits), **codes,
+        BLOCK_S=next_pow2(plan.splits), OFFSET=offset is not None, **codes,
         sizes={"k": min(K, plan.per_split), "D": D},
     )
     return example_bound(row_bound, reduction), lse, (log_w if save_log_w else None)
@@ -137,16 +143,18 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
     (``Reduction.weights``: the normalized importance weights for the IWAE bound) and
     recomputes sigmoid(logits) instead of storing anything of size [B, k, D]. With
     ``return_weights`` it also hands out log_w and lse (not differentiable), from which the
-    weights follow (DReG's reweighting uses them)."""
+    weights follow (DReG's reweighting uses them). ``offset`` [B, k] (the stochastic layers'
+    terms) gets d bound / d log w as its gradient."""
 
     @staticmethod
     def forward(ctx, x, logits, z, mu, logvar, scale, reduction: Reduction, likelihood: Likelihood,
-                return_weights: bool = False):
+                return_weights: bool = False, offset=None):
         inputs = (x, logits, z, mu, logvar)
-        wants_grad = any(t is not None and t.requires_grad for t in (*inputs, scale))
+        wants_grad = any(t is not None and t.requires_grad for t in (*inputs, scale, offset))
         bound, lse, log_w = fused_iwae_forward(*inputs, save_log_w=wants_grad or return_weights,
-                                               reduction=reduction, likelihood=likelihood, scale=scale)
-        ctx.reduction, ctx.likelihood = reduction, likelihood
+                                               reduction=reduction, likelihood=likelihood, scale=scale,
+                                               offset=offset)
+        ctx.reduction, ctx.likelihood, ctx.offset = reduction, likelihood, offset is not None
         if wants_grad:
             ctx.save_for_backward(*inputs, scale, log_w, lse)
         if not return_weights:
@@ -160,40 +168,50 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
         coef = bound_coefficients(grad_bound, log_w, lse, ctx.reduction)
         grads = log_weights_backward(*inputs, coef, need_dx=ctx.needs_input_grad[0], likelihood=ctx.likelihood,
                                      scale=scale)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, coef if ctx.offset else None)
 
 
-def _checked(x, logits, z, mu, logvar, reduction, likelihood, scale):
-    """(B, k, likelihood) after the checks every entry point makes."""
+def _prepared(x, logits, z, mu, logvar, reduction, likelihood, scale):
+    """(B, k, likelihood, the kernel's (z, mu, logvar), offset or None) after the checks every
+    entry point makes: the one-layer call as it is; stochastic layers (kernels/latent.py) as
+    the likelihood alone plus their terms' [B, k] sum (one launch per layer) as the offset."""
     likelihood = as_likelihood(likelihood)
-    B, k = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True, likelihood=likelihood, scale=scale)[:2]
+    layers = as_layers(z, mu, logvar)
+    if is_single(layers):
+        latent = layers[0][:3]
+        B, k = check_bound_inputs(x, logits, *latent, for_kernel=True, likelihood=likelihood, scale=scale)[:2]
+    else:
+        B, k = check_layered_inputs(x, logits, layers, for_kernel=True, likelihood=likelihood, scale=scale)
     reduction.group_length(k)
     likelihood.kernel_args()  # a mixture is refused by name
-    return B, k, likelihood
+    if B == 0:
+        return B, k, likelihood, None, None
+    if is_single(layers):
+        return B, k, likelihood, (int32_tiles(latent[0]), *latent[1:]), None
+    return B, k, likelihood, likelihood_only(logits), latent_log_ratio(layers)
 
 
-def fused_iwae_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *, likelihood=BERNOULLI,
+def fused_iwae_bound(x, logits, z, mu=None, logvar=None, reduction: Reduction = IWAE, *, likelihood=BERNOULLI,
                      scale=None) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, in one kernel from the inputs; any member of
     the family with ``reduction`` (``kernels.Reduction``: scale, groups, beta) and any
     likelihood of kernels/likelihood.py (logits then [B, k, C D]; ``scale`` a per-pixel one).
 
     Same inputs as ``kernels.log_weights``; k in the thousands streams with O(B) extra memory
-    (O(B*k) when a gradient is needed). Differentiable (backward in Triton).
+    (O(B*k) when a gradient is needed). Differentiable (backward in Triton). Stochastic layers
+    (``z`` a sequence of ``kernels.Latent``) add one small launch per layer before it.
     """
-    B, k, likelihood = _checked(x, logits, z, mu, logvar, reduction, likelihood, scale)
+    B, k, likelihood, latent, offset = _prepared(x, logits, z, mu, logvar, reduction, likelihood, scale)
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
-    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, scale, reduction,
-                                        likelihood)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), *latent, scale, reduction, likelihood, False, offset)
 
 
-def fused_iwae_bound_with_weights(x, logits, z, mu, logvar, reduction: Reduction = IWAE, *,
+def fused_iwae_bound_with_weights(x, logits, z, mu=None, logvar=None, reduction: Reduction = IWAE, *,
                                   likelihood=BERNOULLI, scale=None):
     """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
-    B, k, likelihood = _checked(x, logits, z, mu, logvar, reduction, likelihood, scale)
+    B, k, likelihood, latent, offset = _prepared(x, logits, z, mu, logvar, reduction, likelihood, scale)
     if B == 0:
         empty = torch.empty(0, device=logits.device, dtype=torch.float32)
         return empty, empty.view(0, k), empty
-    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, scale, reduction,
-                                        likelihood, True)
+    return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), *latent, scale, reduction, likelihood, True, offset)

@@ -114,10 +114,12 @@ import triton.language as tl
 from .likelihood import (BERNOULLI, SCALE_CODE, Likelihood, as_likelihood, floored_scale, likelihood_flush,
                          likelihood_grads, likelihood_step)
 from ._common import (IWAE, Reduction, SplitPlan, SplitWorkspace, Tiling, Tunable, cdiv, check_channels,
-                      check_devices, check_inputs, check_scale, interpreted, next_pow2, shape_str, split_plan)
+                      check_devices, check_float_tensor, check_inputs, check_scale, interpreted, next_pow2, shape_str,
+                      split_plan)
 from .fused_bound import example_bound, reduction_args
+from .latent import as_layers, check_layers, is_single, latent_log_ratio
 from .logw import (SPLIT_QUANTUM, _bernoulli_exact, _latent_log_ratio, bound_coefficients, latent_block,
-                   log_weights_backward)
+                   likelihood_only, log_weights_backward)
 from .lse import _fold_samples, _group_samples, _store_row_bound
 
 MATMUL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -377,7 +379,7 @@ def _head_log_likelihood(
 
 @triton.jit
 def _fused_linear_forward_kernel(
-    x_ptr, h_ptr, w_ptr, bias_ptr, z_ptr, mu_ptr, logvar_ptr, pixel_s_ptr, pixel_inv_ptr,
+    x_ptr, h_ptr, w_ptr, bias_ptr, z_ptr, mu_ptr, logvar_ptr, pixel_s_ptr, pixel_inv_ptr, offset_ptr,
     bound_ptr, lse_ptr, log_w_ptr, partial_ptr, linear_ptr, ticket_ptr,
     stride_xb, stride_xd, stride_hb, stride_hk, stride_hh, stride_wd, stride_wh, stride_bias,
     stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd,
@@ -389,13 +391,15 @@ def _fused_linear_forward_kernel(
     DOT_IN_FP32: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_L: tl.constexpr, PROD_GROUP: tl.constexpr, FAST: tl.constexpr, BLOCK_S: tl.constexpr,
+    OFFSET: tl.constexpr = False,
 ):
     # grid (B, SPLITS, M): group g of example b (row b M + g, kernels/fused_bound.py's layout),
     # its split's samples [k_start, k_stop) in BLOCK_K blocks. Per block the log-weights are
     # built in registers from h and W (no decoder outputs in memory), written to the contiguous
     # [B, k] log_w when SAVE_LOG_W, and with BOUND folded into the group's running logsumexp of
     # scale log w (and sum, LINEAR); with SPLIT_K the splits' partials are combined by the
-    # last one, and the group's value stored (kernels/lse.py ``_store_row_bound``).
+    # last one, and the group's value stored (kernels/lse.py ``_store_row_bound``). OFFSET adds
+    # a [B, k] float32 term to each log w (stochastic layers, as in kernels/fused_bound.py).
     b, row, k_start, k_stop = _group_samples(M, K, k_per_split, GROUPED)
     run_max = tl.full([1], float("-inf"), tl.float32)
     run_sum = tl.zeros([1], tl.float32)
@@ -414,6 +418,8 @@ def _fused_linear_forward_kernel(
             stride_zb, stride_zk, stride_zd, stride_mb, stride_md, stride_vb, stride_vd, d,
             BLOCK_K, BLOCK_L,
         )
+        if OFFSET:
+            log_w += tl.load(offset_ptr + b.to(tl.int64) * k + offs_k, mask=mask_k, other=0.0)
         if SAVE_LOG_W:
             tl.store(log_w_ptr + b.to(tl.int64) * k + offs_k, log_w, mask=mask_k)
         if BOUND:
@@ -735,10 +741,10 @@ def _likelihood_args(likelihood: Likelihood, scale, stand_in: torch.Tensor) -> t
 
 def fused_linear_forward(x, h, weight, bias, z, mu, logvar, *, likelihood: Likelihood = BERNOULLI,
                          scale=None, bound: bool = True, save_log_w: bool = False, splits: int | None = None,
-                         workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE):
+                         workspace: SplitWorkspace | None = None, reduction: Reduction = IWAE, offset=None):
     """Return (bound [B] or None, lse [B * M] or None, log_w [B, k] or None), float32 (inputs
     already checked; weight and bias hold the likelihood's C channels, ``scale`` its per-pixel
-    log-scale or None). ``bound`` computes the bound (the IWAE bound, or the member of the
+    log-scale or None; ``offset`` [B, k] float32 added to every log w). ``bound`` computes the bound (the IWAE bound, or the member of the
     family ``reduction`` names: lse then holds each group's logsumexp of scale log w),
     ``save_log_w`` writes log w.
 
@@ -769,7 +775,7 @@ def fused_linear_forward(x, h, weight, bias, z, mu, logvar, *, likelihood: Likel
     _fused_linear_forward.launch(
         lambda meta: (B, plan.splits, reduction.groups),
         x, h, weight, bias if bias is not None else weight, z, mu, logvar, *pixel,
-        out if bound else any_out, lse if bound else any_out, log_w if save_log_w else any_out,
+        any_out if offset is None else offset.contiguous(), out if bound else any_out, lse if bound else any_out, log_w if save_log_w else any_out,
         partial, linear, ticket, *_head_strides(x, h, weight, bias),
         *z.stride(), *mu.stride(), *logvar.stride(),
         B, k, D, H, d, *epilogue[:2], plan.per_split, plan.splits, *epilogue[2:],
@@ -777,7 +783,7 @@ def fused_linear_forward(x, h, weight, bias, z, mu, logvar, *, likelihood: Likel
         HAS_BIAS=bias is not None, SAVE_LOG_W=save_log_w, BOUND=bound, LINEAR=reduction.linear,
         GROUPED=reduction.groups > 1, SPLIT_K=split_k, BLOCK_L=latent_block(d),
         PROD_GROUP=likelihood.prod_group, FAST=not interpreted(),
-        BLOCK_S=next_pow2(plan.splits), BLOCK_H=hidden_block(H), **dots,
+        BLOCK_S=next_pow2(plan.splits), BLOCK_H=hidden_block(H), OFFSET=offset is not None, **dots,
         sizes=_sizes(min(K, plan.per_split), D, H, h, dots, likelihood),
     )
     return (example_bound(out, reduction) if bound else None), lse, log_w
@@ -865,16 +871,17 @@ def fused_linear_backward(x, h, weight, bias, z, mu, logvar, coef, *, likelihood
 class FusedLinearBoundFunction(torch.autograd.Function):
     """Forward in one kernel. For a backward it keeps log_w [B, k] and lse [B] (O(B k)) beside
     the inputs; the backward rebuilds the decoder's outputs tiles from h and W instead of
-    storing them."""
+    storing them. ``offset`` (the stochastic layers' [B, k] terms) gets d bound / d log w."""
 
     @staticmethod
     def forward(ctx, x, h, weight, bias, z, mu, logvar, scale, reduction: Reduction, likelihood: Likelihood,
-                return_weights: bool = False):
+                return_weights: bool = False, offset=None):
         inputs = (x, h, weight, bias, z, mu, logvar)
-        wants_grad = any(t is not None and t.requires_grad for t in (*inputs, scale))
+        wants_grad = any(t is not None and t.requires_grad for t in (*inputs, scale, offset))
         bound, lse, log_w = fused_linear_forward(*inputs, likelihood=likelihood, scale=scale,
-                                                 save_log_w=wants_grad or return_weights, reduction=reduction)
-        ctx.reduction, ctx.likelihood = reduction, likelihood
+                                                 save_log_w=wants_grad or return_weights, reduction=reduction,
+                                                 offset=offset)
+        ctx.reduction, ctx.likelihood, ctx.offset = reduction, likelihood, offset is not None
         if wants_grad:
             ctx.save_for_backward(*inputs, scale, log_w, lse)
         if not return_weights:
@@ -887,7 +894,8 @@ class FusedLinearBoundFunction(torch.autograd.Function):
         *inputs, scale, log_w, lse = ctx.saved_tensors
         coef = bound_coefficients(grad_bound, log_w, lse, ctx.reduction)
         return (*fused_linear_backward(*inputs, coef, likelihood=ctx.likelihood, scale=scale,
-                                       needs=ctx.needs_input_grad[:8]), None, None, None)
+                                       needs=ctx.needs_input_grad[:8]), None, None, None,
+                coef if ctx.offset else None)
 
 
 class FusedLinearLogWeightsFunction(torch.autograd.Function):
@@ -907,17 +915,27 @@ class FusedLinearLogWeightsFunction(torch.autograd.Function):
                                        needs=ctx.needs_input_grad[:8]), None)
 
 
-def _checked(x, h, weight, bias, z, mu, logvar, likelihood, scale) -> tuple:
-    """(likelihood as a Likelihood, B, k) of checked inputs (a likelihood the kernels do not
-    take, the logistic mixture, is refused by name)."""
+def _prepared(x, h, weight, bias, z, mu, logvar, likelihood, scale) -> tuple:
+    """(likelihood as a Likelihood, B, k, the kernel's (z, mu, logvar), the stochastic layers or
+    None) of checked inputs (a likelihood the kernels do not take, the logistic mixture, is
+    refused by name). Stochastic layers (kernels/latent.py) are checked against h's B and k,
+    and the kernel then reads stand-ins of width d = 0 (their terms come as an offset)."""
     likelihood = as_likelihood(likelihood)
     likelihood.kernel_args()
-    B, k = check_head_inputs(x, h, weight, bias, z, mu, logvar, likelihood=likelihood, scale=scale,
-                             for_kernel=True)[:2]
-    return likelihood, B, k
+    layers = as_layers(z, mu, logvar)
+    if is_single(layers):
+        B, k = check_head_inputs(x, h, weight, bias, *layers[0][:3], likelihood=likelihood, scale=scale,
+                                 for_kernel=True)[:2]
+        return likelihood, B, k, layers[0][:3], None
+    check_float_tensor("h", h, 3, "[B, k, H]")
+    check_layers(layers, h.shape[0], h.shape[1], {"h": h}, for_kernel=True)
+    first = layers[0].z  # stands in for z, mu and logvar in the head's own checks
+    B, k = check_head_inputs(x, h, weight, bias, first, first[:, 0], first[:, 0], likelihood=likelihood,
+                             scale=scale, for_kernel=True)[:2]
+    return likelihood, B, k, likelihood_only(h), layers
 
 
-def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE, *,
+def fused_linear_iwae_bound(x, h, weight, bias, z, mu=None, logvar=None, reduction: Reduction = IWAE, *,
                             likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, from the decoder's last hidden layer: the
     decoder's outputs h W^T + bias are built on chip and never stored (forward or backward).
@@ -925,34 +943,38 @@ def fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduct
     x [B, D] (in the likelihood's domain: binary or in [0, 1] for the Bernoulli); h [B, k, H],
     weight [C D, H] and bias [C D] (or None) of the output nn.Linear, C the likelihood's
     channels (kernels/likelihood.py: 2 with a per-sample scale), h and weight of one dtype
-    (float32, bfloat16 or float16); z [B, k, d], mu and logvar [B, d]; ``likelihood`` a
-    ``kernels.Likelihood`` or its spelling, ``scale`` [D] its per-pixel log-scale (``:pixel``)
-    or None. Differentiable in every tensor (backward in Triton, O(B k) saved).
-    ``reduction`` (``kernels.Reduction``) computes any member of the family instead.
+    (float32, bfloat16 or float16); z [B, k, d], mu and logvar [B, d], or z a sequence of
+    ``kernels.Latent`` (mu, logvar None: their terms one launch each, added as an offset);
+    ``likelihood`` a ``kernels.Likelihood`` or its spelling, ``scale`` [D] its per-pixel
+    log-scale (``:pixel``) or None. Differentiable in every tensor (backward in Triton, O(B k)
+    saved). ``reduction`` (``kernels.Reduction``) computes any member of the family instead.
     """
-    likelihood, B, k = _checked(x, h, weight, bias, z, mu, logvar, likelihood, scale)
+    likelihood, B, k, latent, layers = _prepared(x, h, weight, bias, z, mu, logvar, likelihood, scale)
     reduction.group_length(k)
     if B == 0:
         return torch.empty(0, device=h.device, dtype=torch.float32)
-    return FusedLinearBoundFunction.apply(x, h, weight, bias, z, mu, logvar, scale, reduction, likelihood)
+    return FusedLinearBoundFunction.apply(x, h, weight, bias, *latent, scale, reduction, likelihood, False,
+                                          None if layers is None else latent_log_ratio(layers))
 
 
-def fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE, *,
-                                         likelihood=BERNOULLI, scale=None):
+def fused_linear_iwae_bound_with_weights(x, h, weight, bias, z, mu=None, logvar=None, reduction: Reduction = IWAE,
+                                         *, likelihood=BERNOULLI, scale=None):
     """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
-    likelihood, B, k = _checked(x, h, weight, bias, z, mu, logvar, likelihood, scale)
+    likelihood, B, k, latent, layers = _prepared(x, h, weight, bias, z, mu, logvar, likelihood, scale)
     reduction.group_length(k)
     if B == 0:
         empty = torch.empty(0, device=h.device, dtype=torch.float32)
         return empty, empty.view(0, k), empty
-    return FusedLinearBoundFunction.apply(x, h, weight, bias, z, mu, logvar, scale, reduction, likelihood, True)
+    return FusedLinearBoundFunction.apply(x, h, weight, bias, *latent, scale, reduction, likelihood, True,
+                                          None if layers is None else latent_log_ratio(layers))
 
 
-def fused_linear_log_weights(x, h, weight, bias, z, mu, logvar, *, likelihood=BERNOULLI,
+def fused_linear_log_weights(x, h, weight, bias, z, mu=None, logvar=None, *, likelihood=BERNOULLI,
                              scale=None) -> torch.Tensor:
     """log w [B, k] float32 with the output layer fused in (inputs as ``fused_linear_iwae_bound``).
     The multi-sample ELBO is its mean over k; autograd through it needs no [B, k, D] memory."""
-    likelihood, B, k = _checked(x, h, weight, bias, z, mu, logvar, likelihood, scale)
+    likelihood, B, k, latent, layers = _prepared(x, h, weight, bias, z, mu, logvar, likelihood, scale)
     if B == 0:
         return torch.empty((0, k), device=h.device, dtype=torch.float32)
-    return FusedLinearLogWeightsFunction.apply(x, h, weight, bias, z, mu, logvar, scale, likelihood)
+    log_w = FusedLinearLogWeightsFunction.apply(x, h, weight, bias, *latent, scale, likelihood)
+    return log_w if layers is None else log_w + latent_log_ratio(layers)

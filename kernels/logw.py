@@ -67,6 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .latent import as_layers, check_layered_inputs, is_single, latent_log_ratio
 from .likelihood import BERNOULLI, Likelihood, as_likelihood
 from ._common import (IWAE, Reduction, SplitPlan, Tiling, Tunable, cdiv, check_bound_inputs, interpreted,
                       next_pow2, split_plan)
@@ -529,7 +530,15 @@ class LogWeightsFunction(torch.autograd.Function):
         return (*grads[:5], None, grads[5])
 
 
-def log_weights(x, logits, z, mu, logvar, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
+def likelihood_only(logits: torch.Tensor) -> tuple:
+    """(z, mu, logvar) stand-ins of latent width d = 0: the kernels' own latent loop then adds
+    nothing, and log w is the likelihood term alone (the layers' terms come from kernels/latent.py)."""
+    B, k = logits.shape[:2]
+    z = torch.zeros((B, k, 0), device=logits.device, dtype=torch.float32)
+    return z, z[:, 0], z[:, 0]
+
+
+def log_weights(x, logits, z, mu=None, logvar=None, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """log p(x|h) + log p(h) - log q(h|x) for every example and sample: [B, k] float32.
 
     x [B, D] (the likelihood's data: binary or in [0, 1] for the Bernoulli), logits [B, k, C D]
@@ -538,8 +547,21 @@ def log_weights(x, logits, z, mu, logvar, *, likelihood=BERNOULLI, scale=None) -
     or its spelling (kernels/likelihood.py), ``scale`` [D] its per-pixel log-scale if it has
     one. Any floating dtypes and strides; accumulation in float32. Differentiable (backward in
     Triton).
+
+    Stochastic layers (kernels/latent.py): ``z`` a sequence of ``kernels.Latent`` (mu and logvar
+    None), h1 first, each with its own prior and posterior, per example or per sample; or mu,
+    logvar per sample [B, k, d]. log w is then the likelihood kernel's term plus the layers'.
     """
     likelihood = as_likelihood(likelihood)
+    layers = as_layers(z, mu, logvar)
+    if not is_single(layers):
+        B = check_layered_inputs(x, logits, layers, for_kernel=True, likelihood=likelihood, scale=scale)[0]
+        likelihood.kernel_args()
+        if B == 0:
+            return torch.empty((0, logits.shape[1]), device=logits.device, dtype=torch.float32)
+        log_px = LogWeightsFunction.apply(x, int32_tiles(logits), *likelihood_only(logits), likelihood, scale)
+        return log_px + latent_log_ratio(layers)
+    z, mu, logvar = layers[0][:3]
     B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True, likelihood=likelihood, scale=scale)[0]
     likelihood.kernel_args()  # a mixture is refused by name
     if B == 0:

@@ -29,12 +29,15 @@ from kernels._common import Reduction, capture_launches  # noqa: E402
 from kernels.likelihood import Likelihood  # noqa: E402
 from kernels.fused_bound import fused_iwae_forward  # noqa: E402
 from kernels.fused_linear import fused_linear_backward, fused_linear_forward, matmul_tf32  # noqa: E402
+from kernels.latent import Latent, latent_backward, latent_forward  # noqa: E402
 from kernels.logw import log_weights_backward, log_weights_forward  # noqa: E402
 from kernels.lse import logsumexp_backward, logsumexp_forward  # noqa: E402
 from kernels.reweight import reweight  # noqa: E402
 
 FLAGS = ("HAS_BIAS", "BOUND", "SAVE_LOG_W", "SPLIT_K", "NEED_DX", "FAST", "TANH_SIGMOID")
 FAMILY_FLAGS = ("LINEAR", "SCALED", "GROUPED")  # the bound's epilogue beyond the IWAE's (kernels.Reduction)
+OFFSET_FLAGS = ("OFFSET",)  # stochastic layers' terms added to log w (kernels/latent.py), only where on
+LATENT_FLAGS = ("QM", "QV", "PM", "PV")  # each Gaussian parameter's layout: 0 absent, 1 per example, 2 per sample
 # MIWAE-like groups, VR's scale, and CIWAE's mean mixed in with groups and a scale (k = 3000 and
 # k = 8 both split into 2 groups)
 FAMILY = (Reduction(groups=2), Reduction(scale=0.5), Reduction(scale=0.5, groups=2, beta=0.25))
@@ -114,6 +117,17 @@ def launches():
                 fused_linear_forward(*head, save_log_w=True, **lik)
                 fused_linear_backward(*head, meta(B, k), needs=(True, True, True, True, False, False, False, True),
                                       **lik)
+        # stochastic layers (kernels/latent.py): the two-layer model's parameter layouts, and the
+        # likelihood-only bound (latent width 0) with their terms as an offset, bare and with the head
+        B, k = 64, 8
+        for layer in (Latent(meta(B, k, d), meta(B, d), meta(B, d), meta(B, k, d), meta(B, k, d)),
+                      Latent(meta(B, k, d), meta(B, k, d), meta(B, k, d))):
+            latent_forward(layer)
+            latent_backward(layer, meta(B, k))
+        bare = (meta(B, k, 0), meta(B, 0), meta(B, 0))
+        fused_iwae_forward(meta(B, D), meta(B, k, D, dtype=torch.bfloat16), *bare, save_log_w=True, offset=meta(B, k))
+        fused_linear_forward(meta(B, D), meta(B, k, H, dtype=torch.bfloat16), meta(D, H, dtype=torch.bfloat16),
+                             meta(D, dtype=torch.bfloat16), *bare, save_log_w=True, offset=meta(B, k))
     return captured
 
 
@@ -141,7 +155,9 @@ def main() -> int:
             flags += f" {constexprs['INPUT_PRECISION']}"
         flags += "".join(f" {f}=1" for f in FAMILY_FLAGS if constexprs.get(f))  # only where on
         flags += "".join(f" {f}={constexprs[f]}" for f in LIKELIHOOD_FLAGS if constexprs.get(f))
-        line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags}".strip()
+        flags += "".join(f" {f}=1" for f in OFFSET_FLAGS if constexprs.get(f))
+        flags += "".join(f" {f}={constexprs[f]}" for f in LATENT_FLAGS if f in constexprs)
+        line = f"{launch.kernel.fn.__name__} {signature[launch.kernel.tiling.data_arg]} {flags.strip()}".strip()
         key = (line, tuple(sorted(signature.items())), tuple(sorted(aligned)),
                tuple(sorted((k, str(v)) for k, v in constexprs.items())))
         if key in seen:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 # Tolerances by the dtype the kernel accumulates in: float32 for every input dtype, so the
@@ -61,3 +64,24 @@ def make_case(B: int, k: int, D: int, d: int, *, logit_scale: float = 4.0, binar
         mu, logvar = mu.t().contiguous(), logvar.t().contiguous()
     return tuple(t.to(device) for t in (x, logits.to(dtype), z, mu, logvar))
 
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the block: hundreds of tiny steps, where threads only contend
+    (with xdist's workers too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def paired_z_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|mean(a - b)| / its standard error, per parameter (paired over the rows, the groups);
+    parameters where the two agree exactly in every group are left out."""
+    diff = a - b
+    se = diff.std(0) / math.sqrt(diff.shape[0])
+    keep = se > 1e-12
+    return diff.mean(0)[keep].abs() / se[keep]

@@ -64,6 +64,13 @@ def test_every_kernel_and_flag_combination_compiles_for_sm90():
             assert f"_fused_linear_forward_kernel *{dtype} HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 {dots} {codes}" in lines
             assert f"_fused_linear_backward_dh_kernel *{dtype} HAS_BIAS=1 NEED_DX=1 FAST=1 TANH_SIGMOID={tanh} {dots} {codes}" in lines
             assert f"_fused_linear_backward_dw_kernel *{dtype} HAS_BIAS=1 FAST=1 TANH_SIGMOID={tanh} {dots} {codes}" in lines
+    # stochastic layers (kernels/latent.py): the two-layer model's layouts, and their terms as an
+    # offset to the likelihood-only fused bound and head
+    for kinds in ("QM=1 QV=1 PM=2 PV=2", "QM=2 QV=2 PM=0 PV=0"):
+        assert f"_latent_forward_kernel *fp32 {kinds}" in lines
+        assert f"_latent_backward_kernel *fp32 {kinds}" in lines
+    assert "_fused_iwae_forward_kernel *bf16 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 OFFSET=1" in lines
+    assert "_fused_linear_forward_kernel *bf16 HAS_BIAS=1 BOUND=1 SAVE_LOG_W=1 SPLIT_K=0 FAST=1 tf32 OFFSET=1" in lines
     spilled = [line for line in done.stdout.splitlines() if _spilled_bytes(line) > KNOWN_SPILLS.get(_kernel(line), 0)]
     assert not spilled, "default tiles spill registers:\n" + "\n".join(spilled)
 

@@ -5,8 +5,8 @@ nothing here imports the benchmark."""
 
 from .bounds import BACKENDS, OBJECTIVES, iwae_bound, log_weights, objective_bound
 from .family import ESTIMATORS, Objective
-from .model import BernoulliVAE
+from .model import BernoulliVAE, TwoLayerVAE
 from .objectives import IWAELoss
 
-__all__ = ["BACKENDS", "ESTIMATORS", "OBJECTIVES", "BernoulliVAE", "IWAELoss", "Objective", "iwae_bound",
-           "log_weights", "objective_bound"]
+__all__ = ["BACKENDS", "ESTIMATORS", "OBJECTIVES", "BernoulliVAE", "IWAELoss", "Objective", "TwoLayerVAE",
+           "iwae_bound", "log_weights", "objective_bound"]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import IWAE, Reduction, check_bound_inputs
+from kernels.latent import Latent, as_layers, check_layered_inputs, is_single
 from kernels.likelihood import BERNOULLI, SERIES_BELOW, Likelihood, as_likelihood
 
 from .family import OBJECTIVES, as_objective, default_estimator, torch_reduce  # noqa: F401 (re-exported)
@@ -137,30 +138,73 @@ def latent_log_ratio(z, mu, logvar) -> torch.Tensor:
     return 0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar - z * z).sum(-1)
 
 
+def layer_log_ratio(layer: Latent) -> torch.Tensor:
+    """log p(z) - log q(z) [B, k] in float32 of one stochastic layer (kernels.Latent): each
+    parameter [B, d] broadcast over the samples, [B, k, d] per sample, or an absent prior one 0."""
+    z = layer.z.float()
+
+    def param(t):
+        return 0.0 if t is None else (t.float().unsqueeze(1) if t.dim() == 2 else t.float())
+
+    mu, logvar, prior_mu, prior_logvar = (param(t) for t in layer[1:])
+    log_q = (z - mu) ** 2 * torch.exp(-logvar) + logvar
+    log_p = (z - prior_mu) ** 2 * torch.exp(-torch.as_tensor(prior_logvar)) + prior_logvar
+    return 0.5 * (log_q - log_p).sum(-1)
+
+
+def latent_terms(layers) -> torch.Tensor:
+    """The latent side of log w [B, k] float32: the one-layer call's ``latent_log_ratio`` (as it
+    always was), or the sum of the stochastic layers' terms."""
+    if is_single(layers):
+        return latent_log_ratio(*layers[0][:3])
+    return sum(layer_log_ratio(layer) for layer in layers)
+
+
+def checked_layers(x, logits, z, mu, logvar, *, for_kernel=False, likelihood=None, scale=None):
+    """(layers, B, k) of a call: the one-layer call's checks (``check_bound_inputs``) or the
+    stochastic layers' (kernels/latent.py)."""
+    layers = as_layers(z, mu, logvar)
+    if is_single(layers):
+        B, k = check_bound_inputs(x, logits, *layers[0][:3], for_kernel=for_kernel, likelihood=likelihood,
+                                  scale=scale)[:2]
+    else:
+        B, k = check_layered_inputs(x, logits, layers, for_kernel=for_kernel, likelihood=likelihood, scale=scale)
+    return layers, B, k
+
+
+def check_analytic(layers) -> None:
+    """kl="analytic" is the one-layer closed form KL(q(h|x) || N(0, I)): refused otherwise."""
+    if not is_single(layers):
+        raise ValueError("kl='analytic' is the closed-form KL of one stochastic layer with a standard normal "
+                         "prior; stochastic layers (kernels.Latent) or per-sample parameters take kl='sampled'")
+
+
 def gaussian_kl(mu, logvar) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) [B] in closed form, float32."""
     mu, logvar = mu.float(), logvar.float()
     return 0.5 * (torch.exp(logvar) + mu * mu - 1.0 - logvar).sum(-1)
 
 
-def torch_log_weights(x, logits, z, mu, logvar, likelihood: Likelihood = BERNOULLI, scale=None) -> torch.Tensor:
+def torch_log_weights(x, logits, z, mu=None, logvar=None, likelihood: Likelihood = BERNOULLI,
+                      scale=None) -> torch.Tensor:
     """log w [B, k] in float32 with broadcasting over k (no repeats) and BCE with logits."""
-    return torch_log_likelihood(x, logits, likelihood, scale) + latent_log_ratio(z, mu, logvar)
+    return torch_log_likelihood(x, logits, likelihood, scale) + latent_terms(as_layers(z, mu, logvar))
 
 
-def log_weights(x, logits, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+def log_weights(x, logits, z, mu=None, logvar=None, backend: str = "torch", *, likelihood=BERNOULLI,
                 scale=None) -> torch.Tensor:
     """log w [B, k] float32 from the five inputs (shapes as in ``kernels.log_weights``;
-    ``likelihood`` a ``kernels.Likelihood`` or its spelling, ``scale`` a per-pixel log-scale)."""
+    ``likelihood`` a ``kernels.Likelihood`` or its spelling, ``scale`` a per-pixel log-scale);
+    ``z`` a sequence of ``kernels.Latent`` for stochastic layers (mu, logvar None)."""
     check_choice("backend", backend, BACKENDS)
     likelihood = as_likelihood(likelihood)
     if backend == "fused":
         return kernels.log_weights(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
-    check_bound_inputs(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
+    checked_layers(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
     return torch_log_weights(x, logits, z, mu, logvar, likelihood, scale)
 
 
-def reduced_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, backend: str = "torch",
+def reduced_bound(x, logits, z, mu=None, logvar=None, reduction: Reduction = IWAE, backend: str = "torch",
                   with_log_w: bool = False, *, likelihood=BERNOULLI, scale=None):
     """The bound ``reduction`` (``kernels.Reduction``: the IWAE bound by default, any member of
     the family) per example, [B] float32; with ``with_log_w`` also log w [B, k] (detached: the
@@ -178,13 +222,13 @@ def reduced_bound(x, logits, z, mu, logvar, reduction: Reduction = IWAE, backend
     return (bound, log_w.detach()) if with_log_w else bound
 
 
-def iwae_bound(x, logits, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+def iwae_bound(x, logits, z, mu=None, logvar=None, backend: str = "torch", *, likelihood=BERNOULLI,
                scale=None) -> torch.Tensor:
     """L_k per example, [B] float32."""
     return reduced_bound(x, logits, z, mu, logvar, IWAE, backend, likelihood=likelihood, scale=scale)
 
 
-def log_likelihood(x, logits, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+def log_likelihood(x, logits, z, mu=None, logvar=None, backend: str = "torch", *, likelihood=BERNOULLI,
                    scale=None) -> torch.Tensor:
     """log p(x|h) [B, k] float32 alone. The fused backend takes it from the log-weights kernel
     less the latent terms (computed here, so their gradients cancel exactly)."""
@@ -192,12 +236,12 @@ def log_likelihood(x, logits, z, mu, logvar, backend: str = "torch", *, likeliho
     likelihood = as_likelihood(likelihood)
     if backend == "fused":
         return (kernels.log_weights(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
-                - latent_log_ratio(z, mu, logvar))
-    check_bound_inputs(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
+                - latent_terms(as_layers(z, mu, logvar)))
+    checked_layers(x, logits, z, mu, logvar, likelihood=likelihood, scale=scale)
     return torch_log_likelihood(x, logits, likelihood, scale)
 
 
-def objective_bound(x, logits, z, mu, logvar, objective="iwae", backend: str = "torch",
+def objective_bound(x, logits, z, mu=None, logvar=None, objective="iwae", backend: str = "torch",
                     kl: str = "sampled", *, likelihood=BERNOULLI, scale=None, **params) -> torch.Tensor:
     """The objective's bound per example, [B] float32 (to be maximized): a name with its
     parameters as keywords (``objective="vr", alpha=0.5``), a spelling (``"miwae:8x8"``) or an
@@ -208,11 +252,12 @@ def objective_bound(x, logits, z, mu, logvar, objective="iwae", backend: str = "
     likelihood = as_likelihood(likelihood)
     check_choice("backend", backend, BACKENDS)
     check_choice("kl", kl, KLS)
-    _, k, _, _ = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=backend == "fused",
-                                    likelihood=likelihood, scale=scale)
+    layers, _, k = checked_layers(x, logits, z, mu, logvar, for_kernel=backend == "fused", likelihood=likelihood,
+                                  scale=scale)
     objective.check(k, default_estimator(objective), kl)
     lik = {"likelihood": likelihood, "scale": scale}
     if kl == "analytic":
+        check_analytic(layers)
         return log_likelihood(x, logits, z, mu, logvar, backend, **lik).mean(dim=1) - gaussian_kl(mu, logvar)
     return reduced_bound(x, logits, z, mu, logvar, objective.value(k), backend, **lik)
 
@@ -222,7 +267,7 @@ def objective_bound(x, logits, z, mu, logvar, objective="iwae", backend: str = "
 # the torch backend builds the logits with F.linear; the fused one never stores them.
 
 
-def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch", *, likelihood=BERNOULLI,
+def head_log_weights(x, h, weight, bias, z, mu=None, logvar=None, backend: str = "torch", *, likelihood=BERNOULLI,
                      scale=None) -> torch.Tensor:
     """log w [B, k] float32 from h [B, k, H] and the output layer (weight [C D, H], bias [C D]:
     the likelihood's C channels)."""
@@ -234,7 +279,7 @@ def head_log_weights(x, h, weight, bias, z, mu, logvar, backend: str = "torch", 
     return log_weights(x, F.linear(h, weight, bias), z, mu, logvar, "torch", likelihood=likelihood, scale=scale)
 
 
-def head_reduced_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction = IWAE,
+def head_reduced_bound(x, h, weight, bias, z, mu=None, logvar=None, reduction: Reduction = IWAE,
                        backend: str = "torch", with_log_w: bool = False, *, likelihood=BERNOULLI, scale=None):
     """``reduced_bound`` from h and the output layer (the fused backend never stores logits)."""
     check_choice("backend", backend, BACKENDS)
@@ -248,7 +293,7 @@ def head_reduced_bound(x, h, weight, bias, z, mu, logvar, reduction: Reduction =
     return kernels.fused_linear_iwae_bound(x, h, weight, bias, z, mu, logvar, reduction, **lik)
 
 
-def head_objective_bound(x, h, weight, bias, z, mu, logvar, objective="iwae", backend: str = "torch",
+def head_objective_bound(x, h, weight, bias, z, mu=None, logvar=None, objective="iwae", backend: str = "torch",
                          *, likelihood=BERNOULLI, scale=None, **params) -> torch.Tensor:
     """``objective_bound`` with the output layer fused in (kl sampled)."""
     objective = as_objective(objective, **params)

@@ -71,6 +71,28 @@ w~_i = exp(log w_i - lse) of a sample that matters to its group stays a normal f
 (log w_i within about 87 nats of the example's logsumexp); past that the decoder's backward
 rounds that sample's gradient to zero before the hook can rescale it. Realistic spreads
 (tens of nats) are exact to float32 rounding; the tests check 40 nats.
+Stochastic layers: generalized DReG (Bauer & Mnih 2021). With two layers, q(h1, h2 | x) =
+q(h1 | x; phi1) q(h2 | h1; phi2), drawn as h1 = T1(eps1; phi1), h2 = T2(h1, eps2; phi2), and
+log w = log p(x, h1, h2) - log q(h1 | x) - log q(h2 | h1) a function of z = (h1, h2) and phi.
+Its total derivative is the path term plus the score term of the joint q:
+
+    d log w_i / d phi = (d_z log w_i)(d z_i / d phi) - d_phi log q(z_i) |_z
+
+where d_z is the partial derivative at fixed phi: d_h1 log w_i includes -d_h1 log q(h2_i | h1_i)
+through q(h2|h1)'s parameters mu2(h1), logvar2(h1) (h1 is that network's input, not a weight).
+The identity above holds for the joint reparameterization z = T(eps; phi): with f = c_i,
+E[c_i d_phi log q(z_i)] = E[(d c_i / d log w_i)(d_z log w_i)(d z_i / d phi)], so the DReG weight
+omega_i = c_i - d c_i / d log w_i multiplies the whole path gradient, d z_i / d phi including
+h2's dependence on phi1 through h1. What this asks of the surrogate: q's weights (phi1, phi2)
+held fixed, but the path through the input of q(h2|h1) kept, i.e. mu2 and logvar2 recomputed
+from the live h1 by the network with its weights detached (objectives.py ``held``; the model's
+``Layer.posterior`` and ``given``). Detaching mu2 and logvar2 outright ("naive" DReG) drops
+omega_i (-d_h1 log q(h2_i | h1_i))(d h1_i / d phi): its expectation vanishes when the weight
+does not depend on h2 (E_{h2 ~ q(h2|h1)} d_h1 log q(h2 | h1) = 0) but not under omega_i, which
+does. Measured (tests/test_two_layer.py): the generalized estimator agrees with the total
+gradient, the naive one departs from it. STL on stochastic layers is the same held surrogate
+without the reweighting; the score surrogates (PIWAE's total gradient, RWS's wake-phi) take
+q(h2|h1)'s parameters from the detached h1 with live weights, the score term alone.
 """
 
 from __future__ import annotations

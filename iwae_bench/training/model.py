@@ -1,18 +1,21 @@
-"""A VAE with one stochastic layer (the IWAE paper's small architecture, sized freely) and any
-likelihood of kernels/likelihood.py (the Bernoulli's by default).
+"""A VAE with one stochastic layer (the IWAE paper's small architecture, sized freely), and
+``TwoLayerVAE``, its second (two stochastic layers), with any likelihood of kernels/likelihood.py
+(the Bernoulli's by default).
 
 ``model(x, k)`` returns what the bounds take: (logits [B, k, C D], z [B, k, d], mu [B, d],
 logvar [B, d]), with z drawn by the reparameterization trick so gradients reach the encoder;
 C is the likelihood's channels per pixel (the output layer is [C D, H]). A likelihood with a
 learned per-pixel scale keeps it as ``model.scale`` [D] (None otherwise), passed to the loss as
 ``scale=``.
-``save_checkpoint``/``load_checkpoint`` keep a trained model (the experiment saves them, the
+``TwoLayerVAE(x, k)`` returns (logits, layers): the stochastic layers as ``Layer`` named tuples
+that the bounds read as ``kernels.Latent`` (see the class). ``save_checkpoint``/``load_checkpoint`` keep a trained model (the experiment saves them, the
 SNR benchmark loads them).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -66,6 +69,114 @@ class BernoulliVAE(nn.Module):
 
 
 VAE = BernoulliVAE  # the name that fits a model of any likelihood
+
+
+def tanh_mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    """Two deterministic tanh layers of ``hidden`` units, then a linear output of ``n_out``."""
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                         nn.Linear(hidden, n_out))
+
+
+class Gaussian(nn.Module):
+    """A diagonal Gaussian's (mu, logvar), each [..., d], from its input through ``tanh_mlp``."""
+
+    def __init__(self, n_in: int, hidden: int, d: int):
+        super().__init__()
+        self.net = tanh_mlp(n_in, hidden, 2 * d)
+
+    def forward(self, t: torch.Tensor):
+        return tuple(self.net(t).chunk(2, dim=-1))
+
+
+class Layer(NamedTuple):
+    """One stochastic layer as a model hands it to the loss: ``kernels.Latent``'s five fields
+    (what the bounds read) and how q's parameters were made, (mu, logvar) = posterior(given),
+    for a posterior that depends on another layer's sample (q(h2|h1): given is h1). The
+    estimators that hold q's weights fixed (training/objectives.py) recompute them from it;
+    None (q(h1|x): x carries no gradient) lets them detach mu and logvar instead."""
+
+    z: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    prior_mu: torch.Tensor | None = None
+    prior_logvar: torch.Tensor | None = None
+    posterior: nn.Module | None = None
+    given: torch.Tensor | None = None
+
+
+class TwoLayerVAE(nn.Module):
+    """The IWAE paper's second architecture (Burda, Grosse & Salakhutdinov 2016, section 5):
+    stochastic layers h1 (100 units) and h2 (50), two deterministic tanh layers of 200 units
+    between x and h1 and two of 100 between h1 and h2, the decoder mirrored; every stochastic
+    layer a diagonal Gaussian (log-variance output), p(h2) = N(0, I):
+
+        q(h1|x), q(h2|h1)                 encoder   x -> 200 -> 200 -> h1 -> 100 -> 100 -> h2
+        p(h1|h2), p(x|h1)                 decoder   h2 -> 100 -> 100 -> h1 -> 200 -> 200 -> x
+
+    A class of its own rather than a depth argument to ``BernoulliVAE``: its forward returns
+    the layers, not (z, mu, logvar), and its checkpoints hold other modules.
+
+    ``forward(x, k)`` returns (logits [B, k, C D], (layer1, layer2)): layer1 =
+    Layer(h1, mu1 [B, d1], logvar1 [B, d1], prior_mu [B, k, d1], prior_logvar [B, k, d1]) (the
+    prior p(h1|h2) per sample), layer2 = Layer(h2, mu2 [B, k, d2], logvar2 [B, k, d2],
+    posterior=q2, given=h1) (q(h2|h1) per sample, standard normal prior). The h1 that log w
+    reads (the decoder's input, layer1.z, given) is an alias of the h1 that h2 is drawn from,
+    so a hook on layer1.z sees only the gradient of log w (the estimators reweight it; the
+    gradient through h2's draw reaches h1 past the alias, already reweighted at h2)."""
+
+    def __init__(self, data_dim: int = 784, latents: tuple[int, int] = (100, 50),
+                 hidden: tuple[int, int] = (200, 100), likelihood="bernoulli"):
+        super().__init__()
+        self.likelihood = as_likelihood(likelihood)
+        (d1, d2), (w1, w2) = latents, hidden
+        self.q1 = Gaussian(data_dim, w1, d1)
+        self.q2 = Gaussian(d1, w2, d2)
+        self.p1 = Gaussian(d2, w2, d1)
+        self.decoder = tanh_mlp(d1, w1, self.likelihood.channels * data_dim)
+        self.scale = nn.Parameter(torch.zeros(data_dim)) if self.likelihood.needs_scale else None
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.decoder[-1]
+
+    def sample(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Layer, Layer]:
+        """The two layers of k reparameterized samples (h1 ~ q(h1|x), h2 ~ q(h2|h1))."""
+        mu1, logvar1 = self.q1(x)
+        eps1 = torch.randn((x.shape[0], k, mu1.shape[-1]), generator=generator, device=x.device, dtype=mu1.dtype)
+        h1 = mu1.unsqueeze(1) + torch.exp(0.5 * logvar1).unsqueeze(1) * eps1
+        mu2, logvar2 = self.q2(h1)
+        eps2 = torch.randn(mu2.shape, generator=generator, device=x.device, dtype=mu2.dtype)
+        h2 = mu2 + torch.exp(0.5 * logvar2) * eps2
+        h1_read = h1.view_as(h1)  # the alias log w reads (class docstring)
+        prior_mu, prior_logvar = self.p1(h2)
+        return (Layer(h1_read, mu1, logvar1, prior_mu, prior_logvar),
+                Layer(h2, mu2, logvar2, posterior=self.q2, given=h1_read))
+
+    def forward(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
+        layers = self.sample(x, k, generator)
+        return self.decoder(layers[0].z), layers
+
+    def forward_hidden(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
+        """(h [B, k, H], layers): the decoder's last hidden layer, for ``IWAELoss.from_hidden``."""
+        layers = self.sample(x, k, generator)
+        return self.decoder[:-1](layers[0].z), layers
+
+    @torch.no_grad()
+    def posterior_means(self, x: torch.Tensor, samples: int = 64, generator=None) -> list[torch.Tensor]:
+        """E_q[h_l | x] per layer, [N, d_l]: mu1 exactly; for h2 the mean over ``samples`` draws
+        of h1 of mu2(h1) (E_q[h2 | x] = E_q(h1|x)[mu2(h1)])."""
+        mu1, logvar1 = self.q1(x)
+        eps = torch.randn((x.shape[0], samples, mu1.shape[-1]), generator=generator, device=x.device)
+        mu2, _ = self.q2(mu1.unsqueeze(1) + torch.exp(0.5 * logvar1).unsqueeze(1) * eps)
+        return [mu1, mu2.mean(dim=1)]
+
+
+def active_units_per_layer(model: TwoLayerVAE, x: torch.Tensor, threshold: float = 1e-2, samples: int = 64,
+                           generator=None) -> list[int]:
+    """The IWAE paper's criterion per stochastic layer: unit u active if Cov_x(E_q[u | x]) >
+    threshold (the paper's 10^-2), with E_q[u | x] from ``posterior_means``."""
+    means = model.posterior_means(x, samples, generator)
+    return [int((m.double().var(dim=0, unbiased=False) > threshold).sum()) for m in means]
 
 
 def save_checkpoint(model: BernoulliVAE, path: Path) -> None:

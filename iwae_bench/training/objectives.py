@@ -39,8 +39,10 @@ import torch
 
 import kernels
 
-from .bounds import (BACKENDS, KLS, as_likelihood, check_choice, gaussian_kl, head_reduced_bound,
-                     latent_log_ratio, log_likelihood, reduced_bound)
+from kernels.latent import Latent, as_layers
+
+from .bounds import (BACKENDS, KLS, as_likelihood, check_analytic, check_choice, gaussian_kl, head_reduced_bound,
+                     latent_log_ratio, layer_log_ratio, log_likelihood, reduced_bound)
 from .family import ESTIMATORS, as_objective, check_estimator, default_estimator
 
 
@@ -56,6 +58,11 @@ class IWAELoss(torch.nn.Module):
     value does not depend on the estimator, only its gradients do. ``likelihood``: the decoder's
     p(x|h) (``kernels.Likelihood`` or its spelling, kernels/likelihood.py): logits then hold its
     C channels, [B, k, C D], and a per-pixel scale comes as ``scale=`` [D] at the call.
+
+    Stochastic layers: ``z`` a sequence of layers (``kernels.Latent``, or training/model.py's
+    ``Layer``, which also says how q(h2|h1)'s parameters were made), mu and logvar None:
+    ``loss(x, *TwoLayerVAE(...)(x, k))``. Each layer's z is hooked as the one z is; family.py
+    derives what "q's parameters held fixed" means there (the generalized DReG).
     """
 
     def __init__(self, objective="iwae", backend: str = "fused", *, estimator: str | None = None,
@@ -73,17 +80,18 @@ class IWAELoss(torch.nn.Module):
         self.estimator = estimator
         self.kl = kl
 
-    def forward(self, x, logits, z, mu, logvar, scale=None) -> torch.Tensor:
+    def forward(self, x, logits, z, mu=None, logvar=None, scale=None) -> torch.Tensor:
         self._check_k(logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None)
         lik = {"likelihood": self.likelihood, "scale": scale}
         if self.kl == "analytic":
+            check_analytic(as_layers(z, mu, logvar))
             bound = (log_likelihood(x, logits, z, mu, logvar, self.backend, **lik).mean(dim=1)
                      - gaussian_kl(mu, logvar))
             return self._mean(x, bound)
-        return self._loss(x, z, mu, logvar, lambda mu, logvar, reduction, with_log_w: reduced_bound(
-            x, logits, z, mu, logvar, reduction, self.backend, with_log_w, **lik))
+        return self._loss(x, z, mu, logvar, lambda latent, reduction, with_log_w: reduced_bound(
+            x, logits, *latent, reduction, self.backend, with_log_w, **lik))
 
-    def from_hidden(self, x, h, linear: torch.nn.Linear, z, mu, logvar, scale=None) -> torch.Tensor:
+    def from_hidden(self, x, h, linear: torch.nn.Linear, z, mu=None, logvar=None, scale=None) -> torch.Tensor:
         """The same loss from the decoder's last hidden layer h [B, k, H] and its output layer
         ``linear`` (logits = linear(h)): with ``backend="fused"`` the logits are built on chip
         and never stored, forward or backward (``kernels.fused_linear_iwae_bound``); h and the
@@ -93,27 +101,32 @@ class IWAELoss(torch.nn.Module):
         self._check_k(h.shape[1] if isinstance(h, torch.Tensor) and h.dim() == 3 else None)
         weight, bias = linear.weight, linear.bias
         lik = {"likelihood": self.likelihood, "scale": scale}
-        return self._loss(x, z, mu, logvar, lambda mu, logvar, reduction, with_log_w: head_reduced_bound(
-            x, h, weight, bias, z, mu, logvar, reduction, self.backend, with_log_w, **lik))
+        return self._loss(x, z, mu, logvar, lambda latent, reduction, with_log_w: head_reduced_bound(
+            x, h, weight, bias, *latent, reduction, self.backend, with_log_w, **lik))
 
     def _check_k(self, k) -> None:
         if k is not None:
             self.spec.check(k, self.estimator, self.kl)
 
     def _loss(self, x, z, mu, logvar, bound) -> torch.Tensor:
-        """-mean bound; ``bound(mu, logvar, reduction, with_log_w)`` computes the reduction's
-        bound (and the detached log w) from the rest of the inputs."""
-        k = z.shape[1]
-        reduction = self.spec.value(k)
+        """-mean bound; ``bound((z, mu, logvar), reduction, with_log_w)`` computes the reduction's
+        bound (and the detached log w) from the rest of the inputs; z may be a sequence of
+        stochastic layers (mu, logvar None): ``held`` and ``score_terms`` treat each."""
+        single = isinstance(z, torch.Tensor)
+        samples = [z] if single else [layer.z for layer in z]
+        reduction = self.spec.value(samples[0].shape[1])
         if self.estimator == "iwae" and self.spec.name not in ("piwae", "rws"):
-            return self._mean(x, bound(mu, logvar, reduction, False))
+            return self._mean(x, bound((z, mu, logvar), reduction, False))
         # q's parameters held fixed in the decoder's surrogate; the encoder's terms added after
-        value, log_w = bound(mu.detach(), logvar.detach(), reduction, True)
+        latent = (z, mu.detach(), logvar.detach()) if single else ([held(layer) for layer in z], None, None)
+        value, log_w = bound(latent, reduction, True)
         form, offset, score = self.spec.encoder_terms(self.estimator, log_w)
-        if form is not None and z.requires_grad:
-            z.register_hook(self._reweighter(log_w, offset, form))
+        if form is not None:
+            for sample in samples:
+                if sample.requires_grad:
+                    sample.register_hook(self._reweighter(log_w, offset, form))
         if score is not None:
-            surrogate = (score * latent_log_ratio(z.detach(), mu, logvar)).sum(1)
+            surrogate = (score * score_terms(z, mu, logvar)).sum(1)
             value = value + (surrogate - surrogate.detach())
         return self._mean(x, value)
 
@@ -134,3 +147,33 @@ class IWAELoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"objective={self.spec.label!r}, backend={self.backend!r}, "
                 f"estimator={self.estimator!r}, kl={self.kl!r}, likelihood={self.likelihood.label!r}")
+
+
+def held(layer) -> Latent:
+    """A stochastic layer with q's parameters held fixed: for a posterior that depends on another
+    layer's sample (``Layer.posterior``: q(h2|h1)) recomputed by that module with its weights
+    detached, so the gradient still reaches the sample it is given (h1: a path term of d log w /
+    d h1, the generalized DReG's); otherwise mu and logvar detached (q(h1|x)). The prior's
+    parameters (the decoder's) stay live."""
+    posterior = getattr(layer, "posterior", None)
+    if posterior is None:
+        mu, logvar = layer.mu.detach(), layer.logvar.detach()
+    else:
+        weights = {name: p.detach() for name, p in posterior.named_parameters()}
+        mu, logvar = torch.func.functional_call(posterior, weights, (layer.given,))
+    return Latent(layer.z, mu, logvar, layer.prior_mu, layer.prior_logvar)
+
+
+def score_terms(z, mu, logvar) -> torch.Tensor:
+    """log r(z) [B, k] with every sample held fixed and q's weights live, whose gradient is the
+    score term d log q / d phi |z: the one-layer ``latent_log_ratio(z.detach(), mu, logvar)``;
+    for stochastic layers the sum of -log q (up to constants) with a ``Layer.posterior``'s
+    parameters recomputed from its detached given sample."""
+    if isinstance(z, torch.Tensor):
+        return latent_log_ratio(z.detach(), mu, logvar)
+    total = 0.0
+    for layer in z:
+        posterior = getattr(layer, "posterior", None)
+        mu, logvar = (layer.mu, layer.logvar) if posterior is None else posterior(layer.given.detach())
+        total = total + layer_log_ratio(Latent(layer.z.detach(), mu, logvar))
+    return total
