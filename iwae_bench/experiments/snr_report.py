@@ -26,6 +26,9 @@ LABELS = {"multi_sample_elbo": "k-sample ELBO", "iwae": "IWAE", "stl": "IWAE + S
 RAINFORTH = "Rainforth et al. 2018"
 TUCKER = "Tucker et al. 2019"
 AGREE = 0.1  # a slope within this of the expected exponent agrees with it
+# the bias verdict (experiments/snr.py bias_summary): biased where the share of |t| > 3 is
+# BIASED_FACTOR x chance or more and BIASED_COUNT parameters or more (1 in 400 is chance)
+BIASED_FACTOR, BIASED_COUNT = 5, 3
 TIMERS = {
     "draws": "Timed with perf_counter around each of the draws' own steps (the noise drawn "
              "before, the gradient's copy after, outside): the samples span the whole "
@@ -166,8 +169,10 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
         f"({first['device']}, torch {info.get('torch', '?')}, triton {info.get('triton', '?')}, "
         f"{_threads(info.get('torch_threads'))}, commit {info.get('commit', '?')}). Every number "
         "below is read from `snr.csv`.\n",
-        f"Model: {first['model']}. Minibatch: {int(first['batch'])} binarized MNIST test images, "
-        f"fixed. For each k and estimator, {draws} gradient draws, each a full gradient of the "
+        f"Model: {first['model']}. Minibatch: {int(first['batch'])} "
+        + ("data points of the model's" if str(first["model"]).startswith("LinearGaussian")
+           else "binarized MNIST test images")
+        + f", fixed. For each k and estimator, {draws} gradient draws, each a full gradient of the "
         f"batch's loss with fresh reparameterization noise; draw m uses the same noise for every "
         f"estimator (paired). Backend `{first['backend']}`, seed {int(first['seed'])}.\n",
         "## What is measured\n",
@@ -211,6 +216,9 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
                      f"{'-' if math.isnan(median) else f'{median:+.3f}'} | "
                      f"{'-' if expected is None else f'{expected:+.1f}'} | {source} | "
                      f"{_verdict(tail['slope'], expected)} |")
+    lines += _rms_section(frame)
+    lines += _borrowed_section(frame)
+    lines += _bias_section(frame)
     if "freshly initialised" in str(first["model"]):
         lines += ["", "The model is freshly initialised: q(h|x) is far from the posterior, one "
                   "sample carries most of the importance weight, and k up to "
@@ -265,11 +273,14 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
 
     lines += ["", "## Every measurement\n",
               "| k | estimator | group | mean SNR | 95% interval | resamples' shift | median SNR | "
-              "ms per step |", "|---|---|---|---|---|---|---|---|"]
+              "ms per step | RMS SNR (debiased) | its interval | bias | reference's SNR, this signal |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in frame.sort_values(["group", "estimator", "k"], key=_order(estimators)).itertuples():
         lines.append(f"| {r.k} | {r.estimator} | {r.group} | {_g(r.snr_mean)} | "
                      f"[{_g(r.snr_mean_low)}, {_g(r.snr_mean_high)}] | {r.snr_mean_boot_shift:+.3g} | "
-                     f"{_g(r.snr_median)} | {_g(r.seconds_per_step * 1e3)} |")
+                     f"{_g(r.snr_median)} | {_g(r.seconds_per_step * 1e3)} | {_g(r.snr_rms)} | "
+                     f"[{_g(r.snr_rms_low)}, {_g(r.snr_rms_high)}] | {r.bias_verdict} | "
+                     f"{_g(r.reference_snr) if r.bias_reference != r.estimator else '-'} |")
     zero = frame[frame["zero_variance"] > 0]
     if len(zero):
         parts = []
@@ -281,6 +292,88 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
                   "of the averages (with a fixed minibatch, e.g. the first-layer weights of pixels "
                   "that are off in every image: their gradient is exactly 0): " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _rms_section(frame: pd.DataFrame) -> list[str]:
+    """The slopes of the debiased RMS SNR over the k where it is resolved (its interval's low
+    end above 0), beside the papers' exponents."""
+    lines = ["", "## Slopes of the debiased RMS SNR\n",
+             "The mean SNR above has a floor: a parameter whose signal is below sqrt(2 / (pi M)) reads "
+             "about that much from noise alone, so where an estimator's signal falls with k (the "
+             "IWAE's encoder) its mean SNR stops falling and the slope flattens toward 0. The RMS "
+             "SNR debiases each parameter's squared SNR (less 1/M, what noise gives it) before "
+             "averaging over the group: sqrt(mean_p(SNR_p^2 - 1/M)), with 95% bootstrap "
+             "intervals (percentiles of the resamples, each debiased for its own noise too). It is resolved where the interval's low end is above 0; the slope is "
+             "fitted over those k only (the RMS weighs parameters by their squared SNR, so its "
+             "level differs from the mean's; its exponent is the same where every parameter "
+             "shares one).\n",
+             "| estimator | group | slope | resolved k | expected | from | verdict |", "|---|---|---|---|---|---|---|"]
+    for (estimator, group), part in frame.groupby(["estimator", "group"], sort=False):
+        part = part[part["snr_rms_low"] > 0].sort_values("k")
+        slope = fit_slope(part["k"], part["snr_rms"])[0] if len(part) > 1 else float("nan")
+        expected, source = EXPECTED.get((estimator, group), (None, "-"))
+        resolved = ", ".join(map(str, part["k"])) or "none"
+        lines.append(f"| {LABELS.get(estimator, estimator)} | {group} | {_slope_cell(slope, float('nan'))} | "
+                     f"{resolved} | {'-' if expected is None else f'{expected:+.1f}'} | {source} | "
+                     f"{_verdict(slope, expected)} |")
+    return lines
+
+
+def _borrowed_section(frame: pd.DataFrame) -> list[str]:
+    """The reference's mean SNR with the signal read from an unbiased entry's paired mean
+    (``reference_snr``), and its slope beside the reference's expected exponent."""
+    biased = set(frame.loc[frame["bias_verdict"] == "biased", "estimator"])
+    rows = frame[(frame["bias_reference"] != frame["estimator"]) & ~frame["estimator"].isin(biased)
+                 & (frame["group"] == "encoder")]
+    if not len(rows):
+        return []
+    lines = ["", "## The reference's encoder SNR with the signal from an unbiased estimator\n",
+             "The expected gradient is the same for every unbiased estimator of it, so it can be read "
+             "from the one with the least noise: SNR = |mean of the unbiased entry| / std of the "
+             "reference, per parameter, averaged over the group. The floor that flattens the "
+             "reference's own mean SNR is then the entry's noise over the reference's "
+             "(sd_entry / (sd_ref sqrt(M))), far lower where the entry is DReG. Only entries the bias "
+             "column calls biased at no k; the slope is over every k.\n",
+             "| reference | signal from | slope | expected | from | verdict |", "|---|---|---|---|---|---|"]
+    for estimator, part in rows.groupby("estimator", sort=False):
+        part = part.sort_values("k")
+        reference = part["bias_reference"].iloc[0]
+        slope = fit_slope(part["k"], part["reference_snr"])[0] if len(part) > 1 else float("nan")
+        expected, source = EXPECTED.get((reference, "encoder"), (None, "-"))
+        lines.append(f"| {LABELS.get(reference, reference)} | {LABELS.get(estimator, estimator)} | "
+                     f"{_slope_cell(slope, float('nan'))} | {'-' if expected is None else f'{expected:+.1f}'} | "
+                     f"{source} | {_verdict(slope, expected)} |")
+    return lines
+
+
+def _bias_section(frame: pd.DataFrame) -> list[str]:
+    """Each entry's bias against its reference (the same objective's total gradient; RWS's
+    wake-phi), from the paired draws."""
+    rows = frame[frame["bias_reference"] != frame["estimator"]]
+    if not len(rows):
+        return []
+    chance = float(frame["bias_chance_share"].iloc[0])
+    lines = ["", "## Bias against the objective's total gradient\n",
+             "Over the paired draws (the same noise for every estimator), per parameter the mean "
+             "of (estimator - reference) and its t-statistic (mean / (sd / sqrt(M))). The reference "
+             "is the same objective's total gradient (unbiased by construction; for RWS, whose "
+             "wake-phi is no objective's gradient, the wake-phi estimator). Columns: the mean "
+             "|bias| over the group's parameters, that over the mean |reference gradient|, and "
+             f"the share of parameters with |t| > 3 beside the share chance gives ({chance:.2%}, "
+             "normal). Verdict: **biased** where that share is at least "
+             f"{BIASED_FACTOR} x chance and at least {BIASED_COUNT} parameters, **identical** where the "
+             "difference is exactly 0 in every draw (the decoder's gradient, which these "
+             "estimators leave unchanged), else **unbiased** (no bias resolved at this many "
+             "draws). The t-statistics take the mean as normal: heavy-tailed gradients at a few "
+             "hundred draws over-reject (on the Gaussian model, DReG read biased at 300 draws and "
+             "unbiased at 10^4), so an isolated 'biased' at small M is a prompt for more draws.\n",
+             "| k | estimator | group | reference | mean abs bias | relative | share abs t > 3 | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows.sort_values(["group", "k"], key=_order(list(dict.fromkeys(frame["estimator"])))).itertuples():
+        lines.append(f"| {r.k} | {LABELS.get(r.estimator, r.estimator)} | {r.group} | "
+                     f"{LABELS.get(r.bias_reference, r.bias_reference)} | {_g(r.bias_abs_mean)} | "
+                     f"{_g(r.bias_relative)} | {r.bias_t3_share:.2%} | {r.bias_verdict} |")
+    return lines
 
 
 def _order(estimators):
