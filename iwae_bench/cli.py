@@ -642,6 +642,10 @@ def _cmd_snr(args, parser) -> int:
     from .experiments.snr_report import render_snr
     from .training.model import BernoulliVAE, load_checkpoint
 
+    gaussian = args.model == "gaussian"
+    names = [*(args.estimators or ([] if args.objectives else ESTIMATORS)), *(args.objectives or [])]
+    names = [n for name in names for n in (FAMILY if name == "family" else [name])]
+    ks = args.k or (GAUSSIAN_K if gaussian else K_VALUES)
     try:
         shard, device, _, out = _placed(args)
         if args.report_only:
@@ -662,6 +666,8 @@ def _cmd_snr(args, parser) -> int:
             raise ValueError(f"--batch {args.batch}: the held-out test set has 1000 images")
         elif args.checkpoint and (args.latent or args.hidden):
             raise ValueError("--latent and --hidden size a fresh model; a --checkpoint brings its own")
+        if not args.report_only:
+            check_entries(names, ks)
     except ValueError as error:
         parser.error(str(error))
     if args.report_only:
@@ -669,10 +675,6 @@ def _cmd_snr(args, parser) -> int:
         return 0
 
     backend = args.backend if args.backend != "auto" else ("fused" if device.type == "cuda" else "torch")
-    gaussian = args.model == "gaussian"
-    names = [*(args.estimators or ([] if args.objectives else ESTIMATORS)), *(args.objectives or [])]
-    names = [n for name in names for n in (FAMILY if name == "family" else [name])]
-    ks = args.k or (GAUSSIAN_K if gaussian else K_VALUES)
     try:
         if gaussian:
             from .experiments import gaussian as linear_gaussian
@@ -695,7 +697,6 @@ def _cmd_snr(args, parser) -> int:
             from .experiments.data import load_mnist
 
             x = load_mnist(4000, 1000, args.seed).test[:args.batch or BATCH]
-        check_entries(names, ks)
     except (ValueError, ImportError) as error:
         parser.error(str(error))
     settings = Settings(k=tuple(sorted(set(ks))), estimators=tuple(dict.fromkeys(names)),
