@@ -216,6 +216,7 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
                      f"{'-' if math.isnan(median) else f'{median:+.3f}'} | "
                      f"{'-' if expected is None else f'{expected:+.1f}'} | {source} | "
                      f"{_verdict(tail['slope'], expected)} |")
+    lines += _family_section(frame)
     lines += _rms_section(frame)
     lines += _borrowed_section(frame)
     lines += _bias_section(frame)
@@ -279,7 +280,7 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
         lines.append(f"| {r.k} | {r.estimator} | {r.group} | {_g(r.snr_mean)} | "
                      f"[{_g(r.snr_mean_low)}, {_g(r.snr_mean_high)}] | {r.snr_mean_boot_shift:+.3g} | "
                      f"{_g(r.snr_median)} | {_g(r.seconds_per_step * 1e3)} | {_g(r.snr_rms)} | "
-                     f"[{_g(r.snr_rms_low)}, {_g(r.snr_rms_high)}] | {r.bias_verdict} | "
+                     f"[{_g(r.snr_rms_low)}, {_g(r.snr_rms_high)}] | {_bias_cell(r, r.estimator)} | "
                      f"{_g(r.reference_snr) if r.bias_reference != r.estimator else '-'} |")
     zero = frame[frame["zero_variance"] > 0]
     if len(zero):
@@ -292,6 +293,37 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
                   "of the averages (with a fixed minibatch, e.g. the first-layer weights of pixels "
                   "that are off in every image: their gradient is exactly 0): " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _family_section(frame: pd.DataFrame) -> list[str]:
+    """Where the run measured members of the family (``snr --objectives``): every entry's
+    encoder and decoder SNR side by side at each k (Rainforth et al.'s figure: per split of a
+    fixed budget M K, not per k)."""
+    if set(frame["estimator"]) <= set(LABELS):
+        return []
+    lines = ["", "## The family side by side\n",
+             "Per k, every entry's mean SNR (95% interval) and debiased RMS SNR for both networks, and "
+             "the encoder's bias verdict (below). A split M x K of MIWAE and PIWAE is measured at "
+             "k = M K only; at a fixed M K, MIWAE(1 x K) is the IWAE and MIWAE(M x 1) the k-sample "
+             "ELBO; PIWAE's decoder is the IWAE's.\n",
+             "| k | entry | encoder mean SNR | encoder RMS | decoder mean SNR | decoder RMS | encoder bias |",
+             "|---|---|---|---|---|---|---|"]
+    indexed = frame.set_index(["k", "estimator", "group"])
+    for (k, estimator), _ in frame.groupby(["k", "estimator"], sort=False):
+        cells = []
+        for group in GROUPS:
+            r = indexed.loc[(k, estimator, group)]
+            cells += [f"{_g(r['snr_mean'])} [{_g(r['snr_mean_low'])}, {_g(r['snr_mean_high'])}]", _g(r["snr_rms"])]
+        lines.append(f"| {k} | {LABELS.get(estimator, estimator)} | " + " | ".join(cells)
+                     + f" | {_bias_cell(indexed.loc[(k, estimator, 'encoder')], estimator)} |")
+    return lines
+
+
+def _bias_cell(row, estimator: str) -> str:
+    """The verdict, or "reference" for an entry that is its own reference (the total gradient)."""
+    reference = row["bias_reference"] if isinstance(row, pd.Series) else row.bias_reference
+    verdict = row["bias_verdict"] if isinstance(row, pd.Series) else row.bias_verdict
+    return "reference" if reference == estimator else verdict
 
 
 def _rms_section(frame: pd.DataFrame) -> list[str]:
