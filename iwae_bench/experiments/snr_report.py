@@ -85,10 +85,21 @@ def slope_table(frame: pd.DataFrame, column: str = "snr_mean") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def with_later_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """An snr.csv from before the RMS SNR and the bias column, with those columns empty (each
+    entry its own reference), so that its report renders as before."""
+    for column in ("snr_rms", "snr_rms_low", "snr_rms_high", "reference_snr"):
+        if column not in frame:
+            frame[column] = float("nan")
+    if "bias_reference" not in frame:
+        frame["bias_reference"], frame["bias_verdict"] = frame["estimator"], "-"
+    return frame
+
+
 def render_snr(out: Path) -> Path:
     """plots/snr.png and report.md from out/snr.csv (and out/machine.json) alone."""
     out = Path(out)
-    frame = pd.read_csv(out / "snr.csv")
+    frame = with_later_columns(pd.read_csv(out / "snr.csv"))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     save_figure(_figure(frame), plots / "snr.png")
@@ -111,6 +122,12 @@ def _figure(frame: pd.DataFrame):
                               line["snr_mean_high"] - line["snr_mean"]]).clip(min=0)
             ax.errorbar(line["k"], line["snr_mean"], yerr=yerr, marker=marker, ms=size, capsize=2,
                         mfc="none" if size > 5 else None, label=LABELS.get(estimator, estimator))
+        borrowed = _borrowed(frame)
+        for estimator, line in borrowed[borrowed["group"] == group].groupby("estimator", sort=False):
+            line = line.sort_values("k")
+            reference = line["bias_reference"].iloc[0]
+            ax.plot(line["k"], line["reference_snr"], linestyle="--", marker="x", ms=5,
+                    label=f"{LABELS.get(reference, reference)}, signal from {LABELS.get(estimator, estimator)}")
         k = np.array(sorted(part["k"].unique()), dtype=float)
         if k.size > 1:
             first = part[part["k"] == k[0]]["snr_mean"]
@@ -323,12 +340,14 @@ def _bias_cell(row, estimator: str) -> str:
     """The verdict, or "reference" for an entry that is its own reference (the total gradient)."""
     reference = row["bias_reference"] if isinstance(row, pd.Series) else row.bias_reference
     verdict = row["bias_verdict"] if isinstance(row, pd.Series) else row.bias_verdict
-    return "reference" if reference == estimator else verdict
+    return "reference" if reference == estimator and verdict != "-" else verdict
 
 
 def _rms_section(frame: pd.DataFrame) -> list[str]:
     """The slopes of the debiased RMS SNR over the k where it is resolved (its interval's low
     end above 0), beside the papers' exponents."""
+    if frame["snr_rms"].isna().all():
+        return []
     lines = ["", "## Slopes of the debiased RMS SNR\n",
              "The mean SNR above has a floor: a parameter whose signal is below sqrt(2 / (pi M)) reads "
              "about that much from noise alone, so where an estimator's signal falls with k (the "
@@ -351,12 +370,20 @@ def _rms_section(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _borrowed(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose ``reference_snr`` is the reference's SNR: entries with another reference
+    that the bias column calls biased at no k, measured at two k or more; the encoder's only
+    (the decoder's gradient is the same for the IWAE's estimators)."""
+    biased = set(frame.loc[frame["bias_verdict"] == "biased", "estimator"])
+    rows = frame[(frame["bias_reference"] != frame["estimator"]) & ~frame["estimator"].isin(biased)
+                 & frame["reference_snr"].notna() & (frame["group"] == "encoder")]
+    return rows[rows.groupby("estimator")["k"].transform("nunique") > 1]
+
+
 def _borrowed_section(frame: pd.DataFrame) -> list[str]:
     """The reference's mean SNR with the signal read from an unbiased entry's paired mean
     (``reference_snr``), and its slope beside the reference's expected exponent."""
-    biased = set(frame.loc[frame["bias_verdict"] == "biased", "estimator"])
-    rows = frame[(frame["bias_reference"] != frame["estimator"]) & ~frame["estimator"].isin(biased)
-                 & (frame["group"] == "encoder")]
+    rows = _borrowed(frame)
     if not len(rows):
         return []
     lines = ["", "## The reference's encoder SNR with the signal from an unbiased estimator\n",
