@@ -255,3 +255,24 @@ def test_command_measures_the_family_on_the_gaussian_model(tmp_path):
     assert frame["model"].str.startswith("LinearGaussian(D=20").all() and (frame["batch"] == 1).all()
     report = (out / "report.md").read_text()
     assert "data points of the model's" in report and "## Bias against" in report
+    side = report.split("## The family side by side", 1)[1]
+    assert "| 8 | miwae:2x4 |" in side and "| 4 | rws/dreg |" in side
+
+
+def test_a_csv_from_before_the_new_columns_renders_without_their_sections(tmp_path):
+    """An snr.csv of the earlier columns (the committed MNIST runs) still renders."""
+    import shutil
+
+    from iwae_bench.experiments.snr_report import render_snr
+
+    _run(["--out", str(tmp_path / "new"), "--model", "gaussian", "--k", "2", "4", "--estimators", "iwae",
+          "dreg", "--draws", "20", "--resamples", "20"])
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    frame = pd.read_csv(old / "snr.csv")
+    frame.drop(columns=[c for c in frame if c.startswith(("bias_", "snr_rms", "reference_snr"))]).to_csv(
+        old / "snr.csv", index=False)
+    report = render_snr(old).read_text()
+    assert "## Fitted log-log slopes" in report and "## Every measurement" in report
+    for section in ("## Bias against", "## Slopes of the debiased", "## The reference's encoder SNR"):
+        assert section in (tmp_path / "new" / "report.md").read_text() and section not in report
