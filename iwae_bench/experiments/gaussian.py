@@ -15,6 +15,12 @@ finite k). The SNR is measured at the optimum with every parameter moved by an i
 N(0, 0.01^2) ("perturbed slightly", as the papers do: at the exact optimum the encoder's
 expected gradient is 0 and has no SNR to speak of).
 
+Where this departs from, or could not be checked against, the papers' text (the setup above is
+theirs as recalled and cross-checked against the closed forms, not quoted): the gradient is of
+the first ``--batch`` data points' mean bound (one by default; the papers' figure is per
+parameter of one gradient estimate, the benchmark's the group's average), and the draws are
+the benchmark's (``--draws``). The SNR's exponents do not depend on either.
+
 The suite's log-weights take a standard-normal prior, so the model is written in u = z - mu:
 
     p(u) = N(u; 0, I),   p(x|u) = N(x; u + mu, I),   q(u|x) = N(u; A x + c, (2/3) I), c = b - mu

@@ -40,7 +40,7 @@ from ..files import write_csv
 from ..harness.machine import MachineRecord
 from ..harness.shard import Shard
 from ..harness.timing import Timing, time_call
-from ..training import BernoulliVAE, IWAELoss
+from ..training import IWAELoss
 from ..training.family import Objective, check_estimator, default_estimator
 from ..training.model import load_checkpoint, save_checkpoint  # noqa: F401  (re-exported)
 from . import gaussian
@@ -562,8 +562,9 @@ def run_snr(out: Path, model, x: torch.Tensor, settings: Settings, device: torch
             write_csv(out / "snr.csv", rows, COLUMNS)
             by = {row["group"]: row for row in new}
             log(f"  k={k:<5} {name:<17} " + ", ".join(
-                f"{g} SNR {r['snr_mean']:.3g} [{r['snr_mean_low']:.3g}, {r['snr_mean_high']:.3g}] rms {r['snr_rms']:.3g}"
-                for g, r in by.items())
-                + f"; bias {by['encoder']['bias_verdict']}; {new[0]['seconds_per_step'] * 1e3:.1f} ms/step ({time.perf_counter() - started:.0f} s)")
+                f"{g} SNR {r['snr_mean']:.3g} [{r['snr_mean_low']:.3g}, {r['snr_mean_high']:.3g}] "
+                f"rms {r['snr_rms']:.3g}" for g, r in by.items())
+                + f"; bias {by['encoder']['bias_verdict']}; {new[0]['seconds_per_step'] * 1e3:.1f} ms/step "
+                  f"({time.perf_counter() - started:.0f} s)")
     record.finish(run)
     return render_snr(out)

@@ -354,7 +354,8 @@ def _rms_section(frame: pd.DataFrame) -> list[str]:
              "IWAE's encoder) its mean SNR stops falling and the slope flattens toward 0. The RMS "
              "SNR debiases each parameter's squared SNR (less 1/M, what noise gives it) before "
              "averaging over the group: sqrt(mean_p(SNR_p^2 - 1/M)), with 95% bootstrap "
-             "intervals (percentiles of the resamples, each debiased for its own noise too). It is resolved where the interval's low end is above 0; the slope is "
+             "intervals (percentiles of the resamples, each debiased for its own noise too). "
+             "It is resolved where the interval's low end is above 0; the slope is "
              "fitted over those k only (the RMS weighs parameters by their squared SNR, so its "
              "level differs from the mean's; its exponent is the same where every parameter "
              "shares one).\n",
