@@ -254,7 +254,7 @@ def test_command_measures_the_family_on_the_gaussian_model(tmp_path):
                                                         (4, "rws/dreg"), (8, "rws/dreg")}
     assert frame["model"].str.startswith("LinearGaussian(D=20").all() and (frame["batch"] == 1).all()
     report = (out / "report.md").read_text()
-    assert "data points of the model's" in report and "## Bias against" in report
+    assert "the first 1 of the model's data points" in report and "## Bias against" in report
     side = report.split("## The family side by side", 1)[1]
     assert "| 8 | miwae:2x4 |" in side and "| 4 | rws/dreg |" in side
 

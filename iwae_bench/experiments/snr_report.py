@@ -186,9 +186,9 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
         f"({first['device']}, torch {info.get('torch', '?')}, triton {info.get('triton', '?')}, "
         f"{_threads(info.get('torch_threads'))}, commit {info.get('commit', '?')}). Every number "
         "below is read from `snr.csv`.\n",
-        f"Model: {first['model']}. Minibatch: {int(first['batch'])} "
-        + ("data points of the model's" if str(first["model"]).startswith("LinearGaussian")
-           else "binarized MNIST test images")
+        f"Model: {first['model']}. Minibatch: "
+        + (f"the first {int(first['batch'])} of the model's data points" if str(first["model"]).startswith(
+            "LinearGaussian") else f"{int(first['batch'])} binarized MNIST test images")
         + f", fixed. For each k and estimator, {draws} gradient draws, each a full gradient of the "
         f"batch's loss with fresh reparameterization noise; draw m uses the same noise for every "
         f"estimator (paired). Backend `{first['backend']}`, seed {int(first['seed'])}.\n",
