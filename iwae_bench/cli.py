@@ -558,8 +558,22 @@ def _add_experiment(sub) -> None:
 # --------------------------------------------------------------------------- snr
 
 
+def _snr_entry(text: str) -> str:
+    """An --objectives entry (experiments/snr.py ``entry``): 'family' or OBJECTIVE[/ESTIMATOR]."""
+    from .experiments.snr import entry
+
+    if text == "family":
+        return text
+    try:
+        entry(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _add_snr(sub) -> None:
-    from .experiments.snr import BATCH, DRAWS, ESTIMATORS, K_VALUES, MIN_RESAMPLES, RESAMPLES
+    from .experiments.snr import (BATCH, BUDGET, DRAWS, ESTIMATORS, FAMILY, GAUSSIAN_DRAWS, GAUSSIAN_K,
+                                  K_VALUES, MIN_RESAMPLES, RESAMPLES)
 
     p = sub.add_parser("snr", help="gradient SNR of the iwae, stl and dreg estimators against k, and the time per step")
     p.description = (
@@ -568,22 +582,41 @@ def _add_snr(sub) -> None:
         "decoder's parameters) for the k-sample ELBO and the IWAE bound with the iwae, stl and "
         "dreg estimators, against k, on a fixed minibatch of binarized MNIST test images; time "
         "one gradient step of each; write OUT/snr.csv, machine.json, plots/snr.png and "
-        "report.md with the fitted log-log slopes beside Rainforth et al. (2018). "
+        "report.md with the fitted log-log slopes beside Rainforth et al. (2018) and Tucker et al. "
+        "(2019), and a bias column: each estimator's paired difference from its objective's total "
+        "gradient. --model gaussian measures on the linear-Gaussian model of Rainforth et al. "
+        "sec. 4, where the papers' slopes are known: the check on the measurement itself. "
+        "--objectives adds members of the family (VR, MIWAE, PIWAE, CIWAE, RWS). "
         "Default: about 6 minutes on 2 idle CPU cores, 10 on one.")
-    p.add_argument("--k", type=_positive_int, nargs="+", default=list(K_VALUES),
-                   help=f"importance samples per image (default {' '.join(map(str, K_VALUES))})")
-    p.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS),
+    p.add_argument("--model", choices=["mnist", "gaussian"], default="mnist",
+                   help="mnist: the VAE (fresh or --checkpoint) on binarized MNIST test images; "
+                        "gaussian: the linear-Gaussian model (D = 20, N = 1024 points, at the optimum "
+                        "perturbed by N(0, 0.01^2)), --batch of its data points (default mnist)")
+    p.add_argument("--k", type=_positive_int, nargs="+",
+                   help=f"importance samples per example (default {' '.join(map(str, K_VALUES))}; with "
+                        f"--model gaussian {' '.join(map(str, GAUSSIAN_K))})")
+    p.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=None,
                    metavar="ESTIMATOR",
                    help="multi_sample_elbo (k-sample ELBO, total gradient), iwae (IWAE bound, total "
                         "gradient), stl (IWAE bound, sticking the landing: biased for k > 1), dreg "
-                        "(IWAE bound, doubly reparameterized); default all four")
-    p.add_argument("--draws", type=_positive_int, default=DRAWS,
-                   help=f"gradient draws per k and estimator, >= 2 (default {DRAWS}; the SNR of a "
-                        f"parameter with no signal reads about sqrt(2 / (pi draws)), so more draws "
-                        f"resolve smaller SNRs)")
-    p.add_argument("--batch", type=_positive_int, default=BATCH,
-                   help=f"images in the fixed minibatch: the first of the MNIST experiment's "
-                        f"held-out test images (split with --seed), at most 1000 (default {BATCH})")
+                        "(IWAE bound, doubly reparameterized); default all four (none when "
+                        "--objectives is given alone)")
+    p.add_argument("--objectives", nargs="+", type=_snr_entry, metavar="OBJECTIVE[/ESTIMATOR]",
+                   help="members of the family measured beside --estimators, each an objective's "
+                        "spelling with its total gradient (vr:0.5, ciwae:0.05, miwae:8x8, piwae:8x8 "
+                        "(M x K: measured only at k = M K), rws (wake-phi)) or with an estimator "
+                        "after a slash (vr:0.5/dreg, rws/dreg); 'family' stands for Rainforth et "
+                        f"al.'s splits of M K = {BUDGET} for MIWAE and PIWAE, VR at 0.5 (also with "
+                        f"DReG) and 0.9, CIWAE at 0.05, RWS and RWS-DReG: {' '.join(FAMILY)}")
+    p.add_argument("--draws", type=_positive_int,
+                   help=f"gradient draws per k and estimator, >= 2 (default {DRAWS}; with --model "
+                        f"gaussian {GAUSSIAN_DRAWS}). The mean SNR of a parameter with no signal reads "
+                        f"about sqrt(2 / (pi draws)), a floor that flattens slopes; the debiased RMS "
+                        f"SNR of the report resolves far below it")
+    p.add_argument("--batch", type=_positive_int,
+                   help=f"examples in the fixed minibatch: mnist, the first of the MNIST experiment's "
+                        f"held-out test images (split with --seed), at most 1000 (default {BATCH}); "
+                        f"gaussian, the first of its 1024 data points (default 1)")
     p.add_argument("--resamples", type=_positive_int, default=RESAMPLES,
                    help=f"bootstrap resamples of the draws for the 95%% intervals, >= {MIN_RESAMPLES} "
                         f"(default {RESAMPLES})")
@@ -615,25 +648,37 @@ def _add_snr(sub) -> None:
 def _cmd_snr(args, parser) -> int:
     import torch
 
-    from .experiments.snr import MIN_RESAMPLES, Settings, describe_model, run_snr
+    from .experiments.snr import (BATCH, DRAWS, ESTIMATORS, FAMILY, GAUSSIAN_DRAWS, GAUSSIAN_K, K_VALUES,
+                                  MIN_RESAMPLES, Settings, check_entries, describe_model, run_snr)
     from .experiments.snr_report import render_snr
     from .training.model import BernoulliVAE, load_checkpoint
 
+    gaussian = args.model == "gaussian"
+    names = [*(args.estimators or ([] if args.objectives else ESTIMATORS)), *(args.objectives or [])]
+    names = [n for name in names for n in (FAMILY if name == "family" else [name])]
+    ks = args.k or (GAUSSIAN_K if gaussian else K_VALUES)
     try:
         shard, device, _, out = _placed(args)
         if args.report_only:
             if not (out / "snr.csv").is_file():
                 raise ValueError(f"--report-only: no snr.csv in {out}")
-        elif args.draws < 2:
+        elif args.model == "gaussian" and (args.checkpoint or args.latent or args.hidden):
+            raise ValueError("--checkpoint, --latent and --hidden are the MNIST model's; --model gaussian "
+                             "has its own")
+        elif args.draws is not None and args.draws < 2:
             raise ValueError(f"--draws {args.draws}: the SNR's standard deviation needs at least 2 "
                              f"draws (100 or more for a usable estimate)")
         elif args.resamples < MIN_RESAMPLES:
             raise ValueError(f"--resamples {args.resamples}: the 95% interval's 2.5 and 97.5 "
                              f"percentiles need at least {MIN_RESAMPLES} resamples")
-        elif args.batch > 1000:
+        elif args.model == "gaussian" and args.batch is not None and args.batch > 1024:
+            raise ValueError(f"--batch {args.batch}: the Gaussian model's data has 1024 points")
+        elif args.model == "mnist" and args.batch is not None and args.batch > 1000:
             raise ValueError(f"--batch {args.batch}: the held-out test set has 1000 images")
         elif args.checkpoint and (args.latent or args.hidden):
             raise ValueError("--latent and --hidden size a fresh model; a --checkpoint brings its own")
+        if not args.report_only:
+            check_entries(names, ks)
     except ValueError as error:
         parser.error(str(error))
     if args.report_only:
@@ -642,23 +687,32 @@ def _cmd_snr(args, parser) -> int:
 
     backend = args.backend if args.backend != "auto" else ("fused" if device.type == "cuda" else "torch")
     try:
-        if args.checkpoint:
+        if gaussian:
+            from .experiments import gaussian as linear_gaussian
+
+            data, _ = linear_gaussian.make_data(args.seed)
+            model = linear_gaussian.near_optimum(data, args.seed)
+            label = linear_gaussian.describe(model, args.seed)
+            x = data[:args.batch or 1]
+        elif args.checkpoint:
             model = load_checkpoint(args.checkpoint)
             label = f"{describe_model(model)} from checkpoint {args.checkpoint}"
         else:
             torch.manual_seed(args.seed)
             model = BernoulliVAE(784, args.latent or 50, args.hidden or 200)
             label = f"{describe_model(model)}, freshly initialised with seed {args.seed}"
-        if model.encoder[0].in_features != 784:
+        if not gaussian and model.encoder[0].in_features != 784:
             raise ValueError(f"--checkpoint {args.checkpoint}: the model takes "
                              f"{model.encoder[0].in_features} inputs, MNIST images have 784")
-        from .experiments.data import load_mnist
+        if not gaussian:
+            from .experiments.data import load_mnist
 
-        x = load_mnist(4000, 1000, args.seed).test[:args.batch]
+            x = load_mnist(4000, 1000, args.seed).test[:args.batch or BATCH]
     except (ValueError, ImportError) as error:
         parser.error(str(error))
-    settings = Settings(k=tuple(sorted(set(args.k))), estimators=tuple(dict.fromkeys(args.estimators)),
-                        draws=args.draws, resamples=args.resamples, backend=backend, seed=args.seed)
+    settings = Settings(k=tuple(sorted(set(ks))), estimators=tuple(dict.fromkeys(names)),
+                        draws=args.draws or (GAUSSIAN_DRAWS if gaussian else DRAWS),
+                        resamples=args.resamples, backend=backend, seed=args.seed)
     if backend == "fused" and device.type != "cuda":
         print("note: the fused backend on CPU runs the Triton interpreter: slow, and its timings "
               "are marked interpreted")

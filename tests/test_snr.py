@@ -76,12 +76,14 @@ def test_noise_floor_is_what_parameters_without_signal_read():
 
 def test_group_averages_by_hand():
     snr = torch.tensor([1.0, 2.0, 3.0, float("nan"), 10.0, 4.0], dtype=torch.float64)
-    encoder = group_summary(snr, [slice(0, 2)])
-    assert encoder == {"params": 2, "zero_variance": 0, "snr_mean": 1.5, "snr_median": 1.5}
+    encoder = group_summary(snr, [slice(0, 2)], draws=4)
+    # the debiased mean square: mean(SNR^2) - 1/M
+    assert encoder == {"params": 2, "zero_variance": 0, "snr_mean": 1.5, "snr_median": 1.5,
+                       "snr_square": pytest.approx(2.5 - 0.25)}
     # a group of two slices; NaN (zero variance) left out: {3, 10, 4}
-    decoder = group_summary(snr, [slice(2, 5), slice(5, 6)])
+    decoder = group_summary(snr, [slice(2, 5), slice(5, 6)], draws=4)
     assert decoder == {"params": 4, "zero_variance": 1, "snr_mean": pytest.approx(17 / 3),
-                       "snr_median": 4.0}
+                       "snr_median": 4.0, "snr_square": pytest.approx(125 / 3 - 0.25)}
 
 
 def test_parameter_groups_are_the_encoder_and_decoder_parameters():
@@ -141,7 +143,7 @@ def test_bootstrap_interval_covers_the_true_group_mean():
         mu[::2] *= -1
         true = float((mu.abs() / sigma).mean())
         draws = _synthetic(mu, sigma, m, seed=seed)
-        estimate = group_summary(parameter_snr(draws), [slice(0, params)])["snr_mean"]
+        estimate = group_summary(parameter_snr(draws), [slice(0, params)], m)["snr_mean"]
         resampled = bootstrap_group_snr(draws, [slice(0, params)],
                                         bootstrap_counts(m, 200, torch.Generator().manual_seed(seed)))
         low, high = basic_interval(estimate, resampled)
@@ -159,7 +161,7 @@ def test_resampled_means_sit_above_the_estimate_where_signal_is_weak():
     mu[: params // 2] = 1.0
     draws = _synthetic(mu, torch.ones(params, dtype=torch.float64), m, seed=4)
     true = 0.5
-    estimate = group_summary(parameter_snr(draws), [slice(0, params)])["snr_mean"]
+    estimate = group_summary(parameter_snr(draws), [slice(0, params)], m)["snr_mean"]
     resampled = bootstrap_group_snr(draws, [slice(0, params)],
                                     bootstrap_counts(m, 200, torch.Generator().manual_seed(4)))
     assert true < estimate < np.percentile(resampled, 2.5)

@@ -26,6 +26,9 @@ LABELS = {"multi_sample_elbo": "k-sample ELBO", "iwae": "IWAE", "stl": "IWAE + S
 RAINFORTH = "Rainforth et al. 2018"
 TUCKER = "Tucker et al. 2019"
 AGREE = 0.1  # a slope within this of the expected exponent agrees with it
+# the bias verdict (experiments/snr.py bias_summary): biased where the share of |t| > 3 is
+# BIASED_FACTOR x chance or more and BIASED_COUNT parameters or more (1 in 400 is chance)
+BIASED_FACTOR, BIASED_COUNT = 5, 3
 TIMERS = {
     "draws": "Timed with perf_counter around each of the draws' own steps (the noise drawn "
              "before, the gradient's copy after, outside): the samples span the whole "
@@ -82,10 +85,21 @@ def slope_table(frame: pd.DataFrame, column: str = "snr_mean") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def with_later_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """An snr.csv from before the RMS SNR and the bias column, with those columns empty (each
+    entry its own reference), so that its report renders as before."""
+    for column in ("snr_rms", "snr_rms_low", "snr_rms_high", "reference_snr"):
+        if column not in frame:
+            frame[column] = float("nan")
+    if "bias_reference" not in frame:
+        frame["bias_reference"], frame["bias_verdict"] = frame["estimator"], "-"
+    return frame
+
+
 def render_snr(out: Path) -> Path:
     """plots/snr.png and report.md from out/snr.csv (and out/machine.json) alone."""
     out = Path(out)
-    frame = pd.read_csv(out / "snr.csv")
+    frame = with_later_columns(pd.read_csv(out / "snr.csv"))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     save_figure(_figure(frame), plots / "snr.png")
@@ -108,6 +122,12 @@ def _figure(frame: pd.DataFrame):
                               line["snr_mean_high"] - line["snr_mean"]]).clip(min=0)
             ax.errorbar(line["k"], line["snr_mean"], yerr=yerr, marker=marker, ms=size, capsize=2,
                         mfc="none" if size > 5 else None, label=LABELS.get(estimator, estimator))
+        borrowed = _borrowed(frame)
+        for estimator, line in borrowed[borrowed["group"] == group].groupby("estimator", sort=False):
+            line = line.sort_values("k")
+            reference = line["bias_reference"].iloc[0]
+            ax.plot(line["k"], line["reference_snr"], linestyle="--", marker="x", ms=5,
+                    label=f"{LABELS.get(reference, reference)}, signal from {LABELS.get(estimator, estimator)}")
         k = np.array(sorted(part["k"].unique()), dtype=float)
         if k.size > 1:
             first = part[part["k"] == k[0]]["snr_mean"]
@@ -166,8 +186,10 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
         f"({first['device']}, torch {info.get('torch', '?')}, triton {info.get('triton', '?')}, "
         f"{_threads(info.get('torch_threads'))}, commit {info.get('commit', '?')}). Every number "
         "below is read from `snr.csv`.\n",
-        f"Model: {first['model']}. Minibatch: {int(first['batch'])} binarized MNIST test images, "
-        f"fixed. For each k and estimator, {draws} gradient draws, each a full gradient of the "
+        f"Model: {first['model']}. Minibatch: "
+        + (f"the first {int(first['batch'])} of the model's data points" if str(first["model"]).startswith(
+            "LinearGaussian") else f"{int(first['batch'])} binarized MNIST test images")
+        + f", fixed. For each k and estimator, {draws} gradient draws, each a full gradient of the "
         f"batch's loss with fresh reparameterization noise; draw m uses the same noise for every "
         f"estimator (paired). Backend `{first['backend']}`, seed {int(first['seed'])}.\n",
         "## What is measured\n",
@@ -211,6 +233,10 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
                      f"{'-' if math.isnan(median) else f'{median:+.3f}'} | "
                      f"{'-' if expected is None else f'{expected:+.1f}'} | {source} | "
                      f"{_verdict(tail['slope'], expected)} |")
+    lines += _family_section(frame)
+    lines += _rms_section(frame)
+    lines += _borrowed_section(frame)
+    lines += _bias_section(frame)
     if "freshly initialised" in str(first["model"]):
         lines += ["", "The model is freshly initialised: q(h|x) is far from the posterior, one "
                   "sample carries most of the importance weight, and k up to "
@@ -265,11 +291,14 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
 
     lines += ["", "## Every measurement\n",
               "| k | estimator | group | mean SNR | 95% interval | resamples' shift | median SNR | "
-              "ms per step |", "|---|---|---|---|---|---|---|---|"]
+              "ms per step | RMS SNR (debiased) | its interval | bias | reference's SNR, this signal |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in frame.sort_values(["group", "estimator", "k"], key=_order(estimators)).itertuples():
         lines.append(f"| {r.k} | {r.estimator} | {r.group} | {_g(r.snr_mean)} | "
                      f"[{_g(r.snr_mean_low)}, {_g(r.snr_mean_high)}] | {r.snr_mean_boot_shift:+.3g} | "
-                     f"{_g(r.snr_median)} | {_g(r.seconds_per_step * 1e3)} |")
+                     f"{_g(r.snr_median)} | {_g(r.seconds_per_step * 1e3)} | {_g(r.snr_rms)} | "
+                     f"[{_g(r.snr_rms_low)}, {_g(r.snr_rms_high)}] | {_bias_cell(r, r.estimator)} | "
+                     f"{_g(r.reference_snr) if r.bias_reference != r.estimator else '-'} |")
     zero = frame[frame["zero_variance"] > 0]
     if len(zero):
         parts = []
@@ -281,6 +310,130 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
                   "of the averages (with a fixed minibatch, e.g. the first-layer weights of pixels "
                   "that are off in every image: their gradient is exactly 0): " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _family_section(frame: pd.DataFrame) -> list[str]:
+    """Where the run measured members of the family (``snr --objectives``): every entry's
+    encoder and decoder SNR side by side at each k (Rainforth et al.'s figure: per split of a
+    fixed budget M K, not per k)."""
+    if set(frame["estimator"]) <= set(LABELS):
+        return []
+    lines = ["", "## The family side by side\n",
+             "Per k, every entry's mean SNR (95% interval) and debiased RMS SNR for both networks, and "
+             "the encoder's bias verdict (below). A split M x K of MIWAE and PIWAE is measured at "
+             "k = M K only; at a fixed M K, MIWAE(1 x K) is the IWAE and MIWAE(M x 1) the k-sample "
+             "ELBO; PIWAE's decoder is the IWAE's.\n",
+             "| k | entry | encoder mean SNR | encoder RMS | decoder mean SNR | decoder RMS | encoder bias |",
+             "|---|---|---|---|---|---|---|"]
+    indexed = frame.set_index(["k", "estimator", "group"])
+    for (k, estimator), _ in frame.groupby(["k", "estimator"], sort=False):
+        cells = []
+        for group in GROUPS:
+            r = indexed.loc[(k, estimator, group)]
+            cells += [f"{_g(r['snr_mean'])} [{_g(r['snr_mean_low'])}, {_g(r['snr_mean_high'])}]", _g(r["snr_rms"])]
+        lines.append(f"| {k} | {LABELS.get(estimator, estimator)} | " + " | ".join(cells)
+                     + f" | {_bias_cell(indexed.loc[(k, estimator, 'encoder')], estimator)} |")
+    return lines
+
+
+def _bias_cell(row, estimator: str) -> str:
+    """The verdict, or "reference" for an entry that is its own reference (the total gradient)."""
+    reference = row["bias_reference"] if isinstance(row, pd.Series) else row.bias_reference
+    verdict = row["bias_verdict"] if isinstance(row, pd.Series) else row.bias_verdict
+    return "reference" if reference == estimator and verdict != "-" else verdict
+
+
+def _rms_section(frame: pd.DataFrame) -> list[str]:
+    """The slopes of the debiased RMS SNR over the k where it is resolved (its interval's low
+    end above 0), beside the papers' exponents."""
+    if frame["snr_rms"].isna().all():
+        return []
+    lines = ["", "## Slopes of the debiased RMS SNR\n",
+             "The mean SNR above has a floor: a parameter whose signal is below sqrt(2 / (pi M)) reads "
+             "about that much from noise alone, so where an estimator's signal falls with k (the "
+             "IWAE's encoder) its mean SNR stops falling and the slope flattens toward 0. The RMS "
+             "SNR debiases each parameter's squared SNR (less 1/M, what noise gives it) before "
+             "averaging over the group: sqrt(mean_p(SNR_p^2 - 1/M)), with 95% bootstrap "
+             "intervals (percentiles of the resamples, each debiased for its own noise too). "
+             "It is resolved where the interval's low end is above 0; the slope is "
+             "fitted over those k only (the RMS weighs parameters by their squared SNR, so its "
+             "level differs from the mean's; its exponent is the same where every parameter "
+             "shares one).\n",
+             "| estimator | group | slope | resolved k | expected | from | verdict |", "|---|---|---|---|---|---|---|"]
+    for (estimator, group), part in frame.groupby(["estimator", "group"], sort=False):
+        part = part[part["snr_rms_low"] > 0].sort_values("k")
+        slope = fit_slope(part["k"], part["snr_rms"])[0] if len(part) > 1 else float("nan")
+        expected, source = EXPECTED.get((estimator, group), (None, "-"))
+        resolved = ", ".join(map(str, part["k"])) or "none"
+        lines.append(f"| {LABELS.get(estimator, estimator)} | {group} | {_slope_cell(slope, float('nan'))} | "
+                     f"{resolved} | {'-' if expected is None else f'{expected:+.1f}'} | {source} | "
+                     f"{_verdict(slope, expected)} |")
+    return lines
+
+
+def _borrowed(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose ``reference_snr`` is the reference's SNR: entries with another reference
+    that the bias column calls biased at no k, measured at two k or more; the encoder's only
+    (the decoder's gradient is the same for the IWAE's estimators)."""
+    biased = set(frame.loc[frame["bias_verdict"] == "biased", "estimator"])
+    rows = frame[(frame["bias_reference"] != frame["estimator"]) & ~frame["estimator"].isin(biased)
+                 & frame["reference_snr"].notna() & (frame["group"] == "encoder")]
+    return rows[rows.groupby("estimator")["k"].transform("nunique") > 1]
+
+
+def _borrowed_section(frame: pd.DataFrame) -> list[str]:
+    """The reference's mean SNR with the signal read from an unbiased entry's paired mean
+    (``reference_snr``), and its slope beside the reference's expected exponent."""
+    rows = _borrowed(frame)
+    if not len(rows):
+        return []
+    lines = ["", "## The reference's encoder SNR with the signal from an unbiased estimator\n",
+             "The expected gradient is the same for every unbiased estimator of it, so it can be read "
+             "from the one with the least noise: SNR = |mean of the unbiased entry| / std of the "
+             "reference, per parameter, averaged over the group. The floor that flattens the "
+             "reference's own mean SNR is then the entry's noise over the reference's "
+             "(sd_entry / (sd_ref sqrt(M))), far lower where the entry is DReG. Only entries the bias "
+             "column calls biased at no k; the slope is over every k.\n",
+             "| reference | signal from | slope | expected | from | verdict |", "|---|---|---|---|---|---|"]
+    for estimator, part in rows.groupby("estimator", sort=False):
+        part = part.sort_values("k")
+        reference = part["bias_reference"].iloc[0]
+        slope = fit_slope(part["k"], part["reference_snr"])[0] if len(part) > 1 else float("nan")
+        expected, source = EXPECTED.get((reference, "encoder"), (None, "-"))
+        lines.append(f"| {LABELS.get(reference, reference)} | {LABELS.get(estimator, estimator)} | "
+                     f"{_slope_cell(slope, float('nan'))} | {'-' if expected is None else f'{expected:+.1f}'} | "
+                     f"{source} | {_verdict(slope, expected)} |")
+    return lines
+
+
+def _bias_section(frame: pd.DataFrame) -> list[str]:
+    """Each entry's bias against its reference (the same objective's total gradient; RWS's
+    wake-phi), from the paired draws."""
+    rows = frame[frame["bias_reference"] != frame["estimator"]]
+    if not len(rows):
+        return []
+    chance = float(frame["bias_chance_share"].iloc[0])
+    lines = ["", "## Bias against the objective's total gradient\n",
+             "Over the paired draws (the same noise for every estimator), per parameter the mean "
+             "of (estimator - reference) and its t-statistic (mean / (sd / sqrt(M))). The reference "
+             "is the same objective's total gradient (unbiased by construction; for RWS, whose "
+             "wake-phi is no objective's gradient, the wake-phi estimator). Columns: the mean "
+             "|bias| over the group's parameters, that over the mean |reference gradient|, and "
+             f"the share of parameters with |t| > 3 beside the share chance gives ({chance:.2%}, "
+             "normal). Verdict: **biased** where that share is at least "
+             f"{BIASED_FACTOR} x chance and at least {BIASED_COUNT} parameters, **identical** where the "
+             "difference is exactly 0 in every draw (the decoder's gradient, which these "
+             "estimators leave unchanged), else **unbiased** (no bias resolved at this many "
+             "draws). The t-statistics take the mean as normal: heavy-tailed gradients at a few "
+             "hundred draws over-reject (on the Gaussian model, DReG read biased at 300 draws and "
+             "unbiased at 10^4), so an isolated 'biased' at small M is a prompt for more draws.\n",
+             "| k | estimator | group | reference | mean abs bias | relative | share abs t > 3 | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows.sort_values(["group", "k"], key=_order(list(dict.fromkeys(frame["estimator"])))).itertuples():
+        lines.append(f"| {r.k} | {LABELS.get(r.estimator, r.estimator)} | {r.group} | "
+                     f"{LABELS.get(r.bias_reference, r.bias_reference)} | {_g(r.bias_abs_mean)} | "
+                     f"{_g(r.bias_relative)} | {r.bias_t3_share:.2%} | {r.bias_verdict} |")
+    return lines
 
 
 def _order(estimators):
