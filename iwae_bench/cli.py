@@ -548,7 +548,9 @@ def _add_experiment(sub) -> None:
                    help="output folder (default results/runs/experiment)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data split and the first training seed (default 0)")
-    p.add_argument("--resume", action="store_true", help="keep the models already in OUT/summary.csv")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the models already in OUT/summary.csv; a model killed mid-training goes on "
+                        "from its last saved epoch (its state is saved every 5 minutes of training)")
     p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plots and report from OUT's CSVs without training")

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 
 from kernels.likelihood import Likelihood, slug
 
-from ..files import write_csv
+from ..files import atomic_path, write_csv
 from ..harness.machine import MachineRecord
 from ..harness.shard import Shard
 from ..training import IWAELoss, log_weights
@@ -322,14 +322,23 @@ def _batch_loss(model, loss_fn, x, k, generator, backend) -> tuple[torch.Tensor,
     return loss_fn(x, logits, z, mu, logvar, scale=model.scale), lowest_log_scale(model, logits)
 
 
+STATE_EVERY = 300.0  # seconds of training between two saves of a run's training state
+
+
 def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str, device: torch.device, log=print,
-          prepare=None) -> tuple[VAE, list[dict], int | None]:
+          prepare=None, state_path: Path | None = None,
+          state_every: float = STATE_EVERY) -> tuple[VAE, list[dict], int | None]:
     """Adam (betas 0.9/0.999, eps 1e-4, as in the paper) on the images as the run's likelihood
     models them, drawn afresh per batch (``prepare(intensities, generator)``, default
     ``data.model_data``). Returns the model, one row per epoch (with the smallest log-scale
     the decoder produced where it learns one) and the epoch whose loss went non-finite (None if
     none): the run stops there, before stepping on it, and that epoch's objective is the
-    non-finite value."""
+    non-finite value.
+
+    ``state_path``: where the training state (model, optimizer, both generators, the epochs'
+    rows) is saved at the end of an epoch once ``state_every`` seconds have passed since the
+    last save, and read back if it exists, so a run killed mid-way (a session's end) goes on
+    from its last saved epoch and ends where an uninterrupted run would, bit for bit."""
     objective, k, seed = run.objective, run.k, run.seed
     likelihood = Likelihood.parse(run.likelihood)
     prepare = prepare or (lambda images, generator: model_data(images, likelihood, generator))
@@ -341,7 +350,13 @@ def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str, device:
     noise_gen = torch.Generator(device=device).manual_seed(seed + 2)
     train = split.train
     history, diverged, started = [], None, time.perf_counter()
-    for epoch, lr in enumerate((lr for stage_epochs, lr in schedule.stages for _ in range(stage_epochs)), 1):
+    if state_path is not None and state_path.exists():
+        history = _load_state(state_path, model, optimizer, data_gen, noise_gen)
+        started -= history[-1]["seconds"]  # the rows' clock goes on from the saved epoch
+        log(f"  {run.name}: resumed after epoch {len(history)} from {state_path.name}")
+    saved = time.perf_counter()
+    rates = [lr for stage_epochs, lr in schedule.stages for _ in range(stage_epochs)]
+    for epoch, lr in enumerate(rates[len(history):], len(history) + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr
         order = torch.randperm(train.shape[0], generator=data_gen)
@@ -365,6 +380,9 @@ def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str, device:
         history.append(row)
         if diverged:
             break
+        if state_path is not None and time.perf_counter() - saved >= state_every and epoch < len(rates):
+            _save_state(state_path, model, optimizer, data_gen, noise_gen, history)
+            saved = time.perf_counter()
     state = f"diverged (non-finite loss) in epoch {diverged}" if diverged else \
         f"train objective {history[-1]['train_objective']:.2f}"
     log(f"  {run.name}: {epoch} epochs in {time.perf_counter() - started:.0f} s, {state}")
@@ -396,12 +414,30 @@ def evaluation_data(split: MNISTSplit, likelihood, data_seed: int) -> torch.Tens
     return model_data(split.test, Likelihood.parse(likelihood), torch.Generator().manual_seed(data_seed))
 
 
+def _save_state(path: Path, model, optimizer, data_gen, noise_gen, history) -> None:
+    """The training state after the last row of ``history``, written atomically."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+             "data_gen": data_gen.get_state(), "noise_gen": noise_gen.get_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, model, optimizer, data_gen, noise_gen) -> list[dict]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    data_gen.set_state(state["data_gen"])
+    noise_gen.set_state(state["noise_gen"])
+    return state["history"]
+
+
 def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.device,
                    runs: list[Run] | None = None, data_seed: int = 0, resume: bool = False,
                    shard: Shard | None = None, collapse_epochs: int = 0, log=print) -> Path:
     """Train and evaluate every run (this shard's part of them); write CSVs, checkpoints,
     plots, report and machine.json into ``out``. ``resume`` keeps the runs already in
-    summary.csv and trains only the others. ``collapse_epochs``: also run ``collapse_demo``
+    summary.csv and trains only the others, a run killed mid-way from its saved state
+    (checkpoints/<run>.state.pt, every ``STATE_EVERY`` seconds of its training). ``collapse_epochs``: also run ``collapse_demo``
     that long at the first learning rate (in the first shard; kept on resume)."""
     runs = list(runs if runs is not None else RUNS)
     mine = shard.take(runs) if shard is not None else runs
@@ -431,9 +467,13 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
             continue
         likelihood = Likelihood.parse(run.likelihood)
         split = split_for(likelihood)
-        model, history, diverged = train(run, split, schedule, backend, device, log)
+        state_path = out / "checkpoints" / f"{run.name}.state.pt"  # a killed run's last saved epoch
+        if not resume:
+            state_path.unlink(missing_ok=True)
+        model, history, diverged = train(run, split, schedule, backend, device, log, state_path=state_path)
         write_csv(out / "runs" / f"{run.name}.csv", history)
         save_checkpoint(model, out / "checkpoints" / f"{run.name}.pt")
+        state_path.unlink(missing_ok=True)
         row = {**asdict(run), "backend": backend, "epochs": schedule.epochs,
                "train_seconds": history[-1]["seconds"], "train_objective": history[-1]["train_objective"],
                "diverged_epoch": diverged or ""}
