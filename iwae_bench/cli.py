@@ -494,7 +494,10 @@ def _cmd_experiment(args, parser) -> int:
         parser.error(str(error))
     if args.objectives is not None and args.likelihoods:
         parser.error("--objectives and --likelihoods do not combine: the family is trained on binarized MNIST")
-    runs = work_list(args.estimators, args.seeds, args.seed, args.likelihoods, args.objectives)
+    if args.layers == 2 and (args.objectives is not None or args.likelihoods):
+        parser.error("--layers 2 does not combine with --objectives or --likelihoods: the two-layer rows are "
+                     "the paper's, on binarized MNIST")
+    runs = work_list(args.estimators, args.seeds, args.seed, args.likelihoods, args.objectives, args.layers)
     mine = shard.take(runs) if shard else runs
     likelihoods = ", ".join(dict.fromkeys(run.likelihood for run in runs))
     print(f"training {len(mine)} of {len(runs)} models ({likelihoods}) on {device} with the {backend} backend, "
@@ -539,6 +542,11 @@ def _add_experiment(sub) -> None:
                         "CIWAE(0.05), VR(0.5), RWS, RWS with DReG, IWAE with DReG); else each OBJECTIVE "
                         "(iwae, miwae:8x8, piwae:8x8, ciwae:0.05, vr:0.5, rws, ...) with its default estimator "
                         "and each of --estimators that applies to it")
+    p.add_argument("--layers", type=int, choices=[1, 2], default=1,
+                   help="stochastic layers: 2 trains the IWAE paper's second architecture instead (TwoLayerVAE: "
+                        "h1 100 and h2 50 units) as the VAE (k=1), k-sample ELBO and IWAE at k=5 and 50, and "
+                        "IWAE-50 with the generalized DReG (dreg) and with plain DReG (dreg_plain: q(h2|h1) "
+                        "detached), reported with active units per layer beside the paper's two-layer NLLs")
     p.add_argument("--collapse-demo", type=_positive_int, nargs="?", const=COLLAPSE_EPOCHS, metavar="EPOCHS",
                    help=f"also train IWAE-50 with an unfloored Gaussian on the raw (not dequantized) "
                         f"images for EPOCHS epochs (default {COLLAPSE_EPOCHS}), recording the smallest "
