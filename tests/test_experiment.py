@@ -427,7 +427,8 @@ def test_family_command_sharded_resumed_and_merged(tmp_path):
 
 def test_two_layer_checkpoint_and_evaluation_log_weights():
     """A TwoLayerVAE's checkpoint loads as the same model, and the evaluation's chunked
-    log-weights are float64's on the same draws (both layers' terms, the per-sample ones included)."""
+    log-weights (torch and fused backends) are float64's on the same draws (both layers' terms,
+    the per-sample ones included)."""
     from iwae_bench import reference
     from iwae_bench.experiments.mnist import two_layer_log_weights
     from iwae_bench.training.model import TwoLayerVAE, save_checkpoint
@@ -442,6 +443,8 @@ def test_two_layer_checkpoint_and_evaluation_log_weights():
         layers = model.sample(x, size, generator)
         parts.append(reference.log_weights(x, model.decoder(layers[0].z).double(), layers))
     assert_close(got, torch.cat(parts, dim=1), atol=1e-4, rtol=1e-6)
+    fused = two_layer_log_weights(model, x, 130, 64, "fused", seed=5)  # the fused head, the layers' offset
+    assert_close(fused, torch.cat(parts, dim=1), atol=1e-4, rtol=1e-6)
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(model, Path(folder) / "m.pt")
         loaded = load_checkpoint(Path(folder) / "m.pt")
