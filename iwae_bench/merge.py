@@ -63,8 +63,8 @@ def _sweep_render(out: Path) -> Path:
 
 
 def _experiment_expected(settings: dict, rows: list[dict]) -> set:
-    return {(r["objective"], str(r["k"]), r["estimator"], str(r["seed"]), r.get("likelihood", "bernoulli"))
-            for r in settings["runs"]}
+    return {(r["objective"], str(r["k"]), r["estimator"], str(r["seed"]), r.get("likelihood", "bernoulli"),
+             str(r.get("layers", 1))) for r in settings["runs"]}
 
 
 def _experiment_render(out: Path) -> Path:
@@ -102,11 +102,11 @@ KINDS = [
     Kind("sweep", "results.csv", {"results.csv": ()}, _sweep_settings, _sweep_expected, _sweep_render,
          "grid"),
     Kind("experiment", "summary.csv",
-         {"summary.csv": ("objective", "k", "estimator", "seed", "likelihood"),
-          "lk_curve.csv": ("objective", "k_train", "estimator", "seed", "likelihood", "k_eval"),
+         {"summary.csv": ("objective", "k", "estimator", "seed", "likelihood", "layers"),
+          "lk_curve.csv": ("objective", "k_train", "estimator", "seed", "likelihood", "layers", "k_eval"),
           "collapse.csv": ("epoch",)},
          _experiment_settings, _experiment_expected, _experiment_render, "runs", copy=("runs", "checkpoints"),
-         defaults=(("likelihood", "bernoulli"),)),
+         defaults=(("likelihood", "bernoulli"), ("layers", "1"))),
     Kind("snr", "snr.csv", {"snr.csv": ("k", "estimator", "group")}, _snr_settings, _snr_expected, _snr_render,
          "settings"),
 ]

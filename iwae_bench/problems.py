@@ -45,6 +45,14 @@ per pixel, the scale of columns that are 0 in every example), the continuous Ber
 logits in (-1e-3, 1e-3) (half of them) and at +-80 (the rest, on x's side), the logistic's bins
 10 to 40 scales from their means (F(a) - F(b) underflows in float32), both edge bins among
 them with their means inside [-1, 1].
+
+``layers`` = 2 is the IWAE paper's second architecture's latent side (a bound problem only): in
+z's place a pair of ``kernels.Latent``, h1 of 2 d units (the paper's 100 at d = 50) and h2 of d.
+q(h1|x) per example as above (means 0.7, standard deviations near 0.3); p(h1|h2) per sample,
+its means the posterior's plus 0.5 per example and 0.3 per sample, its log-variances near -1.5
+(a prior looser than the posterior); q(h2|h1) per sample, means 0.7 per example and 0.3 per
+sample, log-variances near -2 and p(h2) the standard normal. The per-sample parameters are
+[B, k, d] tensors the bound reads: the case whose cost the sweep measures beside the one layer.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from typing import NamedTuple
 
 import torch
 
+from kernels.latent import Latent
 from kernels.likelihood import Likelihood
 
 from .training.family import Objective, default_estimator
@@ -64,6 +73,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 REGIMES = ("realistic", "saturated")
 SATURATED_FRACTION = 0.02
+LAYERS = (1, 2)  # stochastic layers: the one-layer bound, the two-layer model's per-sample latents
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,14 @@ class Problem:
     hidden: int = 0  # > 0: the decoder-head family (h and an output layer instead of logits)
     objective: str = "iwae"  # the member of the family its variants compute (training/family.py)
     likelihood: str = "bernoulli"  # the decoder's p(x|h) (kernels/likelihood.py), as its label
+    layers: int = 1  # stochastic layers: 2 puts h1 (2 latent wide) and h2 (latent wide) in z's place
 
     def __post_init__(self):
+        if self.layers not in LAYERS:
+            raise ValueError(f"layers must be one of {', '.join(map(str, LAYERS))}, got {self.layers!r}")
+        if self.layers > 1 and self.hidden:
+            raise ValueError("layers 2 is a bound problem: a decoder-head problem (hidden > 0) has one "
+                             "stochastic layer")
         for name in ("batch", "k", "latent", "data_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -127,9 +143,9 @@ class Problem:
 class Inputs(NamedTuple):
     x: torch.Tensor        # [B, D] binary (gray levels for the continuous likelihoods), float32
     logits: torch.Tensor   # [B, k, C D] the decoder's C channels, in the problem's dtype
-    z: torch.Tensor        # [B, k, d] samples of q, float32
-    mu: torch.Tensor       # [B, d]
-    logvar: torch.Tensor   # [B, d]
+    z: torch.Tensor        # [B, k, d] samples of q, float32 (layers 2: (h1, h2) as kernels.Latent)
+    mu: torch.Tensor       # [B, d] (layers 2: None, each layer carries its own)
+    logvar: torch.Tensor   # [B, d] (layers 2: None)
     scale: torch.Tensor | None = None  # [D] float32: a per-pixel log-scale (":pixel"), else None
 
 
@@ -200,6 +216,8 @@ def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs 
             wrong = torch.rand(B, 1, D, generator=sure, device=device) < SATURATED_FRACTION
             confidence = 20.0 + 20.0 * torch.rand(B, 1, D, generator=sure, device=device)
             logits = torch.where(wrong, (1.0 - 2.0 * x[:, None, :]) * confidence, logits)
+        if problem.layers > 1:
+            return Inputs(x, logits.to(dtype), two_layers(B, k, d, stream, device), None, None)
         return Inputs(x, logits.to(dtype), z, mu, logvar)
     noise = sample_noise(k, (B, likelihood.channels * D), stream(1), device)
     channels = [centre + error * randn(B, 1, D, generator=gray) + spread * part
@@ -207,7 +225,53 @@ def make_inputs(problem: Problem, device: str | torch.device = "cpu") -> Inputs 
                                                          noise.split(D, dim=-1))]
     if problem.regime == "saturated":
         scale = saturate(likelihood, x[:, None, :], channels, scale, stream(3))
+    if problem.layers > 1:
+        z, mu, logvar = two_layers(B, k, d, stream, device), None, None
     return Inputs(x, torch.cat(channels, dim=-1).to(dtype), z, mu, logvar, scale)
+
+
+def two_layers(B: int, k: int, d: int, stream, device) -> tuple[Latent, Latent]:
+    """(h1, h2) of the two-layer model's latent side (the module docstring), h1 2 d wide and h2
+    d wide; ``stream(offset)`` a fresh generator, one per draw over k, so the samples nest
+    across k like the one layer's."""
+    per_example = stream(7)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=per_example, device=device)
+
+    def per_sample(centre, spread_example, spread_sample, width, offset):
+        base = centre + spread_example * randn(B, 1, width)
+        return base + spread_sample * sample_noise(k, (B, width), stream(offset), device)
+
+    mu1, logvar1 = 0.7 * randn(B, 2 * d), -2.5 + 0.5 * randn(B, 2 * d)
+    h1 = mu1[:, None] + torch.exp(0.5 * logvar1)[:, None] * sample_noise(k, (B, 2 * d), stream(8), device)
+    prior_mu1 = mu1[:, None] + per_sample(0.0, 0.5, 0.3, 2 * d, 9)
+    prior_logvar1 = per_sample(-1.5, 0.3, 0.2, 2 * d, 10)
+    mu2, logvar2 = per_sample(0.0, 0.7, 0.3, d, 11), per_sample(-2.0, 0.5, 0.2, d, 12)
+    h2 = mu2 + torch.exp(0.5 * logvar2) * sample_noise(k, (B, d), stream(13), device)
+    return Latent(h1, mu1, logvar1, prior_mu1, prior_logvar1), Latent(h2, mu2, logvar2)
+
+
+def named_tensors(inputs) -> dict[str, torch.Tensor]:
+    """Every tensor of ``inputs`` (an Inputs or HeadInputs) by name, in field order, the
+    stochastic layers' as ``layers[l].field``; None fields left out."""
+    named = {}
+    for name, value in zip(inputs._fields, inputs):
+        if isinstance(value, tuple):  # the stochastic layers in z's place
+            for l, layer in enumerate(value):
+                named.update({f"layers[{l}].{f}": t for f, t in zip(Latent._fields, layer) if t is not None})
+        elif value is not None:
+            named[name] = value
+    return named
+
+
+def with_tensors(inputs, tensors: dict[str, torch.Tensor]):
+    """``inputs`` with the tensors ``named_tensors`` names replaced by those given (the rest kept)."""
+    def layer(l, latent):
+        return Latent(*(tensors.get(f"layers[{l}].{f}", t) for f, t in zip(Latent._fields, latent)))
+
+    return type(inputs)(*(tuple(layer(l, v) for l, v in enumerate(value)) if isinstance(value, tuple)
+                          else tensors.get(name, value) for name, value in zip(inputs._fields, inputs)))
 
 
 # --------------------------------------------------------------------------- the continuous likelihoods

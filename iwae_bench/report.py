@@ -473,8 +473,40 @@ def _likelihood_sections(report: Report, continuous: pd.DataFrame) -> None:
                        pivot(timed, "time_ms", index))
 
 
+def _layers_sections(report: Report, everything: pd.DataFrame) -> None:
+    """The two-layer block (rows with layers > 1): per mode, each variant's error against the
+    float64 bound, and its time beside the one-layer bound's on the same (B, k, d) (the cost of
+    the per-sample latent parameters), by dtype where there are several."""
+    layered = everything[everything["layers"] > 1]
+    if layered.empty:
+        return
+    same = everything[(everything["layers"] == 1) & (everything["objective"] == "iwae")
+                      & (everything["likelihood"] == "bernoulli") & (everything["regime"] == "realistic")
+                      & (everything["family"] == "bound")]
+    shapes = layered[["batch", "k", "latent", "dtype"]].drop_duplicates()
+    beside = pd.concat([layered, same.merge(shapes, on=["batch", "k", "latent", "dtype"])])
+    index = [c for c in ("objective", "likelihood", "dtype") if layered[c].nunique() > 1] + ["batch", "latent", "k"]
+    for mode, part in _groups(layered, ["mode"]):
+        report.add(f"Two stochastic layers: bound error, {mode[0]}",
+                   "The two-layer model's log-weights (iwae_bench/problems.py: h1 of 2 d units with the "
+                   "per-sample prior p(h1|h2), h2 of d units with the per-sample posterior q(h2|h1)) by "
+                   f"every variant that takes stochastic layers: largest |bound - float64 bound| in {NATS}. "
+                   "blog has one latent: its cells are skipped.", pivot(part, "max_abs_err", index))
+        if part["grad_max_abs_err"].notna().any():
+            report.add(f"Two stochastic layers: gradient error, {mode[0]}", "Largest |gradient - float64 "
+                       "autograd gradient| over every input but x, each layer's sample and parameters "
+                       "among them.", pivot(part, "grad_max_abs_err", index))
+        timed = beside[(beside["mode"] == mode[0]) & beside["status"].isin(TIMED)]
+        if not timed.empty:
+            report.add(f"Two stochastic layers: time, {mode[0]}", "Median time per call in ms (timed "
+                       "variants only), the two-layer bound (layers 2) beside the one-layer bound (layers 1) "
+                       "on the same (B, k, d): the cost of reading the per-sample latent parameters.",
+                       pivot(timed, "time_ms", index + ["layers"]))
+
+
 def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
-    columns = ["family", "variant", "mode", "dtype", "regime", "likelihood", "batch", "latent", "hidden", "k"]
+    columns = ["family", "variant", "mode", "dtype", "regime", "likelihood", "layers", "batch", "latent", "hidden",
+               "k"]
     last = (record.get("runs") or [{}])[-1]
     missing = last.get("missing_cells") or []
     if missing:
@@ -547,9 +579,10 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
     everything, problems = load(csv_path)
     record = read_json(csv_path.parent / "machine.json")
     report = Report(out)
-    # the Bernoulli IWAE bound's rows feed the plots and sections; the rest of the family and
-    # the other likelihoods their own tables
-    bernoulli = everything[everything["likelihood"] == "bernoulli"]
+    # the one-layer Bernoulli IWAE bound's rows feed the plots and sections; the rest of the
+    # family, the other likelihoods and the two stochastic layers their own tables
+    one_layer = everything[everything["layers"] == 1]
+    bernoulli = one_layer[one_layer["likelihood"] == "bernoulli"]
     frame = bernoulli[bernoulli["objective"] == "iwae"]
 
     if (frame["device"] == "cuda").any():
@@ -571,7 +604,8 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
                    "invisible to the tensor tracker), so the column is empty rather than guessed.")
     _accuracy_sections(report, frame)
     _objective_sections(report, bernoulli[bernoulli["objective"] != "iwae"])
-    _likelihood_sections(report, everything[everything["likelihood"] != "bernoulli"])
+    _likelihood_sections(report, one_layer[one_layer["likelihood"] != "bernoulli"])
+    _layers_sections(report, everything)
     _status_sections(report, everything, record)
     if against is not None:
         _comparison_section(report, everything, against)

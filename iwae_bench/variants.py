@@ -3,7 +3,8 @@
 Three families share the registry and its flags:
 
 - ``bound``: ``variant(x, logits, z, mu, logvar[, scale], objective=, likelihood=) -> [B] float32``
-  (shapes as in ``kernels.log_weights``), from the five inputs;
+  (shapes as in ``kernels.log_weights``), from the five inputs, or with a sequence of
+  ``kernels.Latent`` stochastic layers in z's place (mu, logvar None; ``one_layer`` variants refuse);
 - ``reduction``: ``variant(log_w [B, k]) -> [B] float32``, the last step alone (the logsumexp over k);
 - ``head``: ``variant(x, h, weight, bias, z, mu, logvar[, scale], objective=, likelihood=) -> [B]
   float32``, the decoder's output layer (l = h weight^T + bias) and the bound together.
@@ -42,8 +43,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import IWAE, Reduction, check_bound_inputs
+from kernels import IWAE, Reduction
 from kernels._common import check_log_weights
+from kernels.latent import Latent, as_layers, is_single
 from kernels.fused_linear import check_head_inputs
 from kernels.likelihood import BERNOULLI, Likelihood, as_likelihood
 
@@ -65,6 +67,7 @@ class Variant:
     compiles: bool = False      # torch.compile: compiled afresh for every cell
     iwae_only: bool = False     # computes the IWAE bound only (not the rest of the family)
     bernoulli_only: bool = False  # computes the Bernoulli likelihood only
+    one_layer: bool = False     # computes one stochastic layer only (z, mu, logvar; no kernels.Latent)
 
     def computes(self, objective: Objective) -> bool:
         """Whether this variant computes ``objective``'s bound (the reduction family: the IWAE's)."""
@@ -77,10 +80,18 @@ class Variant:
             return likelihood.name == "bernoulli"
         return not (self.uses_triton and likelihood.mixture > 1)
 
+    def refuses_layers(self, layers: int) -> str | None:
+        """Why this variant cannot compute a bound with ``layers`` stochastic layers, or None."""
+        if layers > 1 and self.one_layer:
+            return (f"variant {self.name!r} computes one stochastic layer (z, mu, logvar), not {layers} "
+                    "(kernels.Latent): the code it stands for has one latent")
+        return None
+
     def __call__(self, *args, objective: Objective | None = None, likelihood=None, **kwargs) -> torch.Tensor:
         names = INPUTS[self.family]
         optional = () if self.family == "reduction" else ("scale",)
-        given = {**dict(zip(names + optional, args)), **kwargs}
+        layered = {} if self.family == "reduction" else {"mu": None, "logvar": None}  # z: kernels.Latent layers
+        given = {**layered, **dict(zip(names + optional, args)), **kwargs}
         if len(args) > len(names) + len(optional) or not set(names) <= set(given) <= set(names + optional):
             raise TypeError(f"a {self.family} variant takes ({', '.join(names + optional)}), got "
                             f"{len(args)} positional and {sorted(kwargs)} keyword arguments")
@@ -96,7 +107,11 @@ class Variant:
                 "the kernels, which take one logistic per pixel (a mixture runs on torch)"
             raise ValueError(f"variant {self.name!r} computes {why}, not likelihood {likelihood.label!r}")
         if self.family == "bound":
-            check_bound_inputs(*inputs, for_kernel=self.uses_triton, likelihood=likelihood, scale=scale)
+            layers, _, _ = bounds.checked_layers(*inputs, for_kernel=self.uses_triton, likelihood=likelihood,
+                                                 scale=scale)
+            why = self.refuses_layers(len(layers)) if not is_single(layers) else None
+            if why:
+                raise ValueError(why)
         else:
             check_head(*inputs, for_kernel=self.uses_triton, likelihood=likelihood, scale=scale)
         objective = objective or IWAE_OBJECTIVE
@@ -159,21 +174,39 @@ def compiled(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------- the bound
 
 
-def textbook_log_weights(x, logits, z, mu, logvar, likelihood: Likelihood = BERNOULLI, scale=None) -> torch.Tensor:
+def textbook_log_weights(x, logits, z, mu=None, logvar=None, likelihood: Likelihood = BERNOULLI,
+                         scale=None) -> torch.Tensor:
     """log w [B, k] as the textbook and blog code compute it: the per-example inputs repeated
-    to [B*k, ...], the likelihood as ``textbook_log_likelihood`` writes it, and hand-written
-    Gaussian log-densities with their 2 pi terms."""
+    to [B*k, ...], the likelihood as ``textbook_log_likelihood`` writes it, and each stochastic
+    layer's term as ``textbook_log_ratio`` writes it (z, mu, logvar or kernels.Latent layers)."""
     B, k, _ = logits.shape
-    d = z.shape[2]
     x_rep = x.float().repeat_interleave(k, dim=0)                   # [B*k, D]
-    mu_rep = mu.float().repeat_interleave(k, dim=0)                 # [B*k, d]
-    logvar_rep = logvar.float().repeat_interleave(k, dim=0)
-    h = z.float().reshape(B * k, d)
     log_px = textbook_log_likelihood(x_rep, logits.float().reshape(B * k, -1), likelihood, scale)
+    return (log_px + sum(textbook_log_ratio(layer, k) for layer in as_layers(z, mu, logvar))).view(B, k)
+
+
+def textbook_log_ratio(layer: Latent, k: int) -> torch.Tensor:
+    """log p(h) - log q(h) [B*k] of one stochastic layer as textbook code writes it: every
+    parameter as a [B*k, d] tensor (a per-example one repeated k times, a per-sample one
+    reshaped) and hand-written Gaussian log-densities with their 2 pi terms (the standard
+    normal prior's as -h^2 / 2)."""
+    B, _, d = layer.z.shape
+    h = layer.z.float().reshape(B * k, d)
     log_2pi = math.log(2.0 * math.pi)
-    log_ph = -0.5 * (h ** 2).sum(dim=1) - 0.5 * d * log_2pi
-    log_qh = -0.5 * ((h - mu_rep) ** 2 / torch.exp(logvar_rep) + logvar_rep).sum(dim=1) - 0.5 * d * log_2pi
-    return (log_px + log_ph - log_qh).view(B, k)
+
+    def rows(t):
+        return t.float().repeat_interleave(k, dim=0) if t.dim() == 2 else t.float().reshape(B * k, d)
+
+    def log_normal(mean, logvar):
+        return -0.5 * ((h - rows(mean)) ** 2 / torch.exp(rows(logvar)) + rows(logvar)).sum(dim=1) - 0.5 * d * log_2pi
+
+    if layer.prior_mu is None and layer.prior_logvar is None:
+        log_ph = -0.5 * (h ** 2).sum(dim=1) - 0.5 * d * log_2pi
+    else:
+        zero = torch.zeros_like(h)
+        log_ph = log_normal(zero if layer.prior_mu is None else layer.prior_mu,
+                            zero if layer.prior_logvar is None else layer.prior_logvar)
+    return log_ph - log_normal(layer.mu, layer.logvar)
 
 
 def textbook_log_likelihood(x_rep, outputs, likelihood: Likelihood, scale) -> torch.Tensor:
@@ -239,7 +272,7 @@ def naive_bound(x, logits, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, 
 
 @register("bound", "blog", "the blog code's IWAE loss as written: inputs repeated to [B*k, ...], "
                            "BCE on sigmoid probabilities (log clamped at -100), then torch.logsumexp",
-          iwae_only=True, bernoulli_only=True)
+          iwae_only=True, bernoulli_only=True, one_layer=True)
 def blog_bound(x, logits, z, mu, logvar, reduction=IWAE, likelihood=BERNOULLI, scale=None):
     log_w = textbook_log_weights(x, logits, z, mu, logvar)
     return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -458,3 +459,81 @@ def test_a_run_killed_mid_training_resumes_from_its_saved_state_bit_for_bit(tmp_
         assert torch.equal(a, b), name
     assert [r["train_objective"] for r in resumed_rows] == [r["train_objective"] for r in rows]
     assert [r["lr"] for r in resumed_rows] == [1e-3, 1e-3, 3e-4, 3e-4]
+
+
+def test_two_layer_checkpoint_and_evaluation_log_weights():
+    """A TwoLayerVAE's checkpoint loads as the same model, and the evaluation's chunked
+    log-weights (torch and fused backends) are float64's on the same draws (both layers' terms,
+    the per-sample ones included)."""
+    from iwae_bench import reference
+    from iwae_bench.experiments.mnist import two_layer_log_weights
+    from iwae_bench.training.model import TwoLayerVAE, save_checkpoint
+
+    torch.manual_seed(0)
+    model = TwoLayerVAE(12, (6, 3), (10, 5))
+    x = (torch.rand(4, 12) < 0.3).float()
+    got = two_layer_log_weights(model, x, 130, 64, "torch", seed=5)
+    generator = torch.Generator().manual_seed(5)
+    parts = []
+    for size in (64, 64, 2):
+        layers = model.sample(x, size, generator)
+        parts.append(reference.log_weights(x, model.decoder(layers[0].z).double(), layers))
+    assert_close(got, torch.cat(parts, dim=1), atol=1e-4, rtol=1e-6)
+    fused = two_layer_log_weights(model, x, 130, 64, "fused", seed=5)  # the fused head, the layers' offset
+    assert_close(fused, torch.cat(parts, dim=1), atol=1e-4, rtol=1e-6)
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(model, Path(folder) / "m.pt")
+        loaded = load_checkpoint(Path(folder) / "m.pt")
+    assert type(loaded) is TwoLayerVAE
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert torch.equal(two_layer_log_weights(loaded, x, 8, 64, "torch", seed=1),
+                       two_layer_log_weights(model, x, 8, 64, "torch", seed=1))
+
+
+def test_two_layer_active_units_are_counted_per_layer_and_summed():
+    """The summary's active units of a TwoLayerVAE: each layer's count by the paper's criterion
+    (Cov_x(E_q[u | x]) > 0.01, E_q[h2 | x] over seeded draws of h1) as "h1/h2", their sum the
+    total; q(h2|h1)'s output scaled so that h2 has active units too."""
+    from iwae_bench.experiments.mnist import units_of
+    from iwae_bench.training.model import TwoLayerVAE
+
+    torch.manual_seed(0)
+    model = TwoLayerVAE(12, (6, 3), (10, 5))
+    with torch.no_grad():
+        model.q1.net[-1].weight.mul_(10.0)
+        model.q2.net[-1].weight.mul_(10.0)
+    x = (torch.rand(64, 12) < 0.3).float()
+    mu1, _ = model.q1(x)
+    means = model.posterior_means(x, 64, torch.Generator().manual_seed(3))
+    counts = [int((m.double().var(dim=0, unbiased=False) > 1e-2).sum()) for m in (mu1, means[1])]
+    assert counts[0] > 0 and counts[1] > 0
+    assert units_of(model, x, seed=3) == {"active_units": sum(counts), "active_units_per_layer": f"{counts[0]}/{counts[1]}"}
+
+
+def test_two_layer_experiment_through_the_cli(tmp_path):
+    """--layers 2: the paper's two-layer rows (VAE, k-sample ELBO and IWAE at k = 5, 50, IWAE-50
+    with the generalized and the plain DReG) trained for 2 epochs, each with its active units
+    per layer, the paper's two-layer NLL beside the total gradient's rows, its checkpoint a
+    TwoLayerVAE; the report's two-layer section."""
+    from iwae_bench.experiments.mnist import TWO_LAYER_RUNS
+    from iwae_bench.training.model import TwoLayerVAE
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "exp"
+    done = subprocess.run([sys.executable, "-m", "iwae_bench", "experiment", "--layers", "2", "--epochs", "2",
+                           "--train-size", "40", "--test-size", "8", "--eval-k", "64", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(zip(summary["objective"], summary["k"], summary["estimator"])) == TWO_LAYER_RUNS
+    assert set(summary["layers"]) == {2} and summary["test_nll"].between(50, 800).all()
+    for row in summary.itertuples():
+        h1, h2 = map(int, row.active_units_per_layer.split("/"))
+        assert h1 + h2 == row.active_units and 0 <= h1 <= 100 and 0 <= h2 <= 50
+    paper = dict(zip(zip(summary["objective"], summary["k"], summary["estimator"]), summary["paper_nll"]))
+    assert paper[("elbo", 1, "iwae")] == 85.33 and paper[("iwae", 50, "iwae")] == 82.90
+    assert math.isnan(paper[("iwae", 50, "dreg")]) and math.isnan(paper[("iwae", 50, "dreg_plain")])
+    assert type(load_checkpoint(out / "checkpoints" / "two-layer-iwae-k50-dreg-seed0.pt")) is TwoLayerVAE
+    report = (out / "report.md").read_text()
+    assert "## Two stochastic layers beside the paper" in report and "| IWAE-50 plain DReG |" in report
+    assert "| 82.9 |" in report or "| 82.90 |" in report

@@ -146,3 +146,30 @@ def test_problem_spells_its_likelihood_one_way_and_refuses_bad_ones():
     with pytest.raises(ValueError, match=r"regime 'saturated' is a Gaussian's learned variance .* "
                                          r"'gaussian:sigma=0.1' has a fixed one"):
         Problem(2, 3, 4, regime="saturated", likelihood="gaussian:sigma=0.1")
+
+
+def test_two_layer_problem_has_per_sample_latent_parameters_nested_over_k():
+    """layers 2: (h1, h2) as kernels.Latent in z's place, h1 2 d wide with q(h1|x) per example
+    and p(h1|h2) per sample, h2 d wide with q(h2|h1) per sample and a standard normal prior; the
+    first k samples the same at a larger k (across the 64-sample noise blocks too); the
+    logits and pixels those of the one-layer problem."""
+    small, large = make_inputs(Problem(2, 3, 5, 20, layers=2)), make_inputs(Problem(2, 70, 5, 20, layers=2))
+    h1, h2 = small.z
+    assert small.mu is None and small.logvar is None
+    assert h1.z.shape == h1.prior_mu.shape == h1.prior_logvar.shape == (2, 3, 10) and h1.mu.shape == (2, 10)
+    assert h2.z.shape == h2.mu.shape == h2.logvar.shape == (2, 3, 5) and h2.prior_mu is None
+    for a, b in zip(small.z, large.z):
+        for p, q in zip(a, b):
+            if p is not None:
+                assert torch.equal(p, q if p.dim() == 2 else q[:, :3])
+    one = make_inputs(Problem(2, 3, 5, 20))
+    assert torch.equal(one.x, small.x) and torch.equal(one.logits, small.logits)
+    log_w = reference.log_weights(small.x, small.logits, small.z)
+    assert torch.isfinite(log_w).all() and (log_w != reference.log_weights(*one)).all()
+
+
+def test_problem_refuses_bad_layers():
+    with pytest.raises(ValueError, match="layers must be one of 1, 2, got 3"):
+        Problem(2, 3, 4, layers=3)
+    with pytest.raises(ValueError, match="layers 2 is a bound problem"):
+        Problem(2, 3, 4, hidden=8, layers=2)

@@ -43,7 +43,7 @@ def test_help_explains_every_flag():
     done = _cli("sweep", "--help")
     assert done.returncode == 0
     for flag in ["--preset", "--k", "--batch", "--latent", "--data-dim", "--variants", "--dtype",
-                 "--mode", "--regime", "--objective", "--likelihood", "--device", "--out", "--against",
+                 "--mode", "--regime", "--objective", "--likelihood", "--layers", "--device", "--out", "--against",
                  "--resume", "--seed", "--min-time", "--no-progress"]:
         assert flag in done.stdout
     assert "results.csv" in done.stdout and "machine.json" in done.stdout
@@ -141,15 +141,15 @@ def test_family_cells_are_each_objectives_against_its_float64_value(tmp_path):
 
 
 def test_a_csv_of_an_earlier_version_reads_its_rows_as_the_bernoulli_iwae_bound(tiny_sweep, tmp_path):
-    """CSVs written before the objective and likelihood columns: their rows are the IWAE bound
-    under the Bernoulli, and the report renders them."""
+    """CSVs written before the objective, likelihood and layers columns: their rows are the
+    one-layer IWAE bound under the Bernoulli, and the report renders them."""
     from iwae_bench.harness.table import read_table
     from iwae_bench.report import render
 
     rows = _rows(tiny_sweep / "results.csv")
     old = tmp_path / "results.csv"
     with open(old, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[c for c in COLUMNS if c not in ("objective", "likelihood")],
+        writer = csv.DictWriter(f, fieldnames=[c for c in COLUMNS if c not in ("objective", "likelihood", "layers")],
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -157,7 +157,47 @@ def test_a_csv_of_an_earlier_version_reads_its_rows_as_the_bernoulli_iwae_bound(
     assert len(table.rows) == len(rows) and not table.problems
     assert {r["objective"] for r in table.rows} == {"iwae"}
     assert {r["likelihood"] for r in table.rows} == {"bernoulli"}
+    assert {r["layers"] for r in table.rows} == {1}
     assert "## Bound error: forward, realistic inputs" in render(tmp_path).read_text()
+
+
+def test_two_layer_cells_are_checked_against_float64(tmp_path):
+    """--layers 2: each variant that takes stochastic layers computes the two-layer bound (h1 with
+    the per-sample prior p(h1|h2), h2 with the per-sample posterior q(h2|h1)), its value and
+    gradients against float64 and its bytes counting every per-sample parameter; blog, which
+    has one latent, is a skipped row with the reason; the report tables the block apart."""
+    done = _cli("sweep", *TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "backward",
+                "--layers", "2", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _rows(tmp_path / "results.csv")
+    assert {r["layers"] for r in rows} == {"2"}
+    assert {r["variant"] for r in rows} == {"naive", "blog", "torch", "compile", "triton", "fused"}
+    problem = Problem(2, 4, 3, 20, layers=2)
+    inputs = make_inputs(problem)
+    want = reference.bound(inputs.x, inputs.logits, inputs.z).mean().item()
+    for r in rows:
+        if r["variant"] == "blog":
+            assert r["status"] == "skipped" and "computes one stochastic layer" in r["message"], r
+            continue
+        assert r["status"] in ("ok", "noisy", "interpreted"), r
+        assert float(r["max_abs_err"]) < 1e-5 and float(r["grad_max_abs_err"]) < 1e-4, r
+        assert math.isclose(float(r["bound_mean"]), want, abs_tol=1e-5), r
+        assert int(r["bytes"]) == bound_bytes(inputs, "backward")
+    report = (tmp_path / "report.md").read_text()
+    for section in ("bound error", "gradient error", "time"):
+        assert f"## Two stochastic layers: {section}, backward" in report
+
+
+def test_quick_presets_have_a_two_layer_block():
+    """The two-layer bound at the one-layer main block's shapes, every bound variant (blog to be
+    skipped with its reason), no decoder-head cell with two layers."""
+    for device, shape in (("cpu", (4, 64, 50)), ("cuda", (256, 1024, 50))):
+        block = [(p, todo) for p, todo in Grid.preset("quick", torch.device(device)).problems() if p.layers == 2]
+        assert block and all(p.family == "bound" for p, _ in block)
+        assert shape in {(p.batch, p.k, p.latent) for p, _ in block}
+        assert any(p.layers == 1 and (p.batch, p.k, p.latent) == shape
+                   for p, _ in Grid.preset("quick", torch.device(device)).problems())
+        assert {v for _, todo in block for v, _ in todo} == {"naive", "blog", "torch", "compile", "triton", "fused"}
 
 
 def test_quick_presets_have_a_likelihood_block():
@@ -367,11 +407,12 @@ def test_check_resume_names_every_clash():
                                   "bernoulli, continuous_bernoulli, gaussian, discretized_logistic, got 'poisson'"),
     (["--likelihood", "gaussian:sigma=0.1", "--regime", "saturated"],
      "regime 'saturated' is a Gaussian's learned variance collapsed onto pixels that are 0"),
+    (["--layers", "3"], "argument --layers: invalid choice: 3 (choose from 1, 2)"),
     (["--out", "{file}/sub"], "is not writable"),
     (["--against", "{file}"], "--against {file}: no such folder"),
 ], ids=["k=0", "unknown-variant", "batch-not-int", "min-time-0", "min-time-negative",
         "unknown-regime", "objective-spelling", "objective-beta", "objective-groups", "likelihood-spelling",
-        "likelihood-saturated-fixed", "unwritable-out", "against-missing"])
+        "likelihood-saturated-fixed", "layers-3", "unwritable-out", "against-missing"])
 def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -389,3 +389,15 @@ def test_kernel_variants_on_every_likelihood(family, name, spec, device):
         for got_grad, want_grad in zip(grads, torch.autograd.grad(want.sum(), ref)):
             assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * max(1.0, want_grad.abs().max().item()),
                          what=f"{name} {spec} {regime} gradient")
+
+
+def test_every_variant_but_blog_takes_two_stochastic_layers():
+    """The two-layer bound (per-sample prior p(h1|h2) and posterior q(h2|h1)) by each bound
+    variant, naive in its textbook form (every parameter repeated to [B*k, d]), against float64
+    (at D = 20 the naive one's exp does not underflow); blog refuses, naming why."""
+    inputs = make_inputs(Problem(3, 5, 4, 20, layers=2))
+    want = reference.bound(inputs.x, inputs.logits, inputs.z)
+    for name in ("naive", "torch", "triton", "fused"):
+        assert_close(variants.get(name)(inputs.x, inputs.logits, inputs.z), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"variant 'blog' computes one stochastic layer \(z, mu, logvar\), not 2"):
+        variants.get("blog")(*inputs)

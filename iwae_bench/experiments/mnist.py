@@ -58,6 +58,16 @@ step can take exp(-s) to overflow. ``--collapse-demo`` shows what happens withou
 the IWAE (k = 50) with an unfloored per-sample Gaussian on the raw intensities
 (``collapse_demo``, collapse.csv).
 
+Two stochastic layers (``--layers 2``, ``TWO_LAYER_RUNS``): the IWAE paper's second
+architecture (training/model.py's ``TwoLayerVAE``: h1 100 and h2 50 units) on binarized MNIST,
+the VAE (k = 1), the k-sample ELBO and the IWAE at k = 5 and 50, and the IWAE at k = 50 with
+DReG twice: ``dreg``, the generalized DReG (Bauer & Mnih 2021; q(h2|h1)'s score through h1
+handled, training/family.py), and ``dreg_plain``, DReG with q(h2|h1)'s parameters detached as
+one layer's would be (biased: tests/test_two_layer.py). Its summary rows carry ``layers`` 2,
+the active units of each layer (``active_units_per_layer``, "h1/h2"; ``active_units`` their
+sum) and the paper's two-layer NLL. Evaluation draws each chunk of samples from the model
+(h1, then h2 given h1); the first k of them give L_k as for one layer.
+
 Training never crashes on a non-finite loss: the run stops before stepping on it, its last
 epoch's row says so, and its summary row has ``diverged_epoch`` (and no test numbers).
 """
@@ -80,7 +90,7 @@ from ..harness.shard import Shard
 from ..training import IWAELoss, log_weights
 from ..training.bounds import head_log_weights
 from ..training.family import Objective, default_estimator
-from ..training.model import VAE, save_checkpoint
+from ..training.model import VAE, TwoLayerVAE, active_units_per_layer, save_checkpoint
 from ..training.sampling import SAMPLE_BLOCK, noise_blocks
 from .data import DEQUANTIZED_LOG_VARIANCE, LEVELS, MNISTSplit, load_mnist, model_data
 from .diagnostics import COLUMNS as DIAGNOSTICS
@@ -94,6 +104,9 @@ FAMILY_K = RAINFORTH_K  # Rainforth et al. (2018)'s budget: k = M K = 64
 FAMILY_RUNS = [("iwae", FAMILY_K, "iwae"), ("miwae:8x8", FAMILY_K, "iwae"), ("piwae:8x8", FAMILY_K, "iwae"),
                ("ciwae:0.05", FAMILY_K, "iwae"), ("vr:0.5", FAMILY_K, "iwae"), ("rws", FAMILY_K, "wake"),
                ("rws", FAMILY_K, "dreg"), ("iwae", FAMILY_K, "dreg")]
+PLAIN_DREG = "dreg_plain"  # DReG with q(h2|h1)'s parameters detached (the module docstring)
+TWO_LAYER_RUNS = [("elbo", 1, "iwae"), ("multi_sample_elbo", 5, "iwae"), ("multi_sample_elbo", 50, "iwae"),
+                  ("iwae", 5, "iwae"), ("iwae", 50, "iwae"), ("iwae", 50, "dreg"), ("iwae", 50, PLAIN_DREG)]
 ACTIVE_THRESHOLD = 1e-2
 GAUSSIAN_FLOOR = DEQUANTIZED_LOG_VARIANCE  # the least log-variance dequantized data supports
 
@@ -101,21 +114,25 @@ GAUSSIAN_FLOOR = DEQUANTIZED_LOG_VARIANCE  # the least log-variance dequantized 
 @dataclass(frozen=True)
 class Run:
     """One trained model: an objective at k samples, a gradient estimator, a training seed, a
-    likelihood (its label; the Bernoulli's runs keep their names and rows)."""
+    likelihood (its label; the Bernoulli's runs keep their names and rows), stochastic layers
+    (2: ``TwoLayerVAE``)."""
     objective: str
     k: int
     estimator: str = "iwae"
     seed: int = 0
     likelihood: str = "bernoulli"
+    layers: int = 1
 
     @property
     def name(self) -> str:
-        """objective-k-estimator-seed; a family member's spelling with '-' for ':' (miwae-8x8-k64-...)."""
+        """objective-k-estimator-seed; a family member's spelling with '-' for ':' (miwae-8x8-k64-...);
+        two-layer- before a two-layer model's."""
         name = f"{self.objective.replace(':', '-')}-k{self.k}-{self.estimator}-seed{self.seed}"
+        name = name if self.layers == 1 else f"two-layer-{name}"
         return name if self.likelihood == "bernoulli" else f"{slug(Likelihood.parse(self.likelihood))}-{name}"
 
     def key(self) -> tuple:
-        return (self.objective, self.k, self.estimator, self.seed, self.likelihood)
+        return (self.objective, self.k, self.estimator, self.seed, self.likelihood, self.layers)
 
 
 COLLAPSE = Run("iwae", 50, likelihood="gaussian")  # per-sample variance, no floor
@@ -131,18 +148,26 @@ def experiment_likelihood(spec) -> Likelihood:
     return likelihood
 
 
-def work_list(estimators=(), seeds: int = 1, base_seed: int = 0, likelihoods=(), objectives=None) -> list[Run]:
+def work_list(estimators=(), seeds: int = 1, base_seed: int = 0, likelihoods=(), objectives=None,
+              layers: int = 1) -> list[Run]:
     """The experiment's runs, each repeated over ``seeds`` training seeds. By default: the
     paper's five with the total gradient, then the IWAE at k = 5 and 50 with each extra
     estimator. With ``likelihoods``: per likelihood the VAE, the IWAE at k = 50 and the IWAE at
     k = 50 with DReG and each extra estimator. With ``objectives`` (a list; empty: Rainforth's
     set, ``FAMILY_RUNS``): each objective of the family at k = 64 with its default estimator
-    and each extra estimator that applies to it. Every shard builds this same list and takes
+    and each extra estimator that applies to it. With ``layers`` 2: ``TWO_LAYER_RUNS`` and the
+    IWAE at k = 50 with each other extra estimator. Every shard builds this same list and takes
     its part."""
     extra = [e for e in dict.fromkeys(estimators) if e != "iwae"]
     if likelihoods and objectives is not None:
         raise ValueError("objectives and likelihoods do not combine: the family is trained on binarized MNIST")
-    if objectives is not None:
+    if layers == 2 and (likelihoods or objectives is not None):
+        raise ValueError("layers 2 does not combine with likelihoods or objectives: the two-layer rows are the "
+                         "paper's, on binarized MNIST")
+    if layers == 2:
+        kinds = [(objective, k, estimator, "bernoulli") for objective, k, estimator in TWO_LAYER_RUNS]
+        kinds += [("iwae", 50, e, "bernoulli") for e in extra if e != "dreg"]
+    elif objectives is not None:
         kinds = [(objective, k, estimator, "bernoulli") for objective, k, estimator in family_runs(objectives, extra)]
     elif likelihoods:
         kinds = [(objective, k, estimator, experiment_likelihood(spec).label) for spec in likelihoods
@@ -151,7 +176,7 @@ def work_list(estimators=(), seeds: int = 1, base_seed: int = 0, likelihoods=(),
     else:
         kinds = [(objective, k, "iwae", "bernoulli") for objective, k in PAPER_RUNS]
         kinds += [("iwae", k, estimator, "bernoulli") for estimator in extra for k in (5, 50)]
-    return [Run(objective, k, estimator, base_seed + i, likelihood) for i in range(seeds)
+    return [Run(objective, k, estimator, base_seed + i, likelihood, layers) for i in range(seeds)
             for objective, k, estimator, likelihood in kinds]
 
 
@@ -227,6 +252,9 @@ def streamed_log_weights(model, x: torch.Tensor, k: int, chunk: int, backend: st
     if chunk % SAMPLE_BLOCK and chunk < k:
         raise ValueError(f"chunk must be a multiple of {SAMPLE_BLOCK} (so any chunking draws the same "
                          f"samples), got {chunk}")
+    if isinstance(model, TwoLayerVAE):
+        log_w = two_layer_log_weights(model, x, k, chunk, backend, seed)
+        return log_w, torch.logsumexp(log_w, dim=1)
 
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
@@ -253,6 +281,38 @@ def streamed_log_weights(model, x: torch.Tensor, k: int, chunk: int, backend: st
 
 
 @torch.no_grad()
+def two_layer_log_weights(model: TwoLayerVAE, x: torch.Tensor, k: int, chunk: int, backend: str,
+                          seed: int = 0) -> torch.Tensor:
+    """log w [B, k] of a TwoLayerVAE, chunk by chunk of samples drawn by the model (h1 ~ q(h1|x),
+    h2 ~ q(h2|h1)) from one seeded generator; with the fused backend through the fused head
+    (the chunk's logits never stored), the layers' terms added as the kernels' offset."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    lik = {"likelihood": model.likelihood, "scale": model.scale}
+    parts = []
+    for start in range(0, k, chunk):
+        layers = model.sample(x, min(chunk, k - start), generator)
+        if backend == "fused":
+            layer = model.output_layer
+            parts.append(head_log_weights(x, model.decoder[:-1](layers[0].z), layer.weight, layer.bias, layers,
+                                          backend="fused", **lik))
+        else:
+            parts.append(log_weights(x, model.decoder(layers[0].z), layers, backend=backend, **lik))
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def units_of(model, x: torch.Tensor, seed: int = 0) -> dict:
+    """The summary's active-unit columns: the count (a two-layer model's: the sum over its
+    layers, each layer's in ``active_units_per_layer`` as "h1/h2", E_q[h2 | x] averaged over
+    seeded draws of h1)."""
+    if isinstance(model, TwoLayerVAE):
+        counts = active_units_per_layer(model, x, ACTIVE_THRESHOLD,
+                                        generator=torch.Generator(device=x.device).manual_seed(seed))
+        return {"active_units": sum(counts), "active_units_per_layer": "/".join(map(str, counts))}
+    return {"active_units": active_units(model, x)[0]}
+
+
+@torch.no_grad()
 def active_units(model, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, torch.Tensor]:
     """The paper's criterion: unit u is active if Cov_x(E_q[u | x]) > threshold; E_q[u | x] is
     the encoder mean. Returns the count and each unit's variance over x."""
@@ -267,7 +327,8 @@ def evaluate(model, test: torch.Tensor, schedule: Schedule, backend: str, seed: 
     """Test NLL (-L_k at eval_k), the L_k curve from the first k of the same samples, the ELBO
     (mean log-weight), the active units, and from the same log-weights (experiments/diagnostics.py)
     the jackknife NLLs of order 1 and 2 (NaN for eval_k <= order) and the PSIS k-hat per image:
-    its median and the share of images above 0.7 (NaN for eval_k < 25)."""
+    its median and the share of images above 0.7 (NaN for eval_k < 25). A TwoLayerVAE's
+    log-weights sum both layers' terms; its active units are counted per layer."""
     lse_all, curve = [], {k: [] for k in schedule.k_curve}
     elbo, jackknife, khat = [], {1: [], 2: []}, []
     for start in range(0, test.shape[0], batch):
@@ -282,11 +343,10 @@ def evaluate(model, test: torch.Tensor, schedule: Schedule, backend: str, seed: 
             if schedule.eval_k > order:
                 jackknife[order].append(jvi(log_w.cpu(), order))
         khat.append(psis_khat(log_w.cpu()))
-    units, variance = active_units(model, test)
     bound = torch.cat(lse_all) - math.log(schedule.eval_k)
     khat = torch.cat(khat)
     return {"test_nll": -bound.mean().item(), "test_elbo": torch.cat(elbo).mean().item(),
-            "active_units": units, "unit_variance": variance.tolist(),
+            **units_of(model, test, seed),
             "curve": {k: torch.cat(v).mean().item() for k, v in curve.items()},
             **{f"jvi{order}_nll": -torch.cat(v).mean().item() if v else math.nan for order, v in jackknife.items()},
             "khat_median": khat.median().item(),
@@ -308,9 +368,17 @@ def lowest_log_scale(model, logits: torch.Tensor | None) -> float:
     return logits.detach().unflatten(-1, (likelihood.channels, -1))[..., -likelihood.mixture:, :].min().item()
 
 
-def _batch_loss(model, loss_fn, x, k, generator, backend) -> tuple[torch.Tensor, float]:
+def _batch_loss(model, loss_fn, x, k, generator, backend, plain: bool = False) -> tuple[torch.Tensor, float]:
     """The batch's loss and the smallest log-scale the decoder produced for it (on the fused
-    backend, whose logits never exist, that of each example's first sample)."""
+    backend, whose logits never exist, that of each example's first sample). A TwoLayerVAE's
+    layers go in z's place; ``plain``: without how q(h2|h1) was made (``PLAIN_DREG``)."""
+    if isinstance(model, TwoLayerVAE):
+        hidden, layers = (model.forward_hidden if backend == "fused" else model)(x, k, generator=generator)
+        if plain:
+            layers = tuple(layer._replace(posterior=None, given=None) for layer in layers)
+        if backend == "fused":
+            return loss_fn.from_hidden(x, hidden, model.output_layer, layers, scale=model.scale), math.nan
+        return loss_fn(x, hidden, layers, scale=model.scale), math.nan
     if backend == "fused":  # the output layer fused into the bound: no logits stored
         h, z, mu, logvar = model.forward_hidden(x, k, generator=generator)
         layer = model.output_layer
@@ -343,8 +411,10 @@ def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str, device:
     likelihood = Likelihood.parse(run.likelihood)
     prepare = prepare or (lambda images, generator: model_data(images, likelihood, generator))
     torch.manual_seed(seed)
-    model = VAE(split.train.shape[1], schedule.latent, schedule.hidden, likelihood).to(device)
-    loss_fn = IWAELoss(objective, backend, estimator=run.estimator, likelihood=likelihood)
+    D, plain = split.train.shape[1], run.estimator == PLAIN_DREG
+    model = (TwoLayerVAE(D, likelihood=likelihood) if run.layers == 2 else
+             VAE(D, schedule.latent, schedule.hidden, likelihood)).to(device)
+    loss_fn = IWAELoss(objective, backend, estimator="dreg" if plain else run.estimator, likelihood=likelihood)
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.stages[0][1], betas=(0.9, 0.999), eps=1e-4)
     data_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 2)
@@ -363,7 +433,7 @@ def train(run: Run, split: MNISTSplit, schedule: Schedule, backend: str, device:
         total, count, lowest = 0.0, 0, math.inf
         for start in range(0, train.shape[0], schedule.batch_size):
             x = prepare(train[order[start:start + schedule.batch_size]], data_gen).to(device)
-            loss, batch_lowest = _batch_loss(model, loss_fn, x, k, noise_gen, backend)
+            loss, batch_lowest = _batch_loss(model, loss_fn, x, k, noise_gen, backend, plain)
             lowest = min(lowest, batch_lowest)  # a NaN (a diverging batch's) is passed over
             value = loss.item()
             if not math.isfinite(value):
@@ -446,7 +516,8 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
         (out / folder).mkdir(exist_ok=True)
     summary = read_rows(out / "summary.csv") if resume else []
     curve_rows = read_rows(out / "lk_curve.csv") if resume else []
-    done = {(r["objective"], int(r["k"]), r["estimator"], int(r["seed"]), r["likelihood"]) for r in summary}
+    done = {(r["objective"], int(r["k"]), r["estimator"], int(r["seed"]), r["likelihood"], int(r["layers"]))
+            for r in summary}
     splits = {}  # gray or binarized test images: the same split, loaded when first needed
 
     def split_for(likelihood: Likelihood) -> MNISTSplit:
@@ -478,8 +549,8 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
                "train_seconds": history[-1]["seconds"], "train_objective": history[-1]["train_objective"],
                "diverged_epoch": diverged or ""}
         if likelihood.name == "bernoulli":
-            row.update(paper_nll=paper_nll(run.objective, run.k, run.estimator),
-                       paper_active_units=paper_active_units(run.objective, run.k, run.estimator))
+            row.update(paper_nll=paper_nll(run.objective, run.k, run.estimator, run.layers),
+                       paper_active_units=paper_active_units(run.objective, run.k, run.estimator, run.layers))
         if not diverged:
             start = time.perf_counter()
             result = evaluate(model, evaluation_data(split, likelihood, data_seed).to(device), schedule, backend,
@@ -487,9 +558,10 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
             row.update(eval_seconds=time.perf_counter() - start, test_nll=result["test_nll"],
                        test_bpd=bits_per_dim(result["test_nll"], split.test.shape[1], likelihood),
                        test_elbo=result["test_elbo"], active_units=result["active_units"],
+                       active_units_per_layer=result.get("active_units_per_layer", ""),
                        **{name: result[name] for name in DIAGNOSTICS})
             curve_rows += [{"objective": run.objective, "k_train": run.k, "estimator": run.estimator,
-                            "seed": run.seed, "likelihood": run.likelihood, "k_eval": ke, "L_k": value,
+                            "seed": run.seed, "likelihood": run.likelihood, "layers": run.layers, "k_eval": ke, "L_k": value,
                             "elbo": result["test_elbo"]} for ke, value in result["curve"].items()]
             log(f"  -> test NLL {result['test_nll']:.2f} nats ({row['test_bpd']:.3f} bits/dim; jackknife "
                 f"{result['jvi1_nll']:.2f}, {result['jvi2_nll']:.2f}), {result['active_units']} active units, "
@@ -502,19 +574,21 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
     return render_experiment(out) if summary or (out / "collapse.csv").exists() else out / "summary.csv"
 
 
-SUMMARY_COLUMNS = ["objective", "k", "estimator", "seed", "likelihood", "backend", "epochs", "train_seconds",
-                   "eval_seconds", "train_objective", "test_nll", "test_bpd", "test_elbo", "active_units",
-                   "diverged_epoch", "paper_nll", "paper_active_units", *DIAGNOSTICS]
-CURVE_COLUMNS = ["objective", "k_train", "estimator", "seed", "likelihood", "k_eval", "L_k", "elbo"]
+SUMMARY_COLUMNS = ["objective", "k", "estimator", "seed", "likelihood", "layers", "backend", "epochs",
+                   "train_seconds", "eval_seconds", "train_objective", "test_nll", "test_bpd", "test_elbo",
+                   "active_units", "active_units_per_layer", "diverged_epoch", "paper_nll", "paper_active_units",
+                   *DIAGNOSTICS]
+CURVE_COLUMNS = ["objective", "k_train", "estimator", "seed", "likelihood", "layers", "k_eval", "L_k", "elbo"]
 COLLAPSE_COLUMNS = ["likelihood", "data", "epoch", "lr", "train_objective", "min_log_scale", "seconds", "diverged"]
 
 
 def read_rows(path: Path) -> list[dict]:
-    """A summary.csv's or lk_curve.csv's rows; a row from before the likelihood column (the
-    Bernoulli experiment's) reads as the Bernoulli's."""
+    """A summary.csv's or lk_curve.csv's rows; a row from before the likelihood or layers
+    column (the one-layer Bernoulli experiment's) reads as the Bernoulli's, of one layer."""
     import csv
 
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{**row, "likelihood": row.get("likelihood") or "bernoulli"} for row in csv.DictReader(f)]
+        return [{**row, "likelihood": row.get("likelihood") or "bernoulli", "layers": row.get("layers") or "1"}
+                for row in csv.DictReader(f)]

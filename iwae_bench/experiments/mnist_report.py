@@ -32,9 +32,11 @@ BERNOULLI = "bernoulli"
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """summary.csv or lk_curve.csv; rows from before the likelihood column are the Bernoulli's."""
+    """summary.csv or lk_curve.csv; rows from before the likelihood or layers column are the
+    one-layer Bernoulli's."""
     table = pd.read_csv(path)
     table["likelihood"] = table["likelihood"].fillna(BERNOULLI) if "likelihood" in table else BERNOULLI
+    table["layers"] = table["layers"].fillna(1).astype(int) if "layers" in table else 1
     return with_diagnostics(table)
 
 
@@ -47,7 +49,7 @@ def run_name(row) -> str:
     """The name a summary row's run files carry (``mnist.Run.name``)."""
     from .mnist import Run
 
-    return Run(row.objective, int(row.k), row.estimator, int(row.seed), row.likelihood).name
+    return Run(row.objective, int(row.k), row.estimator, int(row.seed), row.likelihood, int(row.layers)).name
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
@@ -76,6 +78,12 @@ def render_experiment(out: Path) -> Path:
     collapse = pd.read_csv(out / "collapse.csv") if (out / "collapse.csv").exists() else None
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
+    if "layers" not in summary:
+        summary["layers"] = pd.Series(dtype=int)
+    two_layer = summary[summary["layers"] == 2]
+    summary = summary[summary["layers"] != 2]
+    if curve is not None:
+        curve = curve[curve["layers"] != 2]
     bernoulli = summary[summary["likelihood"] == BERNOULLI]
     others = summary[summary["likelihood"] != BERNOULLI]
     histories = {run_name(row): pd.read_csv(out / "runs" / f"{run_name(row)}.csv")
@@ -87,13 +95,43 @@ def render_experiment(out: Path) -> Path:
     if collapse is not None:
         _collapse_plot(plots, collapse, _collapse_controls(summary, histories))
     record = read_json(out / "machine.json")
-    text = _report_text(bernoulli, curve, record) if len(bernoulli) else _likelihood_header(record)
+    if len(bernoulli):
+        text = _report_text(bernoulli, curve, record)
+    else:
+        text = _likelihood_header(record, *(["VAE vs IWAE on MNIST, two stochastic layers"] if len(two_layer) else []))
+    if len(two_layer):
+        text += _two_layer_text(two_layer)
     if len(others):
         text += _likelihood_text(others)
     if collapse is not None:
         text += _collapse_text(collapse, _collapse_controls(summary, histories))
     write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def _two_layer_text(summary) -> str:
+    """The two-stochastic-layer rows (TwoLayerVAE) beside the paper's Table 1 (two layers), with
+    the active units of each layer (h1/h2) of each seed's model."""
+    grouped = with_diagnostics(summary).groupby(["objective", "k", "estimator"], sort=False)
+    table = grouped.agg(seeds=("seed", "nunique"), test_nll=("test_nll", "mean"), test_nll_std=("test_nll", "std"),
+                        jvi1_nll=("jvi1_nll", "mean"), khat_above=("khat_above", "mean"),
+                        per_layer=("active_units_per_layer", lambda v: ", ".join(map(str, v.dropna()))),
+                        test_elbo=("test_elbo", "mean"), train_seconds=("train_seconds", "mean")).reset_index()
+    lines = ["", "## Two stochastic layers beside the paper", "",
+             "The IWAE paper's second architecture (`TwoLayerVAE`: h1 100 and h2 50 units, tanh 200-200 and "
+             "100-100), trained as above; `dreg` is the generalized DReG (Bauer & Mnih 2021), `dreg_plain` DReG "
+             "with q(h2|h1) detached. The paper's column: Burda et al. Table 1, two stochastic layers (the "
+             "IWAE at k = 1 is the VAE). Active units per layer as h1/h2, one entry per seed.", "",
+             "| model | test NLL (ours) | paper NLL | JVI-1 NLL | "
+             f"k-hat > {KHAT_UNRELIABLE} | active units h1/h2 | test -ELBO | train time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in table.itertuples():
+        lines.append(f"| {_model_label(row.objective, row.k, row.estimator)} | "
+                     f"{_mean_std(row.test_nll, row.test_nll_std)} | "
+                     f"{_fmt(paper_nll(row.objective, row.k, row.estimator, layers=2))} | {_fmt(row.jvi1_nll)} | "
+                     f"{_share(row.khat_above)} | {row.per_layer} | {_fmt(-row.test_elbo)} | "
+                     f"{_fmt(row.train_seconds, 0)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _finish(fig, ax, path: Path, **legend) -> None:
@@ -378,7 +416,7 @@ def _family_text(family, summary, seeds: int) -> list[str]:
 
 # --------------------------------------------------------------------------- gray-level MNIST
 
-ESTIMATOR_LABELS = {"dreg": "DReG", "stl": "STL"}
+ESTIMATOR_LABELS = {"dreg": "DReG", "stl": "STL", "dreg_plain": "plain DReG"}
 DATA = {"continuous": "dequantized 8-bit", "discretized": "8-bit levels"}
 
 
@@ -394,10 +432,10 @@ def _bpd(objective_nats, likelihood: str):
     return bits_per_dim(-objective_nats, IMAGE_PIXELS, likelihood)
 
 
-def _likelihood_header(record) -> str:
+def _likelihood_header(record, title: str = "Gray-level MNIST: likelihoods in bits per dimension") -> str:
     run = (record.get("runs") or [{}])[0]
     info = record.get("machine", {})
-    return (f"# Gray-level MNIST: likelihoods in bits per dimension\n\n"
+    return (f"# {title}\n\n"
             f"Made by `{run.get('command', '?')}` on {info.get('device_name', '?')} "
             f"(torch {info.get('torch', '?')}, commit {info.get('commit', '?')}), backend "
             f"`{run.get('backend', '?')}`. Every number below is read from `summary.csv`, `runs/*.csv` "

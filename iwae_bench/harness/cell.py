@@ -22,7 +22,7 @@ import kernels
 from kernels.likelihood import BERNOULLI, Likelihood
 
 from .. import reference
-from ..problems import HeadInputs, Problem
+from ..problems import HeadInputs, Problem, named_tensors, with_tensors
 from ..training.family import IWAE_OBJECTIVE, Objective
 from ..variants import Variant, reset_compiled
 from .memory import AllocationTracker
@@ -37,8 +37,10 @@ def bound_bytes(inputs, mode: str) -> int:
     writes the gradient of every input but x (data) once: logits, z, mu and logvar, or for the
     head h, weight, bias, z, mu and logvar. What the likelihood reads is in the inputs: x, the
     decoder output's C channels ([B, k, C D] logits, the head's [C D, H] weight and [C D]
-    bias) and a per-pixel scale [D] (read, and its gradient written) where it has one."""
-    x, *rest = [t for t in inputs if t is not None]
+    bias) and a per-pixel scale [D] (read, and its gradient written) where it has one. Two
+    stochastic layers: each layer's sample and parameters, the per-sample [B, k, d] ones
+    included (the bound reads them as it reads z)."""
+    x, *rest = named_tensors(inputs).values()
     read = sum(t.numel() * t.element_size() for t in (x, *rest))
     out = x.shape[0] * 4
     if mode == "forward":
@@ -95,21 +97,21 @@ class Reference:
         self.objective = objective
         self.likelihood = likelihood
         self.head = isinstance(inputs, HeadInputs)
-        self.names = [name for name, t in zip(inputs._fields, inputs) if t is not None]
+        self.names = list(named_tensors(inputs))  # the stochastic layers' as layers[l].field
         log_w = torch.cat([self._log_weights(part) for part in self._slices()])
         self.bound = reference.objective_bound(log_w, objective)
         self.elbo = reference.elbo(log_w)
 
     def _log_weights(self, part: dict) -> torch.Tensor:
-        logits = HeadInputs(**part).logits() if self.head else part["logits"]
-        return reference.log_weights(part["x"], logits, part["z"], part["mu"], part["logvar"], self.likelihood,
-                                     part.get("scale"))
+        given = with_tensors(self.inputs, part)
+        logits = given.logits() if self.head else given.logits
+        return reference.log_weights(given.x, logits, given.z, given.mu, given.logvar, self.likelihood, given.scale)
 
     def _slices(self) -> Iterator[dict]:
         x = self.inputs[0]
         k = self.inputs[1].shape[1]
         rows = max(1, self.CHUNK_ELEMENTS // (k * x.shape[1]))
-        given = {name: getattr(self.inputs, name) for name in self.names}
+        given = named_tensors(self.inputs)
         for start in range(0, x.shape[0], rows):
             yield {name: t if name in SHARED else t[start:start + rows] for name, t in given.items()}
 
@@ -166,7 +168,7 @@ def bound_identity(variant: str, problem: Problem, mode: str, device: torch.devi
             "k": problem.k, "batch": problem.batch, "latent": problem.latent,
             "data_dim": problem.data_dim, "hidden": problem.hidden, "mode": mode,
             "regime": problem.regime, "objective": problem.objective, "likelihood": problem.likelihood,
-            "seed": problem.seed, "threads": torch.get_num_threads()}
+            "layers": problem.layers, "seed": problem.seed, "threads": torch.get_num_threads()}
 
 
 def reduction_identity(variant: str, batch: int, k: int, device: torch.device, seed: int) -> dict:
@@ -174,8 +176,8 @@ def reduction_identity(variant: str, batch: int, k: int, device: torch.device, s
     the defaults of the axes that make log-weights, which it takes ready-made)."""
     return {"family": "reduction", "variant": variant, "device": device.type, "dtype": "float32",
             "k": k, "batch": batch, "latent": 0, "data_dim": 0, "hidden": 0, "mode": "forward",
-            "regime": "realistic", "objective": "iwae", "likelihood": "bernoulli", "seed": seed,
-            "threads": torch.get_num_threads()}
+            "regime": "realistic", "objective": "iwae", "likelihood": "bernoulli", "layers": 1,
+            "seed": seed, "threads": torch.get_num_threads()}
 
 
 def reduction_log_weights(batch: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -279,15 +281,14 @@ def bound_call(variant: Variant, inputs, mode: str, objective: Objective = IWAE_
     """What one call of a bound or head cell runs: the objective's bound under the likelihood,
     and in backward mode its gradients with respect to every input but x (a per-pixel scale
     among them). Returns (bound, grads or None)."""
-    given = [t for t in inputs if t is not None]  # the scale, where there is one, comes last
     if mode == "forward":
-        return lambda: (variant(*given, objective=objective, likelihood=likelihood), None)
-    x, *rest = given
-    leaves = [t.detach().requires_grad_() for t in rest]
+        return lambda: (variant(*inputs, objective=objective, likelihood=likelihood), None)
+    leaves = {name: t.detach().requires_grad_() for name, t in list(named_tensors(inputs).items())[1:]}
+    given = with_tensors(inputs, leaves)
 
     def call():
-        bound = variant(x, *leaves, objective=objective, likelihood=likelihood)
-        return bound, torch.autograd.grad(bound.sum(), leaves)
+        bound = variant(*given, objective=objective, likelihood=likelihood)
+        return bound, torch.autograd.grad(bound.sum(), list(leaves.values()))
 
     return call
 

@@ -49,6 +49,7 @@ class Block:
     hidden: list[int] = field(default_factory=lambda: [0])  # > 0: the decoder-head family
     objective: list[str] = field(default_factory=lambda: ["iwae"])  # members of the family (family.py)
     likelihood: list[str] = field(default_factory=lambda: ["bernoulli"])  # p(x|h), kernels/likelihood.py
+    layers: list[int] = field(default_factory=lambda: [1])  # stochastic layers (problems.py); 2: bound only
 
 
 # The family's block: one objective of each kind beside the IWAE bound of the main block (the
@@ -68,7 +69,8 @@ PRESETS = {
                             Block(k=[8, 64], batch=[4], regime=["saturated"]),
                             Block(k=[8, 64], batch=[4], hidden=[200]),
                             Block(k=[64], batch=[4], objective=FAMILY_BLOCK),
-                            Block(k=[64], batch=[4], likelihood=LIKELIHOOD_BLOCK)],
+                            Block(k=[64], batch=[4], likelihood=LIKELIHOOD_BLOCK),
+                            Block(k=[64], batch=[4], layers=[2])],
                     reductions=[(1024, 64), (8, 5000)]),
         "cuda": dict(blocks=[Block(k=[1, 16, 64, 256, 1024, 5000], batch=[20, 256],
                                    dtype=["float32", "bfloat16"]),
@@ -81,7 +83,8 @@ PRESETS = {
                              Block(k=[64, 1024], batch=[256], dtype=["float32", "bfloat16"],
                                    likelihood=LIKELIHOOD_BLOCK),
                              Block(k=[64], batch=[20], regime=["saturated"], likelihood=LIKELIHOOD_BLOCK),
-                             Block(k=[1024], batch=[20], hidden=[200], likelihood=LIKELIHOOD_BLOCK)],
+                             Block(k=[1024], batch=[20], hidden=[200], likelihood=LIKELIHOOD_BLOCK),
+                             Block(k=[64, 1024], batch=[256], dtype=["float32", "bfloat16"], layers=[2])],
                      reductions=[(65536, 16), (64, 5000), (8, 100_000)]),
     },
     "full": {
@@ -99,7 +102,8 @@ PRESETS = {
                                  (8, 1_000_000)]),
     },
 }
-AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime", "hidden", "objective", "likelihood")
+AXES = ("k", "batch", "latent", "data_dim", "dtype", "mode", "regime", "hidden", "objective", "likelihood",
+        "layers")
 
 
 @dataclass
@@ -136,11 +140,13 @@ class Grid:
         """Each problem once, with its (variant, mode) cells, in grid order."""
         cells: dict[Problem, list[tuple[str, str]]] = {}
         for block in self.blocks:
-            for likelihood, dtype, regime, latent, data_dim, hidden, objective, batch, k in itertools.product(
-                    block.likelihood, block.dtype, block.regime, block.latent, block.data_dim, block.hidden,
-                    block.objective, block.batch, block.k):
+            for layers, likelihood, dtype, regime, latent, data_dim, hidden, objective, batch, k in itertools.product(
+                    block.layers, block.likelihood, block.dtype, block.regime, block.latent, block.data_dim,
+                    block.hidden, block.objective, block.batch, block.k):
+                if layers > 1 and hidden:
+                    continue  # the two-layer case is the bound family's (a head problem has one layer)
                 problem = Problem(batch, k, latent, data_dim, dtype, self.seed, regime, hidden, objective,
-                                  likelihood)
+                                  likelihood, layers)
                 todo = cells.setdefault(problem, [])
                 todo += [(v, m) for m in block.mode for v in self.variants_for(problem.family)
                          if (v, m) not in todo and self.runs(get(v, problem.family), problem)]
@@ -148,7 +154,9 @@ class Grid:
 
     @staticmethod
     def runs(variant, problem: Problem) -> bool:
-        """Whether ``variant`` computes ``problem``: its objective under its likelihood."""
+        """Whether ``variant`` computes ``problem``: its objective under its likelihood (a
+        variant with one stochastic layer stays in a two-layer problem's cells, written as
+        skipped with its reason)."""
         return variant.computes(problem.spec) and variant.takes(problem.likelihood_spec)
 
     def reduction_variants(self) -> list[str]:
@@ -288,6 +296,14 @@ def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, 
                           "status": "skipped", "message": reason})
             bar.update()
         return
+    refused = {v: get(v, problem.family).refuses_layers(problem.layers) for v, _ in cells}
+    for variant, mode in [(v, m) for v, m in cells if refused[v]]:
+        writer.write({**bound_identity(variant, problem, mode, device), "status": "skipped",
+                      "message": refused[variant]})
+        bar.update()
+    cells = [(v, m) for v, m in cells if not refused[v]]
+    if not cells:
+        return
     inputs = make_inputs(problem, device)
     ref = Reference(inputs, problem.spec, problem.likelihood_spec)
     for variant, mode in cells:
@@ -296,7 +312,8 @@ def _run_problem(problem: Problem, cells, device, writer, bar, done, copy_gbps, 
         bar.set_description(f"{variant} {mode} B={problem.batch} k={problem.k} d={problem.latent} "
                             + (f"H={problem.hidden}" if problem.hidden else problem.regime)
                             + ("" if problem.objective == "iwae" else f" {problem.objective}")
-                            + ("" if problem.likelihood == "bernoulli" else f" {problem.likelihood}"))
+                            + ("" if problem.likelihood == "bernoulli" else f" {problem.likelihood}")
+                            + ("" if problem.layers == 1 else f" {problem.layers} layers"))
         writer.write(measure_bound(get(variant, problem.family), problem, inputs, ref, mode, device,
                                    copy_gbps, min_time, matmul_tflops))
         bar.update()

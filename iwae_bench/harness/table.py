@@ -25,9 +25,9 @@ TIMED = ("ok", "noisy")
 
 # identity: what a cell is; a resumed sweep skips a cell whose identity is already in the CSV
 IDENTITY = ["family", "variant", "device", "dtype", "k", "batch", "latent", "data_dim", "hidden",
-            "mode", "regime", "objective", "likelihood", "seed"]
+            "mode", "regime", "objective", "likelihood", "layers", "seed"]
 # identity columns that CSVs of earlier versions lack, and the value their rows had
-ADDED = {"objective": "iwae", "likelihood": "bernoulli"}
+ADDED = {"objective": "iwae", "likelihood": "bernoulli", "layers": 1}
 MEASURED = [
     "time_ms", "time_ms_p20", "time_ms_p80", "time_samples", "time_spread", "samples_per_s",
     "bytes", "gbps", "copy_gbps", "bw_fraction", "flops", "tflops", "matmul_tflops",
@@ -36,7 +36,7 @@ MEASURED = [
     "threads", "status", "message",
 ]
 COLUMNS = IDENTITY + MEASURED
-INT_COLUMNS = {"k", "batch", "latent", "data_dim", "hidden", "seed", "time_samples", "bytes",
+INT_COLUMNS = {"k", "batch", "latent", "data_dim", "hidden", "layers", "seed", "time_samples", "bytes",
                "flops", "peak_mem_bytes", "threads"}
 TEXT_COLUMNS = {"family", "variant", "device", "dtype", "mode", "regime", "objective", "likelihood", "status",
                 "message"}

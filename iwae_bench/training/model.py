@@ -179,19 +179,25 @@ def active_units_per_layer(model: TwoLayerVAE, x: torch.Tensor, threshold: float
     return [int((m.double().var(dim=0, unbiased=False) > threshold).sum()) for m in means]
 
 
-def save_checkpoint(model: BernoulliVAE, path: Path) -> None:
+def save_checkpoint(model: BernoulliVAE | TwoLayerVAE, path: Path) -> None:
     """``torch.save`` of {"state_dict" (on CPU), "data_dim", "latent", "hidden", "likelihood"},
-    atomically."""
-    data_dim, hidden = model.encoder[0].in_features, model.encoder[0].out_features
-    latent = model.decoder[0].in_features
+    atomically; a TwoLayerVAE's with "layers": 2 and its two latent and two hidden widths as
+    lists in "latent" and "hidden"."""
+    if isinstance(model, TwoLayerVAE):
+        data_dim = model.q1.net[0].in_features
+        sizes = {"latent": [model.q2.net[0].in_features, model.p1.net[0].in_features],
+                 "hidden": [model.q1.net[0].out_features, model.q2.net[0].out_features], "layers": 2}
+    else:
+        data_dim = model.encoder[0].in_features
+        sizes = {"latent": model.decoder[0].in_features, "hidden": model.encoder[0].out_features}
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     with atomic_path(Path(path)) as tmp:
-        torch.save({"state_dict": state, "data_dim": data_dim, "latent": latent, "hidden": hidden,
-                    "likelihood": model.likelihood.label}, tmp)
+        torch.save({"state_dict": state, "data_dim": data_dim, **sizes, "likelihood": model.likelihood.label}, tmp)
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> BernoulliVAE:
-    """The BernoulliVAE saved by ``save_checkpoint``; ValueError naming the path if it is not one."""
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> BernoulliVAE | TwoLayerVAE:
+    """The model saved by ``save_checkpoint`` (a TwoLayerVAE where it says "layers": 2, else a
+    BernoulliVAE); ValueError naming the path if it is not one."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path}: no such file")
@@ -204,11 +210,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Bernoulli
         found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         raise ValueError(f"checkpoint {path}: expected a dict with keys {sorted(keys)}, found {found}")
     likelihood = saved.get("likelihood", "bernoulli")  # older checkpoints: the Bernoulli's
-    model = BernoulliVAE(int(saved["data_dim"]), int(saved["latent"]), int(saved["hidden"]), likelihood)
+    if saved.get("layers", 1) == 2:
+        cls, sizes = TwoLayerVAE, (int(saved["data_dim"]), tuple(saved["latent"]), tuple(saved["hidden"]))
+    else:
+        cls, sizes = BernoulliVAE, (int(saved["data_dim"]), int(saved["latent"]), int(saved["hidden"]))
+    model = cls(*sizes, likelihood)
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as error:
-        raise ValueError(f"checkpoint {path}: state_dict does not fit BernoulliVAE("
-                         f"{saved['data_dim']}, {saved['latent']}, {saved['hidden']}, {likelihood!r}): "
-                         f"{str(error).splitlines()[0]}") from None
+        raise ValueError(f"checkpoint {path}: state_dict does not fit {cls.__name__}"
+                         f"{(*sizes, likelihood)}: {str(error).splitlines()[0]}") from None
     return model.to(device)
