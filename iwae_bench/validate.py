@@ -45,7 +45,7 @@ REPORT_RESERVE = 25.0  # seconds kept for the report and the archive
 KERNEL_TESTS = ["tests/test_logsumexp.py", "tests/test_log_weights.py", "tests/test_backward.py",
                 "tests/test_variants.py", "tests/test_training.py", "tests/test_estimators.py",
                 "tests/test_fused_linear.py", "tests/test_likelihood_kernels.py", "tests/test_family.py",
-                "tests/test_likelihood_head.py"]
+                "tests/test_likelihood_head.py", "tests/test_layers.py", "tests/test_two_layer.py"]
 
 
 def gpu_grid() -> Grid:

@@ -27,14 +27,15 @@ LAYOUTS = {
 }
 
 
-def _layers(layout, seed=0, k=K):
-    """Random layers of the layout: z ~ N(0, 1), parameters ~ 0.5 N(0, 1), float32 leaves."""
+def _layers(layout, seed=0, k=K, device="cpu"):
+    """Random layers of the layout: z ~ N(0, 1), parameters ~ 0.5 N(0, 1), float32 leaves,
+    drawn on the CPU and moved to ``device`` (the kernels compiled on a GPU)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for kinds, d in zip(layout, (D1, D2)):
         shape = {"e": (B, d), "s": (B, k, d)}
         params = [None if c is None else 0.5 * torch.randn(shape[c], generator=g) for c in kinds]
-        out.append(Latent(torch.randn(B, k, d, generator=g), *params))
+        out.append(Latent(*(None if t is None else t.to(device) for t in (torch.randn(B, k, d, generator=g), *params))))
     return out
 
 
@@ -50,18 +51,19 @@ def _rebuild(leaves, layers):
     return [Latent(*(None if t is None else next(it) for t in layer)) for layer in layers]
 
 
-def _check(compute, layout, reduce, k=K):
-    """compute(x, logits, layers) -> [B, k] or [B] against the reference in float64, value and
-    the gradient of every tensor for a random cotangent."""
+def _check(compute, layout, reduce, k=K, device="cpu"):
+    """compute(x, logits, layers) -> [B, k] or [B] on ``device`` against the reference in
+    float64 on the CPU, value and the gradient of every tensor for a random cotangent."""
     x, logits = make_case(B, k, D, D1)[:2]
     layers = _layers(layout, k=k)
-    ours_in, ref_in = _leaves(x, logits, layers), None
-    ref_in = [t.detach().double().requires_grad_() for t in ours_in]
-    ours = compute(x, ours_in[0], _rebuild(ours_in, layers))
+    ours_in = [t.to(device) for t in _leaves(x, logits, layers)]
+    ours_in = [t.detach().requires_grad_() for t in ours_in]
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours_in]
+    ours = compute(x.to(device), ours_in[0], _rebuild(ours_in, layers))
     want = reduce(reference.log_weights(x, ref_in[0], _rebuild(ref_in, layers)))
     assert_close(ours, want)
     cot = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
-    got = torch.autograd.grad((ours * cot).sum(), ours_in)
+    got = torch.autograd.grad((ours * cot.to(device)).sum(), ours_in)
     expected = torch.autograd.grad((want * cot.double()).sum(), ref_in)
     for i, (a, b) in enumerate(zip(got, expected)):
         assert_close(a, b, rtol=1e-4, atol=1e-4, what=f"gradient of input {i}")
@@ -79,16 +81,16 @@ PATHS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
 @pytest.mark.parametrize("path", PATHS, ids=list(PATHS))
-def test_layers_match_the_float64_reference(path, layout):
+def test_layers_match_the_float64_reference(path, layout, device):
     compute, reduce = PATHS[path]
-    _check(compute, LAYOUTS[layout], reduce)
+    _check(compute, LAYOUTS[layout], reduce, device=device)
 
 
-def test_per_example_gradients_sum_over_sample_blocks():
+def test_per_example_gradients_sum_over_sample_blocks(device):
     """k = 70 walks several sample blocks (64 rows at most): the per-example parameters'
     gradients are sums over all of them."""
     compute, reduce = PATHS["fused-bound"]
-    _check(compute, LAYOUTS["two-layer-vae"], reduce, k=70)
+    _check(compute, LAYOUTS["two-layer-vae"], reduce, k=70, device=device)
 
 
 def test_the_reference_layer_is_the_two_densities():
@@ -101,8 +103,8 @@ def test_the_reference_layer_is_the_two_densities():
     assert_close(reference.log_latent(layer), want, rtol=1e-12, atol=1e-12)
 
 
-def test_one_layer_is_todays_call_bit_for_bit():
-    x, logits, z, mu, logvar = make_case(B, K, D, D1)
+def test_one_layer_is_todays_call_bit_for_bit(device):
+    x, logits, z, mu, logvar = make_case(B, K, D, D1, device=device)
     one = [Latent(z, mu, logvar)]
     assert torch.equal(kernels.log_weights(x, logits, one), kernels.log_weights(x, logits, z, mu, logvar))
     assert torch.equal(kernels.fused_iwae_bound(x, logits, one), kernels.fused_iwae_bound(x, logits, z, mu, logvar))
@@ -116,10 +118,10 @@ def test_one_layer_is_todays_call_bit_for_bit():
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
-def test_bad_layers_are_named(backend):
-    x, logits = make_case(B, K, D, D1)[:2]
-    layers = _layers(LAYOUTS["two-layer-vae"])
-    bad = [layers[0], layers[1]._replace(mu=torch.zeros(B, K + 1, D2))]
+def test_bad_layers_are_named(backend, device):
+    x, logits = make_case(B, K, D, D1, device=device)[:2]
+    layers = _layers(LAYOUTS["two-layer-vae"], device=device)
+    bad = [layers[0], layers[1]._replace(mu=torch.zeros(B, K + 1, D2, device=device))]
     with pytest.raises(ValueError, match=r"layers\[1\]\.mu must have shape \[3, 4\] \(per example\) or \[3, 5, 4\]"):
         bounds.iwae_bound(x, logits, bad, backend=backend)
     with pytest.raises(ValueError, match=r"layers\[0\]\.z must have shape \[3, 5, d\]"):
@@ -130,10 +132,11 @@ def test_bad_layers_are_named(backend):
         bounds.objective_bound(x, logits, layers, objective="multi_sample_elbo", backend=backend, kl="analytic")
 
 
-def _head_case():
+def _head_case(device="cpu"):
     g = torch.Generator().manual_seed(6)
     x = make_case(B, K, D, D1)[0]
-    return x, torch.randn(B, K, 8, generator=g), 0.3 * torch.randn(D, 8, generator=g), torch.randn(D, generator=g)
+    head = (x, torch.randn(B, K, 8, generator=g), 0.3 * torch.randn(D, 8, generator=g), torch.randn(D, generator=g))
+    return tuple(t.to(device) for t in head)
 
 
 HEAD_PATHS = {
@@ -144,12 +147,12 @@ HEAD_PATHS = {
 
 
 @pytest.mark.parametrize("path", HEAD_PATHS, ids=list(HEAD_PATHS))
-def test_the_fused_head_takes_layers(path):
+def test_the_fused_head_takes_layers(path, device):
     """The decoder's output layer fused in: values and the gradients of h, weight, bias and
     every layer tensor against float64 autograd through the reference."""
     compute, reduce = HEAD_PATHS[path]
-    x, *head = _head_case()
-    layers = _layers(LAYOUTS["two-layer-vae"])
+    x, *head = _head_case(device)
+    layers = _layers(LAYOUTS["two-layer-vae"], device=device)
     ours_in = _leaves(x, head[0], layers)[1:]
     head_in = [t.clone().requires_grad_() for t in head]
     ref_in = [t.detach().double().requires_grad_() for t in head_in + ours_in]
@@ -158,26 +161,26 @@ def test_the_fused_head_takes_layers(path):
     want = reduce(reference.log_weights(x, logits64, _rebuild([None] + ref_in[3:], layers)))
     assert_close(ours, want)
     cot = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
-    got = torch.autograd.grad((ours * cot).sum(), head_in + ours_in)
+    got = torch.autograd.grad((ours * cot.to(device)).sum(), head_in + ours_in)
     expected = torch.autograd.grad((want * cot.double()).sum(), ref_in)
     for i, (a, b) in enumerate(zip(got, expected)):
         assert_close(a, b, rtol=1e-4, atol=1e-4, what=f"gradient of input {i}")
 
 
-def test_the_fused_head_names_bad_layers():
-    x, h, weight, bias = _head_case()
-    layers = _layers(LAYOUTS["two-layer-vae"])
+def test_the_fused_head_names_bad_layers(device):
+    x, h, weight, bias = _head_case(device)
+    layers = _layers(LAYOUTS["two-layer-vae"], device=device)
     with pytest.raises(ValueError, match=r"layers\[0\]\.z must have shape \[3, 5, d\]"):
         kernels.fused_linear_iwae_bound(x, h, weight, bias, [layers[0]._replace(z=layers[0].z[:, :2])])
     with pytest.raises(ValueError, match=r"weight must have shape"):
         kernels.fused_linear_iwae_bound(x, h, weight[:, :3], bias, layers)
 
 
-def test_latent_terms_sum_over_layers_in_log_space():
+def test_latent_terms_sum_over_layers_in_log_space(device):
     """The two-layer log w is log p(x|h1) plus each layer's term: the kernels' likelihood-only
     path (d = 0) plus kernels/latent.py, nothing counted twice."""
-    x, logits = make_case(B, K, D, D1)[:2]
-    layers = _layers(LAYOUTS["two-layer-vae"])
+    x, logits = make_case(B, K, D, D1, device=device)[:2]
+    layers = _layers(LAYOUTS["two-layer-vae"], device=device)
     log_px = reference.log_likelihood(x, logits)
     parts = sum(reference.log_latent(layer) for layer in layers)
     assert_close(kernels.log_weights(x, logits, layers), log_px + parts)

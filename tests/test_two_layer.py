@@ -52,14 +52,15 @@ CASES = [("iwae", "iwae"), ("iwae", "stl"), ("iwae", "dreg"), ("vr:0.5", "dreg")
 
 
 @pytest.mark.parametrize("objective, estimator", CASES, ids=[f"{o}-{e}" for o, e in CASES])
-def test_every_objective_and_estimator_agrees_on_both_backends(objective, estimator):
-    """The same draws through IWAELoss on each backend: one loss value (minus the float64
-    reference's bound of the model's own outputs) and one gradient for every parameter."""
-    model, x = _model(), _data()
+def test_every_objective_and_estimator_agrees_on_both_backends(objective, estimator, device):
+    """The same draws through IWAELoss on each backend (on the test device): one loss value
+    (minus the float64 reference's bound of the model's own outputs) and one gradient for
+    every parameter."""
+    model, x = _model().to(device), _data().to(device)
     results = {}
     for backend in ("torch", "fused"):
         copy_ = copy.deepcopy(model)
-        logits, layers = copy_(x, 4, torch.Generator().manual_seed(2))
+        logits, layers = copy_(x, 4, torch.Generator(device=device).manual_seed(2))
         loss = IWAELoss(objective, backend, estimator=estimator)(x, logits, layers)
         results[backend] = (loss, torch.autograd.grad(loss, list(copy_.parameters())))
         log_w = reference.log_weights(x, logits.detach(), [Latent(*layer[:5]) for layer in layers])
@@ -69,13 +70,13 @@ def test_every_objective_and_estimator_agrees_on_both_backends(objective, estima
         assert_close(b, a, rtol=1e-4, atol=1e-5, what=f"{objective} {estimator} d/d{name}")
 
 
-def test_the_fused_head_trains_the_two_layer_model_as_torch_does():
+def test_the_fused_head_trains_the_two_layer_model_as_torch_does(device):
     """IWAELoss.from_hidden (the output layer fused into the bound) with DReG: one gradient."""
-    model, x = _model(), _data()
+    model, x = _model().to(device), _data().to(device)
     results = []
     for backend in ("torch", "fused"):
         copy_ = copy.deepcopy(model)
-        h, layers = copy_.forward_hidden(x, 4, torch.Generator().manual_seed(2))
+        h, layers = copy_.forward_hidden(x, 4, torch.Generator(device=device).manual_seed(2))
         loss = IWAELoss("iwae", backend, estimator="dreg").from_hidden(x, h, copy_.output_layer, layers)
         results.append(torch.autograd.grad(loss, list(copy_.parameters())))
     for (name, _), a, b in zip(model.named_parameters(), *results):
@@ -83,15 +84,15 @@ def test_the_fused_head_trains_the_two_layer_model_as_torch_does():
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
-def test_the_total_gradient_matches_float64_autograd(backend):
+def test_the_total_gradient_matches_float64_autograd(backend, device):
     """A float64 model's outputs (the same draws twice) through the loss (float32 inside) and
     through the float64 reference: every parameter's gradient."""
-    model, x = copy.deepcopy(_model()).double(), _data().double()
+    model, x = copy.deepcopy(_model()).double().to(device), _data().double().to(device)
     grads = []
     for loss_of in (lambda logits, layers: IWAELoss("iwae", backend)(x, logits, layers),
                     lambda logits, layers: -reference.iwae_bound(reference.log_weights(
                         x, logits, [Latent(*layer[:5]) for layer in layers])).mean()):
-        logits, layers = model(x, 4, torch.Generator().manual_seed(2))
+        logits, layers = model(x, 4, torch.Generator(device=device).manual_seed(2))
         grads.append(torch.autograd.grad(loss_of(logits, layers), list(model.parameters())))
     for (name, _), a, b in zip(model.named_parameters(), *grads):
         assert_close(a, b, rtol=1e-4, atol=1e-5, what=f"{backend} d/d{name}")
