@@ -243,22 +243,27 @@ def test_head_cells_carry_flops_and_the_matmul_yardstick(tmp_path):
     assert "## Which roof binds" in (tmp_path / "report.md").read_text()
 
 
-def test_runs_go_to_their_own_folder_and_meet_the_reference(tmp_path):
+def test_runs_go_to_their_own_folder_and_meet_the_reference(tmp_path, monkeypatch, capsys):
     """Without --out a run lands in results/runs/cpu, never in a committed reference; promote
-    makes it the reference, and the next run's report compares itself with it."""
+    makes it the reference, and the next run's report compares itself with it. The sweeps in
+    their own process, promote in this one."""
+    from iwae_bench.cli import main
+
     args = ["sweep", *TINY, "--k", "2", "--batch", "2", "--latent", "3", "--variants", "torch",
             "--mode", "forward"]
     done = _cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "results" / "runs" / "cpu"
     assert (run / "results.csv").exists() and not (tmp_path / "results" / "reference").exists()
-    done = _cli("promote", "results/runs/cpu", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["promote", "results/runs/cpu"]) == 0
     ref = tmp_path / "results" / "reference" / "cpu"
     assert _rows(ref / "results.csv") == _rows(run / "results.csv")
     assert "## Against" not in (ref / "report.md").read_text()
-    done = _cli("promote", "results/runs/cpu", cwd=tmp_path)
-    assert done.returncode == 2 and "exists; pass --replace" in done.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["promote", "results/runs/cpu"])
+    assert exit_info.value.code == 2 and "exists; pass --replace" in capsys.readouterr().err
     done = _cli(*args, cwd=tmp_path)
     assert done.returncode == 0 and "compared with results/reference/cpu" in done.stdout
     assert "## Against results/reference/cpu" in (run / "report.md").read_text()
@@ -324,10 +329,12 @@ def test_resume_refuses_to_mix_seeds(tmp_path):
     assert (tmp_path / "results.csv").read_text() == before
 
 
-def test_resume_refuses_a_folder_made_with_other_software_or_another_gpu(tmp_path):
+def test_resume_refuses_a_folder_made_with_other_software_or_another_gpu(tmp_path, capsys):
     """The folder's own machine.json is what a resume compares with this machine: edited to
     another torch, Triton or device, the resume stops (exit 2) naming the field, and leaves
-    the CSV and the record as they were."""
+    the CSV and the record as they were. The resumes in-process (the first sweep in its own)."""
+    from iwae_bench.cli import main
+
     base = ["sweep", *TINY, "--k", "1", "--batch", "2", "--latent", "3", "--variants", "torch",
             "--mode", "forward", "--out", str(tmp_path)]
     assert _cli(*base).returncode == 0
@@ -336,10 +343,12 @@ def test_resume_refuses_a_folder_made_with_other_software_or_another_gpu(tmp_pat
     for field, there in [("torch", "2.0.0"), ("triton", "2.1.0"), ("device_name", "NVIDIA H100 80GB HBM3")]:
         edited = json.dumps({**made, "machine": {**made["machine"], field: there}})
         (tmp_path / "machine.json").write_text(edited)
-        done = _cli(*base, "--resume")
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert f"{field} {there!r} there, {made['machine'][field]!r} now" in done.stderr
-        assert done.stderr.count("\n") == 1, done.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--resume"])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, stderr
+        assert f"{field} {there!r} there, {made['machine'][field]!r} now" in stderr
+        assert stderr.count("\n") == 1, stderr
         assert (tmp_path / "results.csv").read_text() == rows
         assert (tmp_path / "machine.json").read_text() == edited
 
@@ -372,15 +381,20 @@ def test_check_resume_names_every_clash():
 ], ids=["k=0", "unknown-variant", "batch-not-int", "min-time-0", "min-time-negative",
         "unknown-regime", "objective-spelling", "objective-beta", "objective-groups", "likelihood-spelling",
         "likelihood-saturated-fixed", "unwritable-out", "against-missing"])
-def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
+def test_bad_flags_exit_2_with_one_line(args, message, tmp_path, capsys):
+    """In-process (a traceback would fail the test here too); the command's own process exits
+    2 in one line in test_resume_refuses_to_mix_seeds."""
+    from iwae_bench.cli import main
+
     blocker = tmp_path / "file"
     blocker.write_text("")
     out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
-    done = _cli("sweep", *[a.format(file=blocker) for a in args], *out)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message.format(file=blocker) in lines[0], done.stderr
-    assert "Traceback" not in done.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", *[a.format(file=blocker) for a in args], *out])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message.format(file=blocker) in lines[0], stderr
 
 
 def test_compare_prints_inf_for_a_non_finite_bound():
