@@ -306,14 +306,16 @@ def test_killed_sweep_resumes_with_each_cell_once(tmp_path):
     assert len(runs) == 2 and runs[0]["finished"] is None and runs[1]["finished"]
 
 
-def test_resume_with_another_grid_counts_only_its_cells(tmp_path):
+def test_resume_with_another_grid_counts_only_its_cells(tmp_path, capsys):
+    """The first sweep in its own process, the resume in this one."""
+    from iwae_bench.cli import main
+
     base = ["sweep", *TINY, "--batch", "2", "--latent", "3", "--variants", "torch", "--mode",
             "forward", "--out", str(tmp_path)]
     assert _cli(*base, "--k", "1", "2", "3").returncode == 0
     first = _rows(tmp_path / "results.csv")
-    done = _cli(*base, "--k", "2", "4", "--resume")
-    assert done.returncode == 0, done.stderr
-    assert "2 cells, 1 already done, 1 to run" in done.stdout
+    assert main([*base, "--k", "2", "4", "--resume"]) == 0
+    assert "2 cells, 1 already done, 1 to run" in capsys.readouterr().out
     rows = _rows(tmp_path / "results.csv")
     assert rows[:3] == first and [r["k"] for r in rows] == ["1", "2", "3", "4"]
 
