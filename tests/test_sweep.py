@@ -30,6 +30,14 @@ def _cli(*args, cwd=ROOT, **kwargs):
                           text=True, env=env, cwd=cwd, **kwargs)
 
 
+def _sweep_here(*args) -> None:
+    """A sweep in this process: the cells' own tests need no interpreter of their own (the
+    command's process runs in the tiny sweep and the resume tests)."""
+    from iwae_bench.cli import main
+
+    assert main(["sweep", *args]) == 0
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -117,9 +125,8 @@ def test_family_cells_are_each_objectives_against_its_float64_value(tmp_path):
     """--objective: every variant that computes the member does, its error against that
     member's float64 value (not the IWAE bound's); blog, which computes the IWAE bound only,
     is left out of the others; the report tables them apart."""
-    done = _cli("sweep", *TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "forward",
+    _sweep_here(*TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "forward",
                 "--objective", "iwae", "vr:0.5", "miwae:2x2", "ciwae:0.25", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stdout + done.stderr
     rows = _rows(tmp_path / "results.csv")
     by_objective = {}
     for r in rows:
@@ -185,10 +192,9 @@ def test_likelihood_cells_are_each_likelihoods_against_its_float64_value(tmp_pat
     """--likelihood: a column of its own; each cell's bound, gradients and bytes under its
     likelihood, against the float64 reference of the same seeded problem; blog only where the
     Bernoulli is; a section per likelihood in the report."""
-    done = _cli("sweep", *TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "backward",
+    _sweep_here(*TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "backward",
                 "--variants", "naive", "blog", "torch", "--likelihood", "bernoulli", "gaussian:pixel",
                 "logistic:mix=2", "--regime", "saturated", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stdout + done.stderr
     rows = _rows(tmp_path / "results.csv")
     cells = {(r["likelihood"], r["regime"], r["variant"]) for r in rows}
     assert len(rows) == len(cells) == 3 + 2 + 2
@@ -223,9 +229,8 @@ def test_tiny_sweep_writes_report_and_machine(tiny_sweep):
 
 
 def test_head_cells_carry_flops_and_the_matmul_yardstick(tmp_path):
-    done = _cli("sweep", *TINY, "--k", "3", "--batch", "2", "--latent", "4", "--hidden", "16",
+    _sweep_here(*TINY, "--k", "3", "--batch", "2", "--latent", "4", "--hidden", "16",
                 "--variants", "torch", "fused_linear", "--mode", "forward", "backward", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr
     rows = _rows(tmp_path / "results.csv")
     assert {(r["family"], r["variant"]) for r in rows} == {("head", "torch"), ("head", "fused_linear")}
     matmul = json.loads((tmp_path / "machine.json").read_text())["runs"][0]["matmul_tflops"]["float32"]
