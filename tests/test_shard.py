@@ -142,7 +142,7 @@ def test_torchrun_shards_and_rank_zero_merges(tmp_path, unsharded):
     assert sources == {"torchrun"}
 
 
-def test_a_killed_shard_resumes_and_a_missing_one_is_reported(tmp_path, unsharded):
+def test_a_killed_shard_resumes_and_a_missing_one_is_reported(tmp_path, unsharded, capsys):
     args = ["sweep", *CELLS, "--min-time", "0.3", "--out", str(tmp_path), "--shard", "0/2"]
     proc = subprocess.Popen([sys.executable, "-m", "iwae_bench", *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -157,21 +157,22 @@ def test_a_killed_shard_resumes_and_a_missing_one_is_reported(tmp_path, unsharde
     done = _cli(*args, "--resume")
     assert done.returncode == 0, done.stderr
     assert len(_rows(csv_path)) == 4 and set(before) <= set(_rows(csv_path))
-    done = _cli("merge", str(tmp_path / "shard-000-of-002"), "--out", str(tmp_path / "merged"))
-    assert done.returncode == 0, done.stderr
-    assert "4 cells missing" in done.stdout  # shard 1 never ran
+    merged = _merge(capsys, tmp_path / "shard-000-of-002", "--out", tmp_path / "merged")
+    assert "4 cells missing" in merged  # shard 1 never ran
     record = json.loads((tmp_path / "merged" / "machine.json").read_text())
     assert len(record["runs"][-1]["missing_cells"]) == 4
     assert "## Cells not measured" in (tmp_path / "merged" / "report.md").read_text()
 
 
-def test_merging_shards_of_different_runs_names_the_setting(tmp_path):
-    assert _cli("sweep", *GRID, "--out", str(tmp_path), "--shard", "0/2").returncode == 0
+def test_merging_shards_of_different_runs_names_the_setting(tmp_path, parts, capsys):
+    """The first shard of the seed-0 GRID beside a second run at seed 7; merged in-process."""
     assert _cli("sweep", *GRID, "--seed", "7", "--out", str(tmp_path), "--shard", "1/2").returncode == 0
-    done = _cli("merge", str(tmp_path / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
-                "--out", str(tmp_path / "merged"))
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "shards disagree on grid.seed" in done.stderr and "has 0" in done.stderr and "has 7" in done.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", str(parts / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
+              "--out", str(tmp_path / "merged")])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "shards disagree on grid.seed" in stderr and "has 0" in stderr and "has 7" in stderr
     assert not (tmp_path / "merged" / "results.csv").exists()
 
 
@@ -258,9 +259,7 @@ def test_experiment_shards_merge_with_every_run_once(tmp_path, capsys):
     for i in range(2):
         done = _cli(*common, "--shard", f"{i}/2", timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    done = _cli("merge", str(tmp_path / "shard-000-of-002"), str(tmp_path / "shard-001-of-002"),
-                "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr
+    _merge(capsys, tmp_path / "shard-000-of-002", tmp_path / "shard-001-of-002", "--out", tmp_path)
     with open(tmp_path / "summary.csv", newline="") as f:
         summary = list(csv.DictReader(f))
     keys = {(r["objective"], r["k"], r["estimator"], r["seed"]) for r in summary}

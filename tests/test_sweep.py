@@ -30,6 +30,14 @@ def _cli(*args, cwd=ROOT, **kwargs):
                           text=True, env=env, cwd=cwd, **kwargs)
 
 
+def _sweep_here(*args) -> None:
+    """A sweep in this process: the cells' own tests need no interpreter of their own (the
+    command's process runs in the tiny sweep and the resume tests)."""
+    from iwae_bench.cli import main
+
+    assert main(["sweep", *args]) == 0
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -117,9 +125,8 @@ def test_family_cells_are_each_objectives_against_its_float64_value(tmp_path):
     """--objective: every variant that computes the member does, its error against that
     member's float64 value (not the IWAE bound's); blog, which computes the IWAE bound only,
     is left out of the others; the report tables them apart."""
-    done = _cli("sweep", *TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "forward",
+    _sweep_here(*TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "forward",
                 "--objective", "iwae", "vr:0.5", "miwae:2x2", "ciwae:0.25", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stdout + done.stderr
     rows = _rows(tmp_path / "results.csv")
     by_objective = {}
     for r in rows:
@@ -225,10 +232,9 @@ def test_likelihood_cells_are_each_likelihoods_against_its_float64_value(tmp_pat
     """--likelihood: a column of its own; each cell's bound, gradients and bytes under its
     likelihood, against the float64 reference of the same seeded problem; blog only where the
     Bernoulli is; a section per likelihood in the report."""
-    done = _cli("sweep", *TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "backward",
+    _sweep_here(*TINY, "--k", "4", "--batch", "2", "--latent", "3", "--mode", "backward",
                 "--variants", "naive", "blog", "torch", "--likelihood", "bernoulli", "gaussian:pixel",
                 "logistic:mix=2", "--regime", "saturated", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stdout + done.stderr
     rows = _rows(tmp_path / "results.csv")
     cells = {(r["likelihood"], r["regime"], r["variant"]) for r in rows}
     assert len(rows) == len(cells) == 3 + 2 + 2
@@ -263,9 +269,8 @@ def test_tiny_sweep_writes_report_and_machine(tiny_sweep):
 
 
 def test_head_cells_carry_flops_and_the_matmul_yardstick(tmp_path):
-    done = _cli("sweep", *TINY, "--k", "3", "--batch", "2", "--latent", "4", "--hidden", "16",
+    _sweep_here(*TINY, "--k", "3", "--batch", "2", "--latent", "4", "--hidden", "16",
                 "--variants", "torch", "fused_linear", "--mode", "forward", "backward", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr
     rows = _rows(tmp_path / "results.csv")
     assert {(r["family"], r["variant"]) for r in rows} == {("head", "torch"), ("head", "fused_linear")}
     matmul = json.loads((tmp_path / "machine.json").read_text())["runs"][0]["matmul_tflops"]["float32"]
@@ -283,22 +288,27 @@ def test_head_cells_carry_flops_and_the_matmul_yardstick(tmp_path):
     assert "## Which roof binds" in (tmp_path / "report.md").read_text()
 
 
-def test_runs_go_to_their_own_folder_and_meet_the_reference(tmp_path):
+def test_runs_go_to_their_own_folder_and_meet_the_reference(tmp_path, monkeypatch, capsys):
     """Without --out a run lands in results/runs/cpu, never in a committed reference; promote
-    makes it the reference, and the next run's report compares itself with it."""
+    makes it the reference, and the next run's report compares itself with it. The sweeps in
+    their own process, promote in this one."""
+    from iwae_bench.cli import main
+
     args = ["sweep", *TINY, "--k", "2", "--batch", "2", "--latent", "3", "--variants", "torch",
             "--mode", "forward"]
     done = _cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "results" / "runs" / "cpu"
     assert (run / "results.csv").exists() and not (tmp_path / "results" / "reference").exists()
-    done = _cli("promote", "results/runs/cpu", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["promote", "results/runs/cpu"]) == 0
     ref = tmp_path / "results" / "reference" / "cpu"
     assert _rows(ref / "results.csv") == _rows(run / "results.csv")
     assert "## Against" not in (ref / "report.md").read_text()
-    done = _cli("promote", "results/runs/cpu", cwd=tmp_path)
-    assert done.returncode == 2 and "exists; pass --replace" in done.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["promote", "results/runs/cpu"])
+    assert exit_info.value.code == 2 and "exists; pass --replace" in capsys.readouterr().err
     done = _cli(*args, cwd=tmp_path)
     assert done.returncode == 0 and "compared with results/reference/cpu" in done.stdout
     assert "## Against results/reference/cpu" in (run / "report.md").read_text()
@@ -310,9 +320,9 @@ KILL_ARGS = ["sweep", *TINY, "--k", "1", "2", "3", "--batch", "2", "--latent", "
              "--mode", "forward"]
 
 
-def test_killed_sweep_resumes_with_each_cell_once(tmp_path):
-    """A SIGKILL mid-sweep over a multi-latent, multi-dtype grid; --resume runs only what is
-    missing: every cell of the grid exactly once, finished rows kept as they were."""
+def test_killed_sweep_resumes_with_each_cell_once(tmp_path, capsys):
+    """A SIGKILL mid-sweep over a multi-latent, multi-dtype grid; --resume (in this process)
+    runs only what is missing: every cell of the grid exactly once, finished rows kept as they were."""
     args = [*KILL_ARGS, "--out", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "iwae_bench", *args], cwd=ROOT, env=env,
@@ -329,9 +339,8 @@ def test_killed_sweep_resumes_with_each_cell_once(tmp_path):
     total = 3 * 2 * 2 * 3  # k x latent x dtype x variants
     assert 8 <= len(before) < total, "the kill should land mid-sweep"
 
-    done = _cli(*args, "--resume")
-    assert done.returncode == 0, done.stderr
-    assert f"{total} cells, {len(before)} already done, {total - len(before)} to run" in done.stdout
+    _sweep_here(*args[1:], "--resume")
+    assert f"{total} cells, {len(before)} already done, {total - len(before)} to run" in capsys.readouterr().out
     rows = _rows(csv_path)
     keys = [_key(r) for r in rows]
     assert len(rows) == total and len(set(keys)) == total
@@ -341,14 +350,16 @@ def test_killed_sweep_resumes_with_each_cell_once(tmp_path):
     assert len(runs) == 2 and runs[0]["finished"] is None and runs[1]["finished"]
 
 
-def test_resume_with_another_grid_counts_only_its_cells(tmp_path):
+def test_resume_with_another_grid_counts_only_its_cells(tmp_path, capsys):
+    """The first sweep in its own process, the resume in this one."""
+    from iwae_bench.cli import main
+
     base = ["sweep", *TINY, "--batch", "2", "--latent", "3", "--variants", "torch", "--mode",
             "forward", "--out", str(tmp_path)]
     assert _cli(*base, "--k", "1", "2", "3").returncode == 0
     first = _rows(tmp_path / "results.csv")
-    done = _cli(*base, "--k", "2", "4", "--resume")
-    assert done.returncode == 0, done.stderr
-    assert "2 cells, 1 already done, 1 to run" in done.stdout
+    assert main([*base, "--k", "2", "4", "--resume"]) == 0
+    assert "2 cells, 1 already done, 1 to run" in capsys.readouterr().out
     rows = _rows(tmp_path / "results.csv")
     assert rows[:3] == first and [r["k"] for r in rows] == ["1", "2", "3", "4"]
 
@@ -364,10 +375,12 @@ def test_resume_refuses_to_mix_seeds(tmp_path):
     assert (tmp_path / "results.csv").read_text() == before
 
 
-def test_resume_refuses_a_folder_made_with_other_software_or_another_gpu(tmp_path):
+def test_resume_refuses_a_folder_made_with_other_software_or_another_gpu(tmp_path, capsys):
     """The folder's own machine.json is what a resume compares with this machine: edited to
     another torch, Triton or device, the resume stops (exit 2) naming the field, and leaves
-    the CSV and the record as they were."""
+    the CSV and the record as they were. The resumes in-process (the first sweep in its own)."""
+    from iwae_bench.cli import main
+
     base = ["sweep", *TINY, "--k", "1", "--batch", "2", "--latent", "3", "--variants", "torch",
             "--mode", "forward", "--out", str(tmp_path)]
     assert _cli(*base).returncode == 0
@@ -376,10 +389,12 @@ def test_resume_refuses_a_folder_made_with_other_software_or_another_gpu(tmp_pat
     for field, there in [("torch", "2.0.0"), ("triton", "2.1.0"), ("device_name", "NVIDIA H100 80GB HBM3")]:
         edited = json.dumps({**made, "machine": {**made["machine"], field: there}})
         (tmp_path / "machine.json").write_text(edited)
-        done = _cli(*base, "--resume")
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert f"{field} {there!r} there, {made['machine'][field]!r} now" in done.stderr
-        assert done.stderr.count("\n") == 1, done.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--resume"])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, stderr
+        assert f"{field} {there!r} there, {made['machine'][field]!r} now" in stderr
+        assert stderr.count("\n") == 1, stderr
         assert (tmp_path / "results.csv").read_text() == rows
         assert (tmp_path / "machine.json").read_text() == edited
 
@@ -413,15 +428,20 @@ def test_check_resume_names_every_clash():
 ], ids=["k=0", "unknown-variant", "batch-not-int", "min-time-0", "min-time-negative",
         "unknown-regime", "objective-spelling", "objective-beta", "objective-groups", "likelihood-spelling",
         "likelihood-saturated-fixed", "layers-3", "unwritable-out", "against-missing"])
-def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
+def test_bad_flags_exit_2_with_one_line(args, message, tmp_path, capsys):
+    """In-process (a traceback would fail the test here too); the command's own process exits
+    2 in one line in test_resume_refuses_to_mix_seeds."""
+    from iwae_bench.cli import main
+
     blocker = tmp_path / "file"
     blocker.write_text("")
     out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
-    done = _cli("sweep", *[a.format(file=blocker) for a in args], *out)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message.format(file=blocker) in lines[0], done.stderr
-    assert "Traceback" not in done.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", *[a.format(file=blocker) for a in args], *out])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message.format(file=blocker) in lines[0], stderr
 
 
 def test_compare_prints_inf_for_a_non_finite_bound():

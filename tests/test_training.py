@@ -18,7 +18,7 @@ def _data(n=16, D=32, seed=0):
     return (picks + flips) % 2
 
 
-def _train(objective, backend, k, steps=30, device="cpu", estimator="iwae", head=False):
+def _train(objective, backend, k, steps=12, device="cpu", estimator="iwae", head=False):
     """Loss trajectory of a tiny VAE trained on the logits or, with ``head``, through
     IWAELoss.from_hidden (the decoder's output layer fused into the bound on the fused backend)."""
     torch.manual_seed(0)
@@ -43,10 +43,12 @@ def _train(objective, backend, k, steps=30, device="cpu", estimator="iwae", head
 
 @pytest.mark.parametrize("objective, k", [("iwae", 5), ("multi_sample_elbo", 5), ("elbo", 1)])
 def test_fused_training_matches_torch(objective, k, device):
+    """12 Adam steps, the losses within 1e-5 (they differ by float32 rounding, about 1e-7): a
+    gradient off by a tenth of mu in (z - mu) / var parts the trajectories from the second step."""
     fused = _train(objective, "fused", k, device=device)
     torch_ = _train(objective, "torch", k, device=device)
     assert fused[-5:].mean() < fused[:5].mean() - 2.0, f"loss did not fall: {fused.tolist()}"
-    assert_close(fused, torch_, rtol=1e-4, atol=1e-4, what=f"{objective} loss trajectory")
+    assert_close(fused, torch_, rtol=1e-5, atol=1e-5, what=f"{objective} loss trajectory")
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
