@@ -492,6 +492,8 @@ def _cmd_experiment(args, parser) -> int:
         load_mnist(schedule.train_size, schedule.test_size)  # fail early, in one line
     except (ValueError, ImportError) as error:
         parser.error(str(error))
+    if args.evaluate:
+        return _evaluate_checkpoint(args, parser, schedule, backend, device)
     if args.objectives is not None and args.likelihoods:
         parser.error("--objectives and --likelihoods do not combine: the family is trained on binarized MNIST")
     if args.layers == 2 and (args.objectives is not None or args.likelihoods):
@@ -507,6 +509,27 @@ def _cmd_experiment(args, parser) -> int:
                             resume=args.resume, shard=shard, collapse_epochs=args.collapse_demo or 0)
     print(f"wrote {report}")
     _merge_if_last(shard, args.out)
+    return 0
+
+
+def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
+    """--evaluate: one saved model's test NLL with its jackknife and PSIS k-hat, on the test
+    images and samples the experiment that trained it used (data seed and evaluation seed --seed)."""
+    from .experiments.data import load_mnist
+    from .experiments.mnist import evaluate, evaluation_data
+    from .training.model import load_checkpoint
+
+    try:
+        model = load_checkpoint(args.evaluate, device)
+    except ValueError as error:
+        parser.error(f"--evaluate: {error}")
+    split = load_mnist(schedule.train_size, schedule.test_size, args.seed, gray=model.likelihood.name != "bernoulli")
+    result = evaluate(model, evaluation_data(split, model.likelihood, args.seed).to(device), schedule, backend,
+                      seed=args.seed)
+    print(f"{args.evaluate}: test NLL {result['test_nll']:.2f} nats at k = {schedule.eval_k} on "
+          f"{split.test.shape[0]} images; jackknife {result['jvi1_nll']:.2f} (order 1), {result['jvi2_nll']:.2f} "
+          f"(order 2); PSIS k-hat median {result['khat_median']:.2f}, above 0.7 on {result['khat_above']:.0%} "
+          f"of the images; {result['active_units']} active units")
     return 0
 
 
@@ -570,6 +593,10 @@ def _add_experiment(sub) -> None:
     p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plots and report from OUT's CSVs without training")
+    p.add_argument("--evaluate", metavar="CHECKPOINT",
+                   help="train nothing: evaluate this saved model (OUT/checkpoints/*.pt) on the test images "
+                        "and samples of the experiment (--seed, --test-size, --eval-k) and print its test NLL, "
+                        "jackknife NLLs, PSIS k-hat and active units")
     p.set_defaults(handler=_cmd_experiment, parser=p)
 
 

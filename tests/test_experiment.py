@@ -540,3 +540,26 @@ def test_two_layer_experiment_through_the_cli(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Two stochastic layers beside the paper" in report and "| IWAE-50 plain DReG |" in report
     assert "| 82.9 |" in report or "| 82.90 |" in report
+
+
+def test_evaluate_a_checkpoint_prints_what_the_experiment_would_measure(tmp_path, capsys):
+    """experiment --evaluate CHECKPOINT: the saved model on the experiment's test images and
+    samples, the same numbers evaluate() gives for it (NLL, jackknife, k-hat, active units)."""
+    from iwae_bench.cli import main
+    from iwae_bench.training.model import save_checkpoint
+
+    torch.manual_seed(3)
+    model = BernoulliVAE(data_dim=784, latent=4, hidden=16)
+    path = tmp_path / "model.pt"
+    save_checkpoint(model, path)
+    assert main(["experiment", "--evaluate", str(path), "--train-size", "40", "--test-size", "6", "--eval-k", "48",
+                 "--device", "cpu", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    schedule = Schedule(stages=[(1, 1e-3)], train_size=40, test_size=6, eval_k=48, k_curve=[1, 48])
+    split = load_mnist(40, 6, 1)
+    want = evaluate(model, evaluation_data(split, Likelihood.parse("bernoulli"), 1), schedule, "torch", seed=1)
+    assert (f"test NLL {want['test_nll']:.2f} nats at k = 48 on 6 images; jackknife {want['jvi1_nll']:.2f} "
+            f"(order 1), {want['jvi2_nll']:.2f} (order 2); PSIS k-hat median {want['khat_median']:.2f}") in printed
+    with pytest.raises(SystemExit):
+        main(["experiment", "--evaluate", str(tmp_path / "missing.pt"), "--device", "cpu"])
+    assert "--evaluate: checkpoint" in capsys.readouterr().err
