@@ -19,11 +19,16 @@ D = 6
 
 
 def _model(seed=0, sharpen=1.0):
-    """A tiny two-layer model; ``sharpen`` scales q(h2|h1)'s and p(h1|h2)'s weights, so h2's
-    posterior leans on h1 (where the naive DReG's dropped term is large)."""
-    torch.manual_seed(seed)
+    """A tiny two-layer model at a generic point: PyTorch's default draw of every layer (nonzero
+    biases; the model's own Glorot init zeroes them, a point where the naive DReG's bias is
+    small); ``sharpen`` scales q(h2|h1)'s and p(h1|h2)'s weights, so h2's posterior leans on h1
+    (where the naive DReG's dropped term is large)."""
     model = TwoLayerVAE(D, latents=(3, 2), hidden=(8, 6))
+    torch.manual_seed(seed)
     with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.reset_parameters()
         for p in [*model.q2.parameters(), *model.p1.parameters()]:
             p.mul_(sharpen)
     return model
@@ -50,6 +55,23 @@ CASES = [("iwae", "iwae"), ("iwae", "stl"), ("iwae", "dreg"), ("vr:0.5", "dreg")
          ("ciwae:0.5", "dreg"), ("piwae:2x2", "iwae"), ("piwae:2x2", "dreg"), ("rws", "wake"), ("rws", "dreg"),
          ("multi_sample_elbo", "stl")]
 
+
+
+def test_weights_start_at_glorots_heuristic():
+    """The paper's initialization: every linear layer's weights uniform on +-sqrt(6 / (fan_in +
+    fan_out)) (variance 2 / (fan_in + fan_out)) and zero biases. PyTorch's default (variance
+    1 / (3 fan_in), biases nonzero) fails the variance and the bias checks."""
+    torch.manual_seed(0)
+    for name, layer in TwoLayerVAE().named_modules():
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        fan_out, fan_in = layer.weight.shape
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        w = layer.weight.double()
+        assert w.abs().max() <= bound, name
+        n = w.numel()  # the sample variance of n uniforms is within a few 1/sqrt(n) of bound^2 / 3
+        assert abs(w.var().item() / (bound ** 2 / 3) - 1) < 6 * (0.8 / n) ** 0.5, name
+        assert torch.all(layer.bias == 0), name
 
 @pytest.mark.parametrize("objective, estimator", CASES, ids=[f"{o}-{e}" for o, e in CASES])
 def test_every_objective_and_estimator_agrees_on_both_backends(objective, estimator, device):
