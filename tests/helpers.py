@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from kernels._common import interpreted
+
 # Tolerances by the dtype the kernel accumulates in: float32 for every input dtype, so the
 # error is float32 rounding of sums, relative to the magnitude of the bound.
 RTOL = 2e-5
@@ -64,6 +66,45 @@ def make_case(B: int, k: int, D: int, d: int, *, logit_scale: float = 4.0, binar
         mu, logvar = mu.t().contiguous(), logvar.t().contiguous()
     return tuple(t.to(device) for t in (x, logits.to(dtype), z, mu, logvar))
 
+
+# The unit roundoff of the 16-bit dtypes tl.dot takes.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def dot_error_scales(loss_of_outputs, h, weight, bias) -> dict:
+    """sum_j |c_j| |b_j|, in float64, for each gradient an output layer's dots make: c =
+    dloss/d(outputs) by float64 autograd through ``loss_of_outputs`` on the outputs h W^T + b
+    rebuilt in float64 (W [C D, H]: a row per channel and pixel, so c holds every channel's
+    coefficients), and dh = c W, dW = c^T h, dbias = sum of c over the samples. By name:
+    "h", "weight" and, with a bias, "bias"."""
+    h, weight = h.detach().double(), weight.detach().double()
+    outputs = h @ weight.t()
+    if bias is not None:
+        outputs = outputs + bias.detach().double()
+    (c,) = torch.autograd.grad(loss_of_outputs(outputs.requires_grad_()), outputs)
+    c = c.abs()
+    rows, H = weight.shape
+    scales = {"h": c @ weight.abs(), "weight": c.reshape(-1, rows).t() @ h.abs().reshape(-1, H)}
+    if bias is not None:
+        scales["bias"] = c.reshape(-1, rows).sum(0)
+    return scales
+
+
+def assert_within_dot_bound(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor,
+                            what: str = "gradient") -> None:
+    """A 16-bit gradient that a dot made within that dot's error bound of the float64 one,
+    ``scale`` its sum_j |c_j| |b_j| (``dot_error_scales``). The kernel rounds the coefficient c
+    to the input dtype before the dot and the float32 sum to the output dtype, so each element
+    is off by at most 2u sum_j |c_j| |b_j| (u = 2^-8 for bfloat16, 2^-11 for float16; the
+    float32 accumulation adds far less). Triton's interpreter casts float32 to bfloat16 by
+    truncation (measured with 3.9: every value of a 1024-draw cast matched the truncated bits),
+    up to 2u per coefficient, so there the bound is 3u. An elementwise relative tolerance fails
+    on cancelling sums, whatever its size, at some seed."""
+    err = (actual.detach().double() - expected.detach().double()).abs()
+    u = UNIT_ROUNDOFF[actual.dtype]
+    bound = ((2 * u if interpreted() else u) + u) * scale + 1e-6
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: {worst:.2f} times the {actual.dtype} dot's error bound"
 
 
 @contextlib.contextmanager

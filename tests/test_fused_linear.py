@@ -14,9 +14,9 @@ from kernels.fused_linear import (_fused_linear_forward, dw_row_plan, fused_line
                                   fused_linear_forward, fused_linear_iwae_bound,
                                   fused_linear_log_weights, matmul_tf32)
 from kernels.logw import PROD_GROUP, SPLIT_QUANTUM, bound_coefficients
-from kernels._common import interpreted, split_plan
+from kernels._common import split_plan
 
-from .helpers import assert_close
+from .helpers import UNIT_ROUNDOFF, assert_close, assert_within_dot_bound, dot_error_scales
 
 # gradients come back in each input's dtype, so each gets its dtype's tolerance (as in
 # tests/test_backward.py); the float64 reference is built from the inputs as rounded
@@ -73,44 +73,24 @@ def _check_gradients(ours, ref, tol=None, loss_of_log_w=None):
 
     With 16-bit inputs and ``loss_of_log_w`` (the scalar the test backpropagated, as a function
     of the float64 log-weights), h's, the weight's and the bias's gradients are held to the
-    bound of a 16-bit dot instead: the kernel rounds the coefficient c = dloss/dlogits to the
-    input dtype before the dot and the sum to the output dtype, so each element is off by at
-    most 2u sum_j |c_j| |b_j| (u = 2^-8 for bfloat16, 2^-11 for float16; the float32
-    accumulation adds far less). Triton's interpreter casts float32 to bfloat16 by truncation
-    (measured with 3.9: every value of a 1024-draw cast matched the truncated bits), up to 2u
-    per coefficient, so there the bound is 3u. An elementwise relative tolerance fails on
-    cancelling sums, whatever its size, at some seed."""
+    error bound of their 16-bit dots instead (``helpers.assert_within_dot_bound``)."""
     scales = _dot_error_scales(ref, loss_of_log_w) if loss_of_log_w is not None else {}
     for name, got, want in zip(NAMES, ours, ref):
         if got is None or not got.requires_grad:
             continue
         assert got.grad is not None and got.grad.dtype == got.dtype, f"d/d{name}"
         if name in scales and got.dtype in UNIT_ROUNDOFF:
-            err = (got.grad.double() - want.grad).abs()
-            u = UNIT_ROUNDOFF[got.dtype]
-            bound = ((2 * u if interpreted() else u) + u) * scales[name] + 1e-6
-            worst = (err / bound).max().item()
-            assert worst <= 1.0, f"d/d{name}: {worst:.2f} times the {got.dtype} dot's error bound"
+            assert_within_dot_bound(got.grad, want.grad, scales[name], what=f"d/d{name}")
             continue
         rtol, atol = tol or GRAD_TOL[got.dtype]
         assert_close(got.grad, want.grad, rtol=rtol, atol=atol, what=f"d/d{name}")
 
 
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
 def _dot_error_scales(ref, loss_of_log_w):
-    """sum_j |c_j| |b_j| for each gradient the head's dots make, in float64: c = dloss/dlogits
-    from the reference, dh = c W, dW = c^T h, dbias = sum c."""
+    """``helpers.dot_error_scales`` of the head's dots, c = dloss/dlogits from the reference."""
     x, h, weight, bias, z, mu, logvar = (t.detach() if t is not None else None for t in ref)
-    logits = _logits64(h, weight, bias).requires_grad_()
-    (c,) = torch.autograd.grad(loss_of_log_w(reference.log_weights(x, logits, z, mu, logvar)), logits)
-    c = c.abs()
-    D, H = weight.shape
-    scales = {"h": c @ weight.abs(), "weight": c.reshape(-1, D).t() @ h.abs().reshape(-1, H)}
-    if bias is not None:
-        scales["bias"] = c.reshape(-1, D).sum(0)
-    return scales
+    return dot_error_scales(lambda logits: loss_of_log_w(reference.log_weights(x, logits, z, mu, logvar)),
+                            h, weight, bias)
 
 
 CASES = [
