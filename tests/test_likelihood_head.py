@@ -15,10 +15,10 @@ from kernels.fused_linear import (dw_row_plan, fused_linear_backward, fused_line
                                   fused_linear_iwae_bound, fused_linear_log_weights)
 from kernels.logw import SPLIT_QUANTUM, bound_coefficients
 
-from .helpers import assert_close
+from .helpers import assert_close, assert_within_dot_bound, dot_error_scales
 
 NAMES = ["x", "h", "weight", "bias", "z", "mu", "logvar", "scale"]
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1.6e-2, 1.6e-2)}  # gradients, by h's dtype
+TOL = (1e-4, 1e-4)  # float32 gradients; 16-bit dots' are held to their error bound
 
 LIKELIHOODS = [
     "bernoulli",
@@ -81,18 +81,33 @@ def ours(fn, likelihood, t, *args):
               likelihood=likelihood, scale=t["scale"])
 
 
-def check_gradients(got, want, tol, of_largest=False):
-    """Each gradient against float64 within ``tol`` (rtol, atol); ``of_largest``: atol times
-    the tensor's largest gradient (16-bit dots round g to 8 bits, as autograd does for a
-    bfloat16 nn.Linear: a sum of large terms of both signs is off by a part of the terms)."""
+def check_gradients(got, want, tol, dot_scales=None):
+    """Each gradient against float64 within ``tol`` (rtol, atol); with 16-bit h and W, those
+    of h, the weight and the bias within the error bound of their 16-bit dots instead
+    (``helpers.assert_within_dot_bound``), ``dot_scales`` from ``head_dot_scales``."""
+    dot_scales = dot_scales or {}
     for name in NAMES:
         if got[name] is None:
             continue
-        assert got[name].grad is not None and got[name].grad.dtype == got[name].dtype, f"d/d{name}"
-        rtol, atol = tol
-        if of_largest:
-            atol *= want[name].grad.abs().max().item()
-        assert_close(got[name].grad, want[name].grad, rtol, atol, what=f"d/d{name}")
+        grad = got[name].grad
+        assert grad is not None and grad.dtype == got[name].dtype, f"d/d{name}"
+        if name in dot_scales:
+            assert_within_dot_bound(grad, want[name].grad, dot_scales[name], what=f"d/d{name}")
+        else:
+            assert_close(grad, want[name].grad, *tol, what=f"d/d{name}")
+
+
+def head_dot_scales(likelihood, t, loss_of_log_w):
+    """``helpers.dot_error_scales`` of the output layer's dots from leaves ``t`` (float64), for
+    ``loss_of_log_w`` (the scalar the test backpropagated, a function of the float64 log w):
+    c = dloss/d(outputs) over the C channels' outputs, the floor's zeros included."""
+    t = {name: None if v is None else v.detach() for name, v in t.items()}
+
+    def loss_of_outputs(outputs):
+        return loss_of_log_w(reference.log_weights(t["x"], outputs, t["z"], t["mu"], t["logvar"], likelihood,
+                                                   t["scale"]))
+
+    return dot_error_scales(loss_of_outputs, t["h"], t["weight"], t["bias"])
 
 
 @pytest.mark.parametrize("spec", LIKELIHOODS)
@@ -107,7 +122,7 @@ def test_bound_and_every_gradient_match_float64(spec, device):
     weights = torch.tensor([0.7, -1.3], device=device)
     (bound * weights).sum().backward()
     (ref * weights.double()).sum().backward()
-    check_gradients(got, want, TOL[torch.float32])
+    check_gradients(got, want, TOL)
 
 
 @pytest.mark.parametrize("spec", ["gaussian", "discretized_logistic:pixel", "continuous_bernoulli"])
@@ -120,7 +135,7 @@ def test_log_weights_and_their_gradients_match_float64(spec, device):
     weights = torch.randn(3, 4).to(device)
     (log_w * weights).sum().backward()
     (ref * weights.double()).sum().backward()
-    check_gradients(got, want, TOL[torch.float32])
+    check_gradients(got, want, TOL)
 
 
 def test_floor_clamps_and_stops_the_gradient(device):
@@ -168,20 +183,28 @@ def test_split_paths_match_float64(spec, device):
                                   row_plan=dw_row_plan(B * k, likelihood.channels * D, device, splits=3))
     for name, grad in zip(NAMES, grads):
         if want[name] is not None:
-            assert_close(grad, want[name].grad, *TOL[torch.float32], what=f"d/d{name}")
+            assert_close(grad, want[name].grad, *TOL, what=f"d/d{name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("spec", ["gaussian", "discretized_logistic", "continuous_bernoulli"])
-def test_bfloat16_h_and_weight(spec, device):
-    """16-bit dots (float32 accumulation); the reference sees the rounded inputs."""
-    likelihood, tensors = make_head(spec, 2, 4, 37, 24, 3, dtype=torch.bfloat16, seed=3, device=device)
+def test_16_bit_h_and_weight(spec, dtype, device):
+    """16-bit dots (float32 accumulation); the reference sees the rounded inputs. h's, W's and
+    b's gradients within their dots' error bound (c over every channel), the others (float32
+    math on float32 inputs) within float32's TOL. Measured under the interpreter at seeds 3-40:
+    at most 0.93 of the bound in bfloat16 (d/dW, the logistic), 0.60 in float16, 0.64 of TOL.
+    Caught, where 1.6e-2 of the largest gradient passed: d/db or the scale channel's d/dW off
+    by 2^-6, d/dx by 2^-10, c rounded through bfloat16 for float16; d/dh off by 2^-6 in float16
+    (bfloat16's d/dh sums cancel: from 2^-5, the old tolerance from 2^-4)."""
+    likelihood, tensors = make_head(spec, 2, 4, 37, 24, 3, dtype=dtype, seed=3, device=device)
     got, want = leaves(tensors), leaves(tensors, torch.float64)
     bound = ours(fused_linear_iwae_bound, likelihood, got)
     ref = reference.iwae_bound(reference_log_weights(likelihood, want))
     assert_close(bound, ref, rtol=1e-4, atol=2e-2, what="bound")
     bound.sum().backward()
     ref.sum().backward()
-    check_gradients(got, want, (1.6e-2, 1.6e-2), of_largest=True)
+    scales = head_dot_scales(likelihood, want, lambda log_w: reference.iwae_bound(log_w).sum())
+    check_gradients(got, want, TOL, scales)
 
 
 def test_family_reduction(device):
@@ -193,7 +216,7 @@ def test_family_reduction(device):
     assert_close(bound, ref, what="bound")
     bound.sum().backward()
     ref.sum().backward()
-    check_gradients(got, want, TOL[torch.float32])
+    check_gradients(got, want, TOL)
 
 
 @pytest.mark.parametrize("change, match", [
