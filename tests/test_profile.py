@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from iwae_bench.profile.kernels import LIKELIHOOD_MUFU, COLUMNS, TARGET_INSTRUCTIONS
+from iwae_bench.profile.kernels import LATENT_LAYERS, LIKELIHOOD_MUFU, COLUMNS, TARGET_INSTRUCTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_COLUMNS = ["kernel", "dtype", "config", "num_warps", "num_stages", "registers", "spills",
@@ -17,16 +17,21 @@ ISSUE_COLUMNS = ["kernel", "dtype", "config", "num_warps", "num_stages", "regist
                  "shape", "input_bytes", "programs_per_sm", "bytes_in_flight_per_sm"]
 
 
-@pytest.fixture(scope="module")
-def fused_profile(tmp_path_factory):
-    out = tmp_path_factory.mktemp("profile")
+def _profile(out, kernel) -> list[dict]:
+    """The CLI's rows for ``--kernel KERNEL``, the first config of each launch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}  # the CLI turns it off
-    done = subprocess.run([sys.executable, "-m", "iwae_bench", "profile", "--kernel", "fused forward",
+    done = subprocess.run([sys.executable, "-m", "iwae_bench", "profile", "--kernel", kernel,
                            "--max-configs", "1", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     with open(out / "profile.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def fused_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    rows = _profile(out, "fused forward")
     # the likelihoods' rows (kernels/likelihood.py) apart: test_likelihood_rows_meet_their_floors
     return out, [r for r in rows if not _likelihood(r)], [r for r in rows if _likelihood(r)]
 
@@ -39,12 +44,14 @@ def test_profile_has_the_columns_and_one_row_per_scenario(fused_profile):
     out, rows, _ = fused_profile
     assert set(ISSUE_COLUMNS) <= set(COLUMNS) and list(rows[0]) == COLUMNS
     # four scenarios (plain, saving log_w, and saving it with the family's epilogues: MIWAE's
-    # groups, CIWAE's mean with a scale) x two dtypes x four validate shapes, one config each
-    assert len(rows) == 4 * 2 * 4
+    # groups, CIWAE's mean with a scale) x two dtypes x four validate shapes, one config each;
+    # and the two-layer model's bound (stochastic layers as an offset) x two dtypes at one shape
+    assert len(rows) == 4 * 2 * 4 + 2
     assert {r["kernel"] for r in rows} == {"fused forward", "fused forward, saving log_w",
                                            "fused forward, saving log_w, miwae M=2",
-                                           "fused forward, saving log_w, ciwae beta=0.25 scale=0.5"}
-    assert {r["shape"] for r in rows} == {"B=1024 k=64", "B=20 k=5000", "B=256 k=256", "B=8 k=100000"}
+                                           "fused forward, saving log_w, ciwae beta=0.25 scale=0.5",
+                                           "fused forward, saving log_w, latent offset"}
+    assert {r["shape"] for r in rows} == {"B=1024 k=64", "B=20 k=5000", "B=256 k=256", "B=8 k=100000", "B=100 k=64"}
     text = (out / "profile.md").read_text()
     assert "A proxy read from the compiler's output, not a measurement" in text
     assert "triton" in text and "sm_90" in text
@@ -87,6 +94,72 @@ def test_profile_values_on_the_fused_forward(fused_profile):
         tile *= int(part.split("=")[1])
     resident = int(row["resident_warps_per_sm"]) // int(row["num_warps"])
     assert int(row["bytes_in_flight_per_sm"]) == min(resident, 4) * tile * 4  # 400 programs: <= 4 per SM
+
+
+def test_latent_scenarios_launch_the_two_layer_layouts():
+    """The stochastic layers' scenarios launch the two-layer model's kernels as it does (captured,
+    not compiled): h1 with q per example and p per sample, h2 with q per sample and no prior,
+    at d = 100 / 50, forward and backward at k = 64, forward at 512, 32- and 16-bit; the bound's
+    offset row with latent width 0 and OFFSET on."""
+    import torch
+
+    from iwae_bench.profile.kernels import scenarios
+    from kernels._common import capture_launches
+
+    kinds = {"h1": ((1, 1, 2, 2), 100), "h2": ((2, 2, 0, 0), 50)}
+    seen = []
+    for scenario in scenarios("latent"):
+        with capture_launches(132) as launches:
+            scenario.run()
+        (launch,) = launches
+        named = launch.named_args()
+        dtype = getattr(torch, scenario.dtype)
+        if scenario.kernel == "fused forward, saving log_w, latent offset":
+            assert named["OFFSET"] and named["d"] == 0 and named["k"] == 64, scenario.kernel
+            assert named["logits_ptr"].dtype == dtype and list(named["offset_ptr"].shape) == [100, 64]
+            seen.append(("offset", scenario.dtype))
+            continue
+        direction = scenario.kernel.split(",")[0].removeprefix("latent ")
+        layer = scenario.kernel.split(", ")[1][:2]
+        assert launch.kernel.fn.__name__ == f"_latent_{direction}_kernel", scenario.kernel
+        assert tuple(named[c] for c in ("QM", "QV", "PM", "PV")) == kinds[layer][0], scenario.kernel
+        assert named["d"] == kinds[layer][1] and named["z_ptr"].dtype == dtype, scenario.kernel
+        assert scenario.mufu_target == LATENT_LAYERS[scenario.kernel.split(", ", 1)[1]][2]
+        seen.append((direction, layer, named["k"], scenario.dtype))
+    expected = [(direction, layer, k, dtype) for dtype in ("float32", "bfloat16")
+                for k, directions in ((64, ("forward", "backward")), (512, ("forward",)))
+                for layer in ("h1", "h2") for direction in directions]
+    assert sorted(seen) == sorted(expected + [("offset", "float32"), ("offset", "bfloat16")])
+
+
+@pytest.fixture(scope="module")
+def latent_profile(tmp_path_factory):
+    return [r for r in _profile(tmp_path_factory.mktemp("profile"), "latent") if r["kernel"].startswith("latent")]
+
+
+def test_latent_rows_meet_their_floors(latent_profile):
+    """Compiled, each stochastic layer's kernels take the MUFU ops its arithmetic needs: h2 one
+    exp per element (its absent prior's exp(-0) folded away); h1 one, plus its per-example
+    log-variance's exp once per column of a thread's samples (not per sample: that would be
+    2), all in hardware and spilling nothing."""
+    rows = latent_profile
+    assert len(rows) == 12
+    for r in rows:
+        layer = r["kernel"].split(", ", 1)[1]
+        floor = LATENT_LAYERS[layer][2]
+        assert r["mufu_kinds"].startswith("EX2:") and " " not in r["mufu_kinds"], r["kernel"]
+        mufu = float(r["mufu_per_element"])
+        assert (mufu == 1.0) if floor == 1.0 else (1.0 < mufu <= floor), (r["kernel"], mufu)
+        assert int(r["software_transcendentals_in_loop"]) == 0 and int(r["spills"]) == 0, r["kernel"]
+        assert int(r["registers"]) > 0 and float(r["loop_instructions_per_element"]) > 0
+        B, k = 100, int(r["shape"].split()[1].removeprefix("k="))
+        # the forward: a program per BLOCK_K samples of an example; the backward one per example
+        block_k = int(r["config"].split()[0].removeprefix("BLOCK_K="))
+        assert int(r["programs"]) == (B * k // block_k if "forward" in r["kernel"] else B), r["kernel"]
+    h1 = next(r for r in rows if r["kernel"].startswith("latent forward, h1") and r["dtype"] == "float32"
+              and r["shape"] == "B=100 k=64 d=100")
+    # z and the prior's two [B, k, d], the posterior's two [B, d], by hand
+    assert int(h1["input_bytes"]) == (3 * 100 * 64 * 100 + 2 * 100 * 100) * 4
 
 
 def test_specialization_of_a_launch():

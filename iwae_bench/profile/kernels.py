@@ -50,6 +50,18 @@ LIKELIHOOD_MUFU = {"gaussian:sigma=0.1": (0, 0), "gaussian:pixel,floor=-9": (0, 
                    "discretized_logistic": (4, 7)}
 LIKELIHOOD_SHAPE = (1024, 64)
 HEAD_SHAPES = [(20, 5000, 200)]  # validate's decoder-head shape: (B, k, H) at D = 784
+# the two-layer model's stochastic layers (kernels/latent.py), each a row of its own: (d, the
+# layouts of its posterior's mean and log-variance and of its prior's, the MUFU ops per element
+# its arithmetic needs forward and backward: one exp(-v) per element of a per-sample
+# log-variance, and a per-example one's exp once per column for the 8 or more of its samples a
+# thread holds, at most 1/8 more)
+#   h1   q(h1|x) per example, p(h1|h2) per sample    1 + 1/8
+#   h2   q(h2|h1) per sample, p(h2) absent            1        (the standard normal: no exp)
+LATENT_LAYERS = {"h1: q per example, p per sample": (100, ("example", "example", "sample", "sample"), 1.125),
+                 "h2: q per sample, p absent": (50, ("sample", "sample", None, None), 1.0)}
+# (B, k, directions): the experiment's training batch at the family's k = 64, and its
+# evaluation's chunk of 512 samples (forward only: evaluation takes no gradient)
+LATENT_SHAPES = [(100, 64, ("forward", "backward")), (100, 512, ("forward",))]
 TARGET_IN_FLIGHT = 14 * 1024
 
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -110,6 +122,7 @@ def scenarios(kernel_filter: str | None = None) -> Iterator[Scenario]:
                 out.append(Scenario("dreg reweight", "backward", dtype_name, shape, B * k * d * 8,
                                     lambda B=B, k=k, w=log_w, s=lse: reweight(_meta(B, k, d), w, s)))
     out += _likelihood_scenarios()
+    out += _latent_scenarios()
     from kernels.fused_linear import fused_linear_backward, fused_linear_forward
 
     for dtype_name in DTYPES:
@@ -177,6 +190,35 @@ def _likelihood_scenarios() -> list[Scenario]:
         out.append(Scenario(f"fused linear forward, {spec}", "head", "bfloat16", f"B={B} k={k} H={H}", size,
                             lambda i=head, o=options: fused_linear_forward(*i, save_log_w=True, **o), forward,
                             _pixel_loop_rank))
+    return out
+
+
+def _latent_scenarios() -> list[Scenario]:
+    """The stochastic layers' kernels (``LATENT_LAYERS``) at ``LATENT_SHAPES``, held to their MUFU
+    floor; and the likelihood-only fused forward with the layers' [B, k] sum as its offset
+    (latent width 0, OFFSET on), as the two-layer model's bound runs it."""
+    from kernels.fused_bound import fused_iwae_forward
+    from kernels.latent import Latent, latent_backward, latent_forward
+
+    out = []
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        for B, k, directions in LATENT_SHAPES:
+            for name, (d, layouts, floor) in LATENT_LAYERS.items():
+                per = {"example": (B, d), "sample": (B, k, d)}
+                layer = Latent(_meta(B, k, d, dtype=dtype),
+                               *(None if at is None else _meta(*per[at], dtype=dtype) for at in layouts))
+                size = sum(t.numel() * t.element_size() for t in layer if t is not None)
+                run = {"forward": lambda l=layer: latent_forward(l),
+                       "backward": lambda l=layer, B=B, k=k: latent_backward(l, _meta(B, k))}
+                out += [Scenario(f"latent {direction}, {name}", direction, dtype_name, f"B={B} k={k} d={d}",
+                                 size, run[direction], floor) for direction in directions]
+        B, k = LATENT_SHAPES[0][:2]
+        inputs = (_meta(B, DATA_DIM), _meta(B, k, DATA_DIM, dtype=dtype), _meta(B, k, 0), _meta(B, 0), _meta(B, 0))
+        offset = _meta(B, k)
+        size = sum(t.numel() * t.element_size() for t in (*inputs, offset))
+        out.append(Scenario("fused forward, saving log_w, latent offset", "forward", dtype_name, f"B={B} k={k}",
+                            size, lambda i=inputs, o=offset: fused_iwae_forward(*i, save_log_w=True, offset=o)))
     return out
 
 
