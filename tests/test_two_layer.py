@@ -3,6 +3,7 @@ backends (fused = torch, values = the float64 reference), the total gradient aga
 autograd, the generalized DReG unbiased and the naive one biased, active units per layer."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -119,6 +120,42 @@ def test_the_total_gradient_matches_float64_autograd(backend, device):
     for (name, _), a, b in zip(model.named_parameters(), *grads):
         assert_close(a, b, rtol=1e-4, atol=1e-5, what=f"{backend} d/d{name}")
 
+
+
+def _distributions_log_weights(model, x, k, generator):
+    """log w of the two-layer model written from torch.distributions, independent of
+    kernels/ and of the package's reference: the same draws as ``model(x, k, generator)``."""
+    from torch.distributions import Bernoulli, Normal
+
+    def normal(mean, logvar):
+        return Normal(mean, torch.exp(0.5 * logvar))
+
+    mu1, logvar1 = model.q1(x)
+    h1 = mu1.unsqueeze(1) + torch.exp(0.5 * logvar1).unsqueeze(1) * torch.randn(
+        (x.shape[0], k, mu1.shape[-1]), generator=generator, dtype=x.dtype)
+    mu2, logvar2 = model.q2(h1)
+    h2 = mu2 + torch.exp(0.5 * logvar2) * torch.randn(mu2.shape, generator=generator, dtype=x.dtype)
+    prior_mu, prior_logvar = model.p1(h2)
+    return (Bernoulli(logits=model.decoder(h1)).log_prob(x.unsqueeze(1)).sum(-1)
+            + normal(prior_mu, prior_logvar).log_prob(h1).sum(-1) + Normal(0.0, 1.0).log_prob(h2).sum(-1)
+            - normal(mu1.unsqueeze(1), logvar1.unsqueeze(1)).log_prob(h1).sum(-1)
+            - normal(mu2, logvar2).log_prob(h2).sum(-1))
+
+
+@pytest.mark.parametrize("objective, k", [("elbo", 1), ("multi_sample_elbo", 5), ("iwae", 5)])
+def test_the_loss_and_gradients_match_torch_distributions(objective, k):
+    """The VAE, the k-sample ELBO and the IWAE of the two-layer model against log w from
+    torch.distributions (float64 model and data): loss and every parameter's gradient."""
+    model, x = copy.deepcopy(_model()).double(), _data(batch=3).double()
+    logits, layers = model(x, k, torch.Generator().manual_seed(2))
+    loss = IWAELoss(objective, "torch")(x, logits, layers)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    log_w = _distributions_log_weights(model, x, k, torch.Generator().manual_seed(2))
+    bound = log_w.mean(dim=1) if objective != "iwae" else torch.logsumexp(log_w, dim=1) - math.log(k)
+    assert_close(loss, -bound.mean(), rtol=1e-5, atol=1e-4, what=f"{objective} loss")
+    theirs = torch.autograd.grad(-bound.mean(), list(model.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), ours, theirs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, what=f"{objective} d/d{name}")
 
 def _naive(layers):
     """Plain DReG on stochastic layers: every posterior's parameters detached outright."""
