@@ -431,21 +431,28 @@ def _objective_sections(report: Report, family: pd.DataFrame) -> None:
         return
     index = ["objective", "batch", "k"]
     for (mode,), part in _groups(family, ["mode"]):
-        report.add(f"The family: bound error, {mode}",
-                   f"Each objective of the family (training/family.py: vr:alpha, miwae:MxK, ciwae:beta, "
-                   f"the ELBOs) computed by every variant on the same inputs: largest |bound - float64 "
-                   f"bound of that objective, written from its paper's definition| in {NATS}. naive "
-                   "computes each without the max shift (non-finite on realistic log-weights); blog "
-                   "computes the IWAE bound only.", pivot(part, "max_abs_err", index))
-        if part["grad_max_abs_err"].notna().any():
-            report.add(f"The family: gradient error, {mode}", "Largest |gradient - float64 autograd "
-                       "gradient of the objective| over every input but x.",
-                       pivot(part, "grad_max_abs_err", index))
-        timed = part[part["status"].isin(TIMED)]
-        if not timed.empty:
-            report.add(f"The family: time, {mode}", "Median time per call in ms (timed variants only; "
-                       "the IWAE bound's cells of the same (B, k) are in the sections above).",
-                       pivot(timed, "time_ms", index))
+        _checked_sections(
+            report, f"The family: {{}}, {mode}", part, part[part["status"].isin(TIMED)], index,
+            f"Each objective of the family (training/family.py: vr:alpha, miwae:MxK, ciwae:beta, "
+            f"the ELBOs) computed by every variant on the same inputs: largest |bound - float64 "
+            f"bound of that objective, written from its paper's definition| in {NATS}. naive "
+            "computes each without the max shift (non-finite on realistic log-weights); blog "
+            "computes the IWAE bound only.",
+            "Largest |gradient - float64 autograd gradient of the objective| over every input but x.",
+            "Median time per call in ms (timed variants only; the IWAE bound's cells of the same (B, k) "
+            "are in the sections above).")
+
+
+def _checked_sections(report: Report, title: str, part: pd.DataFrame, timed: pd.DataFrame, index: list[str],
+                      bound_text: str, gradient_text: str, time_text: str, time_index: list[str] | None = None) -> None:
+    """A block's three sections, titled ``title.format(what)``: each variant's bound error
+    against float64 (``part``), its gradient error where any cell has one, and the median time
+    of the ``timed`` cells (pivoted on ``time_index``, by default ``index``) where there are any."""
+    report.add(title.format("bound error"), bound_text, pivot(part, "max_abs_err", index))
+    if part["grad_max_abs_err"].notna().any():
+        report.add(title.format("gradient error"), gradient_text, pivot(part, "grad_max_abs_err", index))
+    if not timed.empty:
+        report.add(title.format("time"), time_text, pivot(timed, "time_ms", time_index or index))
 
 
 def _likelihood_sections(report: Report, continuous: pd.DataFrame) -> None:
@@ -456,21 +463,17 @@ def _likelihood_sections(report: Report, continuous: pd.DataFrame) -> None:
         return
     index = [c for c in ("objective", "regime", "family", "dtype") if continuous[c].nunique() > 1] + ["batch", "k"]
     for (likelihood, mode), part in _groups(continuous, ["likelihood", "mode"]):
-        report.add(f"Likelihood {likelihood}: bound error, {mode}",
-                   f"The bound under the likelihood {likelihood} (kernels/likelihood.py) on gray-level data "
-                   f"(iwae_bench/problems.py; the saturated regime is its trap) by every variant that takes "
-                   f"it: largest |bound - float64 bound written from the likelihood's definition| in "
-                   f"{NATS}. naive computes it as typical code does (torch.distributions, PixelCNN++'s "
-                   "recipe) with no max shift; blog is the Bernoulli's only.", pivot(part, "max_abs_err", index))
-        if part["grad_max_abs_err"].notna().any():
-            report.add(f"Likelihood {likelihood}: gradient error, {mode}", "Largest |gradient - float64 "
-                       "autograd gradient| over every input but x (every channel of the decoder output, "
-                       "a per-pixel scale).", pivot(part, "grad_max_abs_err", index))
-        timed = part[part["status"].isin(TIMED)]
-        if not timed.empty:
-            report.add(f"Likelihood {likelihood}: time, {mode}", "Median time per call in ms (timed "
-                       "variants only; the Bernoulli's cells of the same (B, k) are in the sections above).",
-                       pivot(timed, "time_ms", index))
+        _checked_sections(
+            report, f"Likelihood {likelihood}: {{}}, {mode}", part, part[part["status"].isin(TIMED)], index,
+            f"The bound under the likelihood {likelihood} (kernels/likelihood.py) on gray-level data "
+            f"(iwae_bench/problems.py; the saturated regime is its trap) by every variant that takes "
+            f"it: largest |bound - float64 bound written from the likelihood's definition| in "
+            f"{NATS}. naive computes it as typical code does (torch.distributions, PixelCNN++'s "
+            "recipe) with no max shift; blog is the Bernoulli's only.",
+            "Largest |gradient - float64 autograd gradient| over every input but x (every channel of the "
+            "decoder output, a per-pixel scale).",
+            "Median time per call in ms (timed variants only; the Bernoulli's cells of the same (B, k) are "
+            "in the sections above).")
 
 
 def _layers_sections(report: Report, everything: pd.DataFrame) -> None:
@@ -486,22 +489,19 @@ def _layers_sections(report: Report, everything: pd.DataFrame) -> None:
     shapes = layered[["batch", "k", "latent", "dtype"]].drop_duplicates()
     beside = pd.concat([layered, same.merge(shapes, on=["batch", "k", "latent", "dtype"])])
     index = [c for c in ("objective", "likelihood", "dtype") if layered[c].nunique() > 1] + ["batch", "latent", "k"]
-    for mode, part in _groups(layered, ["mode"]):
-        report.add(f"Two stochastic layers: bound error, {mode[0]}",
-                   "The two-layer model's log-weights (iwae_bench/problems.py: h1 of 2 d units with the "
-                   "per-sample prior p(h1|h2), h2 of d units with the per-sample posterior q(h2|h1)) by "
-                   f"every variant that takes stochastic layers: largest |bound - float64 bound| in {NATS}. "
-                   "blog has one latent: its cells are skipped.", pivot(part, "max_abs_err", index))
-        if part["grad_max_abs_err"].notna().any():
-            report.add(f"Two stochastic layers: gradient error, {mode[0]}", "Largest |gradient - float64 "
-                       "autograd gradient| over every input but x, each layer's sample and parameters "
-                       "among them.", pivot(part, "grad_max_abs_err", index))
-        timed = beside[(beside["mode"] == mode[0]) & beside["status"].isin(TIMED)]
-        if not timed.empty:
-            report.add(f"Two stochastic layers: time, {mode[0]}", "Median time per call in ms (timed "
-                       "variants only), the two-layer bound (layers 2) beside the one-layer bound (layers 1) "
-                       "on the same (B, k, d): the cost of reading the per-sample latent parameters.",
-                       pivot(timed, "time_ms", index + ["layers"]))
+    for (mode,), part in _groups(layered, ["mode"]):
+        _checked_sections(
+            report, f"Two stochastic layers: {{}}, {mode}", part,
+            beside[(beside["mode"] == mode) & beside["status"].isin(TIMED)], index,
+            "The two-layer model's log-weights (iwae_bench/problems.py: h1 of 2 d units with the "
+            "per-sample prior p(h1|h2), h2 of d units with the per-sample posterior q(h2|h1)) by "
+            f"every variant that takes stochastic layers: largest |bound - float64 bound| in {NATS}. "
+            "blog has one latent: its cells are skipped.",
+            "Largest |gradient - float64 autograd gradient| over every input but x, each layer's sample "
+            "and parameters among them.",
+            "Median time per call in ms (timed variants only), the two-layer bound (layers 2) beside the "
+            "one-layer bound (layers 1) on the same (B, k, d): the cost of reading the per-sample latent "
+            "parameters.", index + ["layers"])
 
 
 def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
