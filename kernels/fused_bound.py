@@ -22,13 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .likelihood import BERNOULLI, Likelihood, as_likelihood
-from ._common import (IWAE, Reduction, SplitWorkspace, Tunable, check_bound_inputs, interpreted, next_pow2,
-                      split_plan)
-from .latent import as_layers, check_layered_inputs, is_single, latent_log_ratio
+from .likelihood import BERNOULLI, Likelihood
+from ._common import IWAE, Reduction, SplitWorkspace, Tunable, interpreted, next_pow2, split_plan
 from .logw import (SPLIT_QUANTUM, _log_weight_block, block_tiling, bound_coefficients, input_strides,
-                   int32_tiles, latent_block, likelihood_launch, likelihood_only, log_weights_backward,
-                   pixel_scale)
+                   int32_tiles, latent_block, likelihood_launch, log_weights_backward, pixel_scale,
+                   prepared_inputs)
 from .lse import _fold_samples, _group_samples, _store_row_bound
 
 
@@ -171,26 +169,6 @@ class FusedIWAEBoundFunction(torch.autograd.Function):
         return (*grads, None, None, None, coef if ctx.offset else None)
 
 
-def _prepared(x, logits, z, mu, logvar, reduction, likelihood, scale):
-    """(B, k, likelihood, the kernel's (z, mu, logvar), offset or None) after the checks every
-    entry point makes: the one-layer call as it is; stochastic layers (kernels/latent.py) as
-    the likelihood alone plus their terms' [B, k] sum (one launch per layer) as the offset."""
-    likelihood = as_likelihood(likelihood)
-    layers = as_layers(z, mu, logvar)
-    if is_single(layers):
-        latent = layers[0][:3]
-        B, k = check_bound_inputs(x, logits, *latent, for_kernel=True, likelihood=likelihood, scale=scale)[:2]
-    else:
-        B, k = check_layered_inputs(x, logits, layers, for_kernel=True, likelihood=likelihood, scale=scale)
-    reduction.group_length(k)
-    likelihood.kernel_args()  # a mixture is refused by name
-    if B == 0:
-        return B, k, likelihood, None, None
-    if is_single(layers):
-        return B, k, likelihood, (int32_tiles(latent[0]), *latent[1:]), None
-    return B, k, likelihood, likelihood_only(logits), latent_log_ratio(layers)
-
-
 def fused_iwae_bound(x, logits, z, mu=None, logvar=None, reduction: Reduction = IWAE, *, likelihood=BERNOULLI,
                      scale=None) -> torch.Tensor:
     """IWAE bound L_k per example, [B] float32, in one kernel from the inputs; any member of
@@ -201,7 +179,8 @@ def fused_iwae_bound(x, logits, z, mu=None, logvar=None, reduction: Reduction = 
     (O(B*k) when a gradient is needed). Differentiable (backward in Triton). Stochastic layers
     (``z`` a sequence of ``kernels.Latent``) add one small launch per layer before it.
     """
-    B, k, likelihood, latent, offset = _prepared(x, logits, z, mu, logvar, reduction, likelihood, scale)
+    B, k, likelihood, latent, offset = prepared_inputs(x, logits, z, mu, logvar, likelihood, scale)
+    reduction.group_length(k)
     if B == 0:
         return torch.empty(0, device=logits.device, dtype=torch.float32)
     return FusedIWAEBoundFunction.apply(x, int32_tiles(logits), *latent, scale, reduction, likelihood, False, offset)
@@ -210,7 +189,8 @@ def fused_iwae_bound(x, logits, z, mu=None, logvar=None, reduction: Reduction = 
 def fused_iwae_bound_with_weights(x, logits, z, mu=None, logvar=None, reduction: Reduction = IWAE, *,
                                   likelihood=BERNOULLI, scale=None):
     """(bound [B], log_w [B, k], lse [B * M]) from one kernel; only the bound is differentiable."""
-    B, k, likelihood, latent, offset = _prepared(x, logits, z, mu, logvar, reduction, likelihood, scale)
+    B, k, likelihood, latent, offset = prepared_inputs(x, logits, z, mu, logvar, likelihood, scale)
+    reduction.group_length(k)
     if B == 0:
         empty = torch.empty(0, device=logits.device, dtype=torch.float32)
         return empty, empty.view(0, k), empty

@@ -538,6 +538,28 @@ def likelihood_only(logits: torch.Tensor) -> tuple:
     return z, z[:, 0], z[:, 0]
 
 
+def prepared_inputs(x, logits, z, mu, logvar, likelihood, scale) -> tuple:
+    """(B, k, likelihood as a Likelihood, the kernel's (z, mu, logvar), offset [B, k] or None)
+    after the checks every entry point from logits makes (a likelihood the kernels do not
+    take, the logistic mixture, is refused by name): the one-layer call as it is; stochastic
+    layers (kernels/latent.py) as the likelihood alone (stand-ins of width d = 0) plus their
+    terms' [B, k] sum, one launch per layer, as the offset. For B = 0 both are None."""
+    likelihood = as_likelihood(likelihood)
+    layers = as_layers(z, mu, logvar)
+    single = is_single(layers)
+    if single:
+        B, k = check_bound_inputs(x, logits, *layers[0][:3], for_kernel=True, likelihood=likelihood, scale=scale)[:2]
+    else:
+        B, k = check_layered_inputs(x, logits, layers, for_kernel=True, likelihood=likelihood, scale=scale)
+    likelihood.kernel_args()
+    if B == 0:
+        return B, k, likelihood, None, None
+    if single:
+        z, mu, logvar = layers[0][:3]
+        return B, k, likelihood, (int32_tiles(z), mu, logvar), None
+    return B, k, likelihood, likelihood_only(logits), latent_log_ratio(layers)
+
+
 def log_weights(x, logits, z, mu=None, logvar=None, *, likelihood=BERNOULLI, scale=None) -> torch.Tensor:
     """log p(x|h) + log p(h) - log q(h|x) for every example and sample: [B, k] float32.
 
@@ -552,18 +574,8 @@ def log_weights(x, logits, z, mu=None, logvar=None, *, likelihood=BERNOULLI, sca
     None), h1 first, each with its own prior and posterior, per example or per sample; or mu,
     logvar per sample [B, k, d]. log w is then the likelihood kernel's term plus the layers'.
     """
-    likelihood = as_likelihood(likelihood)
-    layers = as_layers(z, mu, logvar)
-    if not is_single(layers):
-        B = check_layered_inputs(x, logits, layers, for_kernel=True, likelihood=likelihood, scale=scale)[0]
-        likelihood.kernel_args()
-        if B == 0:
-            return torch.empty((0, logits.shape[1]), device=logits.device, dtype=torch.float32)
-        log_px = LogWeightsFunction.apply(x, int32_tiles(logits), *likelihood_only(logits), likelihood, scale)
-        return log_px + latent_log_ratio(layers)
-    z, mu, logvar = layers[0][:3]
-    B = check_bound_inputs(x, logits, z, mu, logvar, for_kernel=True, likelihood=likelihood, scale=scale)[0]
-    likelihood.kernel_args()  # a mixture is refused by name
+    B, k, likelihood, latent, offset = prepared_inputs(x, logits, z, mu, logvar, likelihood, scale)
     if B == 0:
-        return torch.empty((0, logits.shape[1]), device=logits.device, dtype=torch.float32)
-    return LogWeightsFunction.apply(x, int32_tiles(logits), int32_tiles(z), mu, logvar, likelihood, scale)
+        return torch.empty((0, k), device=logits.device, dtype=torch.float32)
+    log_w = LogWeightsFunction.apply(x, int32_tiles(logits), *latent, likelihood, scale)
+    return log_w if offset is None else log_w + offset
