@@ -64,13 +64,16 @@ f_i = omega_i / c_dec,i (``kernels.reweight``: f = (c + a u + b u^2) / (c2 + a2 
 u = exp(s log w_i - offset of i's group)), and where the estimator keeps a score term (the
 total gradient of PIWAE, RWS's wake-phi) a surrogate sum_i coef_i log r(z_i) with z_i held fixed
 (r = p(z)/q(z|x); its value is subtracted, so the loss value does not move) gives mu and logvar
-their share. For PIWAE's encoder f_i = w~_g,i / (M w~_i) (MIWAE's weight over the IWAE's),
-written in the log domain as exp(log w_i - (2 lse_g - lse)) / M for DReG and
-exp(lse - lse_g) / M for the total gradient and STL: exact as long as the IWAE weight
-w~_i = exp(log w_i - lse) of a sample that matters to its group stays a normal float32
-(log w_i within about 87 nats of the example's logsumexp); past that the decoder's backward
-rounds that sample's gradient to zero before the hook can rescale it. Realistic spreads
-(tens of nats) are exact to float32 rounding; the tests check 40 nats.
+their share. PIWAE is the one member whose encoder weight is not small where its decoder's is:
+MIWAE weighs every group alike, w~_g,i / M, while the IWAE's w~_i = w~_g,i rho_g carries the
+group's share rho_g = exp(lse_g - lse), which float32 rounds to zero for a group 100 nats below
+the best (MNIST's first epochs have such spreads); no hook can rescale a gradient that has
+rounded to zero. So PIWAE's decoder surrogate is linear in log w with coefficients
+c_i = w~_g,i r_g, r_g = max(rho_g, 2^-50) (``PIWAE_FLOOR``), and its value is the IWAE bound's:
+the decoder's gradient moves by at most M 2^-50 of a floored group's own, far below float32's
+rounding, and the hook's f_i = exp(-log r_g) / M for the total gradient and STL and
+exp(log w_i - (lse_g + log r_g)) / M for DReG (w~_g,i^2 / M over c_i) stays finite and exact.
+The tests put one group 35 and 300 nats below the other.
 Stochastic layers: generalized DReG (Bauer & Mnih 2021). With two layers, q(h1, h2 | x) =
 q(h1 | x; phi1) q(h2 | h1; phi2), drawn as h1 = T1(eps1; phi1), h2 = T2(h1, eps2; phi2), and
 log w = log p(x, h1, h2) - log q(h1 | x) - log q(h2 | h1) a function of z = (h1, h2) and phi.
@@ -108,6 +111,9 @@ from kernels.reweight import ReweightForm
 
 OBJECTIVES = ("elbo", "multi_sample_elbo", "iwae", "vr", "miwae", "ciwae", "piwae", "rws")
 ESTIMATORS = ("iwae", "stl", "dreg", "wake")
+# PIWAE's floor on a group's share of the decoder's weight (module docstring): the decoder's
+# gradient moves by at most M PIWAE_FLOOR of a group's own, far below float32's rounding
+PIWAE_FLOOR = 2.0 ** -50
 GROUPED = ("miwae", "piwae")
 ELBOS = ("elbo", "multi_sample_elbo")
 
@@ -267,12 +273,12 @@ class Objective:
         lse_all = torch.logsumexp(log_w, dim=1, keepdim=True)
         if self.name == "piwae":
             M, K = self.groups(k)
-            lse_g = torch.logsumexp(log_w.view(B, M, K), dim=2)
+            lse_g, log_r = self._piwae_groups(log_w)
             dead = torch.isneginf(lse_g)  # a group of no weight: offset -inf, u = 0 (not NaN)
-            if estimator == "dreg":  # (1/M) w~_g^2 / w~ = exp(log w - (2 lse_g - lse)) / M
-                return ReweightForm(a=1.0 / M), torch.where(dead, -math.inf, 2.0 * lse_g - lse_all), None
-            # total and stl: MIWAE's weight over the IWAE's, (1/M) exp(lse - lse_g), on the path
-            form, offset = ReweightForm(scale=0.0, a=1.0 / M), torch.where(dead, -math.inf, lse_g - lse_all)
+            if estimator == "dreg":  # (1/M) w~_g^2 / (w~_g r_g) = exp(log w - (lse_g + log r_g)) / M
+                return ReweightForm(a=1.0 / M), torch.where(dead, -math.inf, lse_g + log_r), None
+            # total and stl: MIWAE's weight over the decoder's, (1/M) w~_g / (w~_g r_g) = exp(-log r_g) / M
+            form, offset = ReweightForm(scale=0.0, a=1.0 / M), torch.where(dead, -math.inf, log_r)
             score = None
             if estimator == "iwae":  # MIWAE's own weights on log r(z) with z held fixed
                 score = (torch.exp(log_w.view(B, M, K) - lse_g.unsqueeze(2)) / M).view(B, k)
@@ -290,6 +296,28 @@ class Objective:
             return ReweightForm(scale=s, c=1.0 - s, a=s), offset, None
         return (ReweightForm(scale=s, c=beta / k, a=(1 - beta) * (1 - s) / M, b=(1 - beta) * s / M,
                              c2=beta / k, a2=(1 - beta) / M), offset, None)
+
+
+    def decoder_weights(self, log_w: torch.Tensor) -> torch.Tensor | None:
+        """PIWAE's decoder coefficients c_i = w~_g,i r_g on log w_i, [B, k] (module docstring;
+        zero for a sample or group of no weight); None for every other objective, whose
+        decoder's surrogate is its own bound. ``log_w`` [B, k] float32, detached."""
+        if self.name != "piwae":
+            return None
+        B, k = log_w.shape
+        M, K = self.groups(k)
+        lse_g, log_r = self._piwae_groups(log_w)
+        coef = torch.exp(log_w.view(B, M, K) - (lse_g - log_r).unsqueeze(2)).view(B, k)
+        return torch.where(torch.isneginf(log_w) | torch.isneginf(lse_g).repeat_interleave(K, 1), 0.0, coef)
+
+    def _piwae_groups(self, log_w: torch.Tensor):
+        """(lse_g [B, M], log r_g [B, M]): each group's logsumexp and the log of its share of the
+        IWAE's weight, exp(lse_g - lse), floored at ``PIWAE_FLOOR``."""
+        B, k = log_w.shape
+        M, K = self.groups(k)
+        lse_g = torch.logsumexp(log_w.view(B, M, K), dim=2)
+        lse_all = torch.logsumexp(log_w, dim=1, keepdim=True)
+        return lse_g, torch.clamp(lse_g - lse_all, min=math.log(PIWAE_FLOOR))
 
 
 IWAE_OBJECTIVE = Objective()

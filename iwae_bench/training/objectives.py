@@ -18,11 +18,11 @@ all samples), whatever the estimator; only the gradients differ:
            onto the path through z_i, weight omega_i per sample (family.py derives each)
     wake   RWS's wake-phi: sum_i w~_i grad log q(z_i|x), z_i held fixed (objective "rws" only)
 
-How: the decoder's surrogate (its bound, log q's parameters held fixed unless the estimator is
-the plain total gradient) gives the decoder its exact gradient; a hook on z multiplies the
-gradient arriving at each z_i by the ratio of the encoder's weight to the surrogate's
-(``kernels.reweight`` on the fused backend), and a score surrogate adds the q-parameter term
-where the estimator keeps one. Exact under these conditions: ``z`` is the reparameterized
+How: the decoder's surrogate (its bound, or PIWAE's linear form in log w; log q's parameters
+held fixed unless the estimator is the plain total gradient) gives the decoder its exact
+gradient; a hook on z multiplies the gradient arriving at each z_i by the ratio of the
+encoder's weight to the surrogate's (``kernels.reweight`` on the fused backend), and a score
+surrogate adds the q-parameter term where the estimator keeps one. Exact under these conditions: ``z`` is the reparameterized
 sample that fed the decoder (``logits = decoder(z)``), each sample's logits depend on its own
 z_i only (no batch norm across samples), z reaches the encoder's parameters only through mu
 and logvar, z is used by nothing else in the loss, and the loss is backpropagated once per
@@ -41,8 +41,9 @@ import kernels
 
 from kernels.latent import Latent, as_layers
 
-from .bounds import (BACKENDS, KLS, as_likelihood, check_analytic, check_choice, gaussian_kl, head_reduced_bound,
-                     latent_log_ratio, layer_log_ratio, log_likelihood, reduced_bound)
+from .bounds import (BACKENDS, KLS, as_likelihood, check_analytic, check_choice, gaussian_kl, head_log_weights,
+                     head_reduced_bound, latent_log_ratio, layer_log_ratio, log_likelihood, log_weights,
+                     reduced_bound, torch_reduce)
 from .family import ESTIMATORS, as_objective, check_estimator, default_estimator
 
 
@@ -89,7 +90,8 @@ class IWAELoss(torch.nn.Module):
                      - gaussian_kl(mu, logvar))
             return self._mean(x, bound)
         return self._loss(x, z, mu, logvar, lambda latent, reduction, with_log_w: reduced_bound(
-            x, logits, *latent, reduction, self.backend, with_log_w, **lik))
+            x, logits, *latent, reduction, self.backend, with_log_w, **lik),
+            lambda latent: log_weights(x, logits, *latent, self.backend, **lik))
 
     def from_hidden(self, x, h, linear: torch.nn.Linear, z, mu=None, logvar=None, scale=None) -> torch.Tensor:
         """The same loss from the decoder's last hidden layer h [B, k, H] and its output layer
@@ -102,16 +104,18 @@ class IWAELoss(torch.nn.Module):
         weight, bias = linear.weight, linear.bias
         lik = {"likelihood": self.likelihood, "scale": scale}
         return self._loss(x, z, mu, logvar, lambda latent, reduction, with_log_w: head_reduced_bound(
-            x, h, weight, bias, *latent, reduction, self.backend, with_log_w, **lik))
+            x, h, weight, bias, *latent, reduction, self.backend, with_log_w, **lik),
+            lambda latent: head_log_weights(x, h, weight, bias, *latent, self.backend, **lik))
 
     def _check_k(self, k) -> None:
         if k is not None:
             self.spec.check(k, self.estimator, self.kl)
 
-    def _loss(self, x, z, mu, logvar, bound) -> torch.Tensor:
+    def _loss(self, x, z, mu, logvar, bound, weights) -> torch.Tensor:
         """-mean bound; ``bound((z, mu, logvar), reduction, with_log_w)`` computes the reduction's
-        bound (and the detached log w) from the rest of the inputs; z may be a sequence of
-        stochastic layers (mu, logvar None): ``held`` and ``score_terms`` treat each."""
+        bound (and the detached log w) from the rest of the inputs, ``weights((z, mu, logvar))``
+        the differentiable log w (PIWAE's decoder surrogate); z may be a sequence of stochastic
+        layers (mu, logvar None): ``held`` and ``score_terms`` treat each."""
         single = isinstance(z, torch.Tensor)
         samples = [z] if single else [layer.z for layer in z]
         reduction = self.spec.value(samples[0].shape[1])
@@ -119,7 +123,14 @@ class IWAELoss(torch.nn.Module):
             return self._mean(x, bound((z, mu, logvar), reduction, False))
         # q's parameters held fixed in the decoder's surrogate; the encoder's terms added after
         latent = (z, mu.detach(), logvar.detach()) if single else ([held(layer) for layer in z], None, None)
-        value, log_w = bound(latent, reduction, True)
+        if self.spec.name == "piwae":  # the IWAE bound's value, its gradient c_i on each log w_i
+            live = weights(latent)
+            log_w = live.detach()
+            coef = self.spec.decoder_weights(log_w)
+            surrogate = (coef * live.masked_fill(coef == 0, 0.0)).sum(1)
+            value = torch_reduce(log_w, reduction) + (surrogate - surrogate.detach())
+        else:
+            value, log_w = bound(latent, reduction, True)
         form, offset, score = self.spec.encoder_terms(self.estimator, log_w)
         if form is not None:
             for sample in samples:
