@@ -400,6 +400,28 @@ def test_family_report_judges_differences_against_the_seeds_spread(tmp_path):
     assert [text.index(name) for name in names] == sorted(text.index(name) for name in names)  # Rainforth's order
 
 
+def test_family_report_names_diverged_seeds_and_leaves_them_out(tmp_path):
+    """A seed whose training loss went non-finite has no test NLL: the report names it, the
+    member's mean and its paired difference use the finished seeds only, and a member with no
+    finished seed reads "diverged" and drops out of the orderings."""
+    from iwae_bench.experiments.mnist_report import _family_text, aggregate
+
+    nlls = {"iwae": (90.0, 91.0, 92.0), "piwae:8x8": (89.0, math.nan, 91.5), "miwae:8x8": (math.nan,) * 3,
+            "ciwae:0.05": (90.5, 91.5, 92.5)}
+    summary = pd.DataFrame([{"objective": o, "k": 64, "estimator": "iwae", "seed": s, "test_nll": v,
+                             "active_units": 20, "test_elbo": -95.0, "train_seconds": 1.0, "eval_seconds": 1.0,
+                             "jvi1_nll": v, "jvi2_nll": v, "khat_median": 0.5, "khat_above": 0.1,
+                             "diverged_epoch": 3 if math.isnan(v) else None}
+                            for o, values in nlls.items() for s, v in enumerate(values)])
+    text = "\n".join(_family_text(aggregate(summary), summary, seeds=3))
+    assert "| PIWAE(8, 8) | 90.25 ± 1.77 |" in text  # seeds 0 and 2
+    assert "| -0.75 ± 3.18 |" in text  # paired over seeds 0 and 2: (-1.0, -0.5), t(1 dof) 12.706 x 0.25
+    assert "PIWAE(8, 8): the loss became non-finite in training at seed(s) 1; its numbers are over the other 2." in text
+    assert "MIWAE(8, 8): the loss became non-finite in training at seed(s) 0, 1, 2; no seed finished." in text
+    assert "| diverged |" in text and "MIWAE(8, 8) against IWAE" not in text
+    assert "ours PIWAE(8, 8) < CIWAE(beta = 0.05); Rainforth et al. PIWAE(8, 8) < CIWAE(beta = 0.05)" in text
+
+
 def test_family_command_sharded_resumed_and_merged(tmp_path):
     """``experiment --objectives miwae:8x8 rws --estimators dreg`` in two shards, one resumed,
     then merged: MIWAE, MIWAE-DReG, RWS (wake) and RWS-DReG once each, every row with its

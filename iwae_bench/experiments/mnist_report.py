@@ -338,14 +338,14 @@ def _difference(a, b, nll: dict) -> tuple[float, float]:
     initial weights and the data order of every model alike, so most of the seed-to-seed spread
     cancels in the difference): the per-seed differences' mean, and t(n - 1) times their standard
     error; else the difference of the means, with both means' standard errors combined and the
-    smaller model's seeds - 1 degrees of freedom."""
+    smaller model's finished seeds - 1 degrees of freedom."""
     x, y = nll[(a.objective, a.estimator)], nll[(b.objective, b.estimator)]
     common = x.index.intersection(y.index)
     if len(common) >= 2:
         paired = x[common] - y[common]
         return paired.mean(), _t975(len(common) - 1) * paired.std() / math.sqrt(len(common))
-    se = math.sqrt(a.test_nll_std ** 2 / a.seeds + b.test_nll_std ** 2 / b.seeds)
-    return a.test_nll - b.test_nll, _t975(min(a.seeds, b.seeds) - 1) * se
+    se = math.sqrt(a.test_nll_std ** 2 / len(x) + b.test_nll_std ** 2 / len(y))
+    return a.test_nll - b.test_nll, _t975(min(len(x), len(y)) - 1) * se
 
 
 def _verdict(diff: float, half_width: float) -> str:
@@ -364,9 +364,14 @@ def _family_text(family, summary, seeds: int) -> list[str]:
     order = {(objective, estimator): i for i, (objective, _, estimator) in enumerate(FAMILY_RUNS)}
     rows = {(r.objective, r.estimator): r for r in sorted(
         family.itertuples(), key=lambda r: order.get((r.objective, r.estimator), len(order)))}
-    nll = {key: part.set_index("seed")["test_nll"] for key, part in summary.groupby(["objective", "estimator"])}
+    # a diverged seed has no test NLL: it is named below, and the means and differences are over the rest
+    nll = {key: part.set_index("seed")["test_nll"].dropna()
+           for key, part in summary.groupby(["objective", "estimator"])}
+    failed = {key: sorted(part.loc[part["test_nll"].isna(), "seed"].astype(int))
+              for key, part in summary.groupby(["objective", "estimator"])}
     base = rows.get(("iwae", "iwae"))
-    others = [r for key, r in rows.items() if key != ("iwae", "iwae")]
+    base = base if base is not None and len(nll[("iwae", "iwae")]) else None
+    others = [r for key, r in rows.items() if key != ("iwae", "iwae") and len(nll[key])]
     lines = ["Each member trained at the same budget of k = 64 samples per example (groups M x K = 8 x 8), "
              "then evaluated like every model here (the IWAE bound at the evaluation k, 5000 by default). "
              "Rainforth et al.'s numbers come "
@@ -376,9 +381,11 @@ def _family_text(family, summary, seeds: int) -> list[str]:
              "initial weights and the data order of every model alike).\n",
              f"| model | test NLL (ours) | JVI-1 NLL | JVI-2 NLL | k-hat > {KHAT_UNRELIABLE} | active units | "
              "vs our IWAE (95% interval) | Rainforth NLL |", "|---|---|---|---|---|---|---|---|"]
-    for row in rows.values():
+    for key, row in rows.items():
         versus = "-"
-        if base is not None and row is not base:
+        if not len(nll[key]):
+            versus = "diverged"
+        elif base is not None and row is not base:
             diff, half_width = _difference(row, base, nll)
             versus = f"{diff:+.2f}" + ("" if math.isnan(half_width) else f" ± {half_width:.2f}")
         lines.append(f"| {_family_label(row.objective, row.estimator)} | "
@@ -386,7 +393,14 @@ def _family_text(family, summary, seeds: int) -> list[str]:
                      f"{_share(row.khat_above)} | {_fmt(row.active_units, 1)} | {versus} | "
                      f"{_fmt(rainforth_nll(row.objective, row.k, row.estimator))} |")
     lines.append("")
-    quoted = [r for r in rows.values() if rainforth_nll(r.objective, r.k, r.estimator) is not None]
+    for key, seeds_lost in failed.items():
+        if seeds_lost:
+            lines.append(f"- {_family_label(*key)}: the loss became non-finite in training at seed(s) "
+                         f"{', '.join(map(str, seeds_lost))}; "
+                         + ("no seed finished." if not len(nll[key]) else
+                            f"its numbers are over the other {len(nll[key])}."))
+    quoted = [r for r in rows.values() if rainforth_nll(r.objective, r.k, r.estimator) is not None
+              and len(nll[(r.objective, r.estimator)])]
     if len(quoted) >= 2:
         ours = sorted(quoted, key=lambda r: r.test_nll)
         theirs = sorted(quoted, key=lambda r: rainforth_nll(r.objective, r.k, r.estimator))
