@@ -445,6 +445,9 @@ def test_family_command_sharded_resumed_and_merged(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## The importance-weighted family at k = 64 beside Rainforth et al. (2018)" in text
     assert "| MIWAE(8, 8) |" in text and "| 84.97 |" in text and "| RWS DReG |" in text
+    # a family-only run: its own title, and no empty columns for Burda et al.'s Table 1
+    assert text.startswith("# The importance-weighted family on MNIST at k = 64\n")
+    assert "paper NLL" not in text and "Burda" not in text
     with pytest.raises(SystemExit) as exit_info:
         main(["experiment", "--objectives", "miwae:8", "--out", str(tmp_path / "bad")])
     assert exit_info.value.code == 2

