@@ -194,25 +194,44 @@ def test_every_parameter_gradient_matches_the_float64_surrogate(spec, estimator,
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
+@pytest.mark.parametrize("spec, estimator", GRAD_CASES, ids=[f"{s}-{e}" for s, e in GRAD_CASES])
+def test_every_gradient_holds_when_half_the_samples_sit_300_nats_below(spec, estimator, backend, device):
+    """The same float64 check with samples 3-5 of each example pushed far below samples 0-2
+    (every pixel's logit 60 nats against its x): weights float32 cannot hold must not turn a
+    gradient into NaN or drop a term that matters (PIWAE's encoder did, once)."""
+    model, x = _model(), _data()
+    spec = Objective.parse(spec)
+    eps = torch.randn(x.shape[0], 6, LATENT, generator=torch.Generator().manual_seed(2))
+    shift = torch.zeros(x.shape[0], 6, x.shape[1])
+    shift[:, 3:] = -60.0 * (2 * x[:, None] - 1)
+    logits, z, mu, logvar = _forward(copy.deepcopy(model), x, eps)
+    log_w = _log_w64(x.double(), (logits + shift).double(), z.double(), mu.double(), logvar.double())
+    assert (log_w[:, :3].min(1).values - log_w[:, 3:].max(1).values > 300).all()  # the premise
+    ours, _ = _loss_grads(model, x, eps, spec, estimator, backend, shift, device)
+    want = _surrogate_grads(model, x, eps, spec, estimator, shift)
+    for (name, _), got, expected in zip(model.named_parameters(), ours, want):
+        assert_close(got, expected, rtol=1e-4, atol=2e-5, what=f"{backend} {spec.label} {estimator} d/d{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
-@pytest.mark.parametrize("push, gap", [(7.0, 35.0), (60.0, 300.0)])
-def test_piwae_gradients_are_exact_when_a_group_sits_far_below(push, gap, estimator, backend, device):
+def test_piwae_gradients_are_exact_when_a_group_sits_35_nats_below(estimator, backend, device):
     """PIWAE's encoder weights MIWAE's groups equally while its decoder weighs them as the IWAE
-    does: a group hundreds of nats below the best has an IWAE weight float32 cannot hold, but
-    its encoder gradient is as large as any group's. Training on MNIST meets such spreads in
-    its first epochs (a NaN in epoch 3 before the decoder's weights were floored per group)."""
+    does: a group far below the best has a tiny IWAE weight but an encoder gradient as large as
+    any group's (the test above puts it 300 nats below, where float32 cannot hold the weight:
+    a NaN in epoch 3 on MNIST before the decoder's weights were floored per group)."""
     model, x = _model(), _data()
     spec = Objective.parse("piwae:2x3")
     eps = torch.randn(x.shape[0], 6, LATENT, generator=torch.Generator().manual_seed(2))
     # the second group's samples: every pixel's logit pushed against its x (per sample)
     shift = torch.zeros(x.shape[0], 6, x.shape[1])
-    shift[:, 3:] = -push * (2 * x[:, None] - 1)
+    shift[:, 3:] = -7.0 * (2 * x[:, None] - 1)
     ours, _ = _loss_grads(model, x, eps, spec, estimator, backend, shift, device)
     want = _surrogate_grads(model, x, eps, spec, estimator, shift)
     logits, z, mu, logvar = _forward(copy.deepcopy(model), x, eps)
     log_w = _log_w64(x.double(), (logits + shift).double(), z.double(), mu.double(), logvar.double())
     below = torch.logsumexp(log_w[:, :3], 1) - torch.logsumexp(log_w[:, 3:], 1)
-    assert (below > gap).all(), below  # the premise: the second group far below the first
+    assert (below > 35).all(), below  # the premise: the second group far below the first
     for (name, _), got, expected in zip(model.named_parameters(), ours, want):
         assert_close(got, expected, rtol=1e-4, atol=2e-5, what=f"{backend} piwae {estimator} d/d{name}")
 
