@@ -130,17 +130,10 @@ def torch_bernoulli(x, logits) -> torch.Tensor:
     return log_px
 
 
-def latent_log_ratio(z, mu, logvar) -> torch.Tensor:
-    """log p(h) - log q(h|x) [B, k] in float32 (the 2 pi terms cancel)."""
-    z = z.float()
-    mu = mu.float().unsqueeze(1)
-    logvar = logvar.float().unsqueeze(1)
-    return 0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar - z * z).sum(-1)
-
-
 def layer_log_ratio(layer: Latent) -> torch.Tensor:
     """log p(z) - log q(z) [B, k] in float32 of one stochastic layer (kernels.Latent): each
-    parameter [B, d] broadcast over the samples, [B, k, d] per sample, or an absent prior one 0."""
+    parameter [B, d] broadcast over the samples, [B, k, d] per sample, or an absent prior one 0
+    (the standard normal; the 2 pi terms cancel)."""
     z = layer.z.float()
 
     def param(t):
@@ -153,11 +146,11 @@ def layer_log_ratio(layer: Latent) -> torch.Tensor:
 
 
 def latent_terms(layers) -> torch.Tensor:
-    """The latent side of log w [B, k] float32: the one-layer call's ``latent_log_ratio`` (as it
-    always was), or the sum of the stochastic layers' terms."""
-    if is_single(layers):
-        return latent_log_ratio(*layers[0][:3])
-    return sum(layer_log_ratio(layer) for layer in layers)
+    """The latent side of log w [B, k] float32: the sum of the stochastic layers' terms."""
+    total = layer_log_ratio(layers[0])
+    for layer in layers[1:]:
+        total = total + layer_log_ratio(layer)
+    return total
 
 
 def checked_layers(x, logits, z, mu, logvar, *, for_kernel=False, likelihood=None, scale=None):

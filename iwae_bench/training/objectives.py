@@ -42,8 +42,8 @@ import kernels
 from kernels.latent import Latent, as_layers
 
 from .bounds import (BACKENDS, KLS, as_likelihood, check_analytic, check_choice, gaussian_kl, head_log_weights,
-                     head_reduced_bound, latent_log_ratio, layer_log_ratio, log_likelihood, log_weights,
-                     reduced_bound, torch_reduce)
+                     head_reduced_bound, layer_log_ratio, log_likelihood, log_weights, reduced_bound,
+                     torch_reduce)
 from .family import ESTIMATORS, as_objective, check_estimator, default_estimator
 
 
@@ -177,14 +177,13 @@ def held(layer) -> Latent:
 
 def score_terms(z, mu, logvar) -> torch.Tensor:
     """log r(z) [B, k] with every sample held fixed and q's weights live, whose gradient is the
-    score term d log q / d phi |z: the one-layer ``latent_log_ratio(z.detach(), mu, logvar)``;
-    for stochastic layers the sum of -log q (up to constants) with a ``Layer.posterior``'s
-    parameters recomputed from its detached given sample."""
-    if isinstance(z, torch.Tensor):
-        return latent_log_ratio(z.detach(), mu, logvar)
-    total = 0.0
-    for layer in z:
+    score term d log q / d phi |z: per stochastic layer (one for a tensor z) log p - log q with
+    z detached, a ``Layer.posterior``'s parameters recomputed from its detached given sample;
+    the prior is taken as the standard normal, a constant here."""
+    total = None
+    for layer in ([Latent(z, mu, logvar)] if isinstance(z, torch.Tensor) else z):
         posterior = getattr(layer, "posterior", None)
         mu, logvar = (layer.mu, layer.logvar) if posterior is None else posterior(layer.given.detach())
-        total = total + layer_log_ratio(Latent(layer.z.detach(), mu, logvar))
+        term = layer_log_ratio(Latent(layer.z.detach(), mu, logvar))
+        total = term if total is None else total + term
     return total
