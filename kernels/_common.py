@@ -240,11 +240,12 @@ class Reduction:
 
     def weights(self, log_w: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """d bound / d log w [B, k] float32 from log_w [B, k] and the groups' logsumexps of
-        scale log w [B * M] (a group whose lse is -inf has no weights to give: zeros)."""
+        scale log w [B * M] (a group whose lse is infinite has no finite weights to give: zeros;
+        -inf when every weight is 0, +inf for a scale < 0 and any weight 0)."""
         B, k = log_w.shape
         M = self.groups
         lse = lse.view(B, M, 1)
-        soft = torch.where(torch.isneginf(lse), 0.0,
+        soft = torch.where(torch.isinf(lse), 0.0,
                            torch.exp(self.scale * log_w.view(B, M, k // M) - lse)).view(B, k)
         if not self.linear:
             return soft if M == 1 else soft / M

@@ -198,8 +198,9 @@ def _logsumexp_backward_kernel(
 ):
     # grad_t[r, j] = grad_out[r] * ((1 - beta) exp(scale t[r, j] - lse[r]) + beta / K): the
     # softmax of the scaled row, mixed with the mean's uniform weights. One [BLOCK_R, BLOCK_K]
-    # tile per program, t read once, grad_t (contiguous [R, K]) written once. An all -inf row
-    # has no softmax weights to give: 0 rather than exp(-inf + inf) = NaN. LINEAR and SCALED
+    # tile per program, t read once, grad_t (contiguous [R, K]) written once. A row of infinite
+    # lse (all -inf; with a negative scale, any -inf) has no finite softmax weights to give: 0
+    # rather than exp(inf - inf) = NaN. LINEAR and SCALED
     # as in the forward: the plain logsumexp's loop has neither the mix nor the multiply.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -212,7 +213,7 @@ def _logsumexp_backward_kernel(
     grad_out = tl.load(grad_out_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
     if SCALED:
         tile = tile * scale
-    weights = tl.where(lse[:, None] == float("-inf"), 0.0, exp_(tile - lse[:, None]))
+    weights = tl.where(tl.abs(lse[:, None]) == float("inf"), 0.0, exp_(tile - lse[:, None]))
     if LINEAR:
         weights = (1.0 - beta) * weights + beta * inv_K
     grad = grad_out[:, None] * weights

@@ -47,6 +47,42 @@ def test_every_objective_value_matches_its_float64_definition(spec, backend, dev
     assert_close(objective_bound(*inputs, objective, backend), want, what=f"{spec} {backend}")
 
 
+@pytest.mark.parametrize("spec", VALUE_CASES)
+def test_a_group_of_no_weight_is_minus_inf_with_a_finite_gradient_on_both_backends(spec, device):
+    """An example whose log-weights are all -inf (and one whose second group is): its bound is
+    -inf, never NaN, and its gradient finite, the same from torch_reduce (the torch backend)
+    as from the reduction kernel and from the fused bound; the finite examples' gradients are
+    the float64 reference's."""
+    objective = Objective.parse(spec)
+    reduction = objective.value(12)
+    log_w = 5.0 * torch.randn(3, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    log_w[1] = -math.inf
+    log_w[2, 4:8] = -math.inf  # VR with alpha > 1 weighs w^(1 - alpha): there one zero weight is enough
+    ours = log_w.float().requires_grad_()
+    value = torch_reduce(ours, reduction)
+    value.sum().backward()
+    kernel_w = log_w.float().to(device).requires_grad_()
+    kernel_value = kernels.iwae_bound(kernel_w, reduction)
+    kernel_value.sum().backward()
+    assert value[1] == -math.inf and kernel_value[1].item() == -math.inf
+    assert torch.isfinite(ours.grad).all(), ours.grad
+    assert_close(ours.grad, kernel_w.grad.cpu(), rtol=1e-5, atol=1e-6, what=f"{spec} torch vs kernel gradient")
+    reference64 = log_w[[0]].clone().requires_grad_()
+    reference.objective_bound(reference64, objective if spec != "piwae:3x4" else Objective()).sum().backward()
+    assert_close(ours.grad[0], reference64.grad[0], rtol=1e-5, atol=1e-6, what=f"{spec} finite row's gradient")
+    # the fused bound from the inputs: an example whose every pixel is certain and wrong
+    x, logits, z, mu, logvar = _inputs(device=device)
+    logits[1] = math.inf * (1 - 2 * x[1])
+    grads = []
+    for backend in ("torch", "fused"):
+        live = logits.clone().requires_grad_()
+        bound = objective_bound(x, live, z, mu, logvar, objective, backend)
+        bound.sum().backward()
+        assert bound[1].item() == -math.inf and torch.isfinite(live.grad).all(), f"{spec} {backend}"
+        grads.append(live.grad.cpu())
+    assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6, what=f"{spec} fused vs torch gradient")
+
+
 @pytest.mark.parametrize("spec", ["vr:0.5", "miwae:3x4", "ciwae:0.3", "multi_sample_elbo"])
 def test_the_two_kernel_reduction_computes_the_family(spec, device):
     """kernels.iwae_bound(log_w, reduction): the triton variant's last step, value and gradient."""

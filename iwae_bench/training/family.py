@@ -383,7 +383,16 @@ def torch_reduce(log_w: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     value = 0.0
     if reduction.beta < 1.0:
         s = reduction.scale
-        value = (1.0 - reduction.beta) * ((torch.logsumexp(s * grouped, dim=2) - math.log(K)) / s)
+        # a group whose logsumexp is infinite (no weight at all; for s < 0 any zero weight) keeps
+        # that value with no gradient, as in the kernels: torch's logsumexp backward would give
+        # it exp(inf - inf) = NaN
+        scaled = s * grouped
+        with torch.no_grad():
+            infinite = torch.isinf(torch.logsumexp(scaled, dim=2))
+        lse = torch.logsumexp(scaled.masked_fill(infinite.unsqueeze(2), 0.0), dim=2)
+        if infinite.any():
+            lse = torch.where(infinite, torch.logsumexp(scaled.detach(), dim=2), lse)
+        value = (1.0 - reduction.beta) * ((lse - math.log(K)) / s)
     if reduction.linear:
         value = value + reduction.beta * grouped.mean(2)
     return value.mean(1)
