@@ -385,13 +385,12 @@ def torch_reduce(log_w: torch.Tensor, reduction: Reduction) -> torch.Tensor:
         s = reduction.scale
         # a group whose logsumexp is infinite (no weight at all; for s < 0 any zero weight) keeps
         # that value with no gradient, as in the kernels: torch's logsumexp backward would give
-        # it exp(inf - inf) = NaN
+        # it exp(inf - inf) = NaN. No data-dependent branch: torch.compile keeps one graph.
         scaled = s * grouped
         with torch.no_grad():
-            infinite = torch.isinf(torch.logsumexp(scaled, dim=2))
-        lse = torch.logsumexp(scaled.masked_fill(infinite.unsqueeze(2), 0.0), dim=2)
-        if infinite.any():
-            lse = torch.where(infinite, torch.logsumexp(scaled.detach(), dim=2), lse)
+            lse = torch.logsumexp(scaled, dim=2)
+        infinite = torch.isinf(lse)
+        lse = torch.where(infinite, lse, torch.logsumexp(scaled.masked_fill(infinite.unsqueeze(2), 0.0), dim=2))
         value = (1.0 - reduction.beta) * ((lse - math.log(K)) / s)
     if reduction.linear:
         value = value + reduction.beta * grouped.mean(2)
