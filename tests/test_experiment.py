@@ -401,25 +401,38 @@ def test_family_report_judges_differences_against_the_seeds_spread(tmp_path):
 
 
 def test_family_report_names_diverged_seeds_and_leaves_them_out(tmp_path):
-    """A seed whose training loss went non-finite has no test NLL: the report names it, the
-    member's mean and its paired difference use the finished seeds only, and a member with no
-    finished seed reads "diverged" and drops out of the orderings."""
-    from iwae_bench.experiments.mnist_report import _family_text, aggregate
+    """A seed whose training loss went non-finite has no test NLL (and no other number): the
+    report names it with its epoch, the member's mean and its paired difference use the
+    finished seeds only, a member with no finished seed reads "diverged" and drops out of the
+    orderings, and no "nan" reaches the rendered report. VR, trained on seeds 2-4 with seed 4
+    lost, shares one finished seed with the IWAE: the unpaired interval over 3 and 2 seeds."""
+    from iwae_bench.experiments.mnist_report import _family_text, _report_text, aggregate
 
-    nlls = {"iwae": (90.0, 91.0, 92.0), "piwae:8x8": (89.0, math.nan, 91.5), "miwae:8x8": (math.nan,) * 3,
-            "ciwae:0.05": (90.5, 91.5, 92.5)}
-    summary = pd.DataFrame([{"objective": o, "k": 64, "estimator": "iwae", "seed": s, "test_nll": v,
-                             "active_units": 20, "test_elbo": -95.0, "train_seconds": 1.0, "eval_seconds": 1.0,
-                             "jvi1_nll": v, "jvi2_nll": v, "khat_median": 0.5, "khat_above": 0.1,
-                             "diverged_epoch": 3 if math.isnan(v) else None}
-                            for o, values in nlls.items() for s, v in enumerate(values)])
+    nlls = {("iwae", 0): (90.0, 91.0, 92.0), ("piwae:8x8", 0): (89.0, math.nan, 91.5),
+            ("miwae:8x8", 0): (math.nan,) * 3, ("ciwae:0.05", 0): (90.5, 91.5, 92.5),
+            ("vr:0.5", 2): (91.0, 92.0, math.nan)}
+    finished = {"active_units": 20, "test_elbo": -95.0, "eval_seconds": 1.0, "khat_median": 0.5,
+                "khat_above": 0.1}
+    summary = pd.DataFrame([{"objective": o, "k": 64, "estimator": "iwae", "seed": first + s, "test_nll": v,
+                             "train_seconds": 1.0, "jvi1_nll": v, "jvi2_nll": v,
+                             **({"diverged_epoch": 3} if math.isnan(v) else finished)}
+                            for (o, first), values in nlls.items() for s, v in enumerate(values)])
     text = "\n".join(_family_text(aggregate(summary), summary, seeds=3))
     assert "| PIWAE(8, 8) | 90.25 ± 1.77 |" in text  # seeds 0 and 2
     assert "| -0.75 ± 3.18 |" in text  # paired over seeds 0 and 2: (-1.0, -0.5), t(1 dof) 12.706 x 0.25
-    assert "PIWAE(8, 8): the loss became non-finite in training at seed(s) 1; its numbers are over the other 2." in text
-    assert "MIWAE(8, 8): the loss became non-finite in training at seed(s) 0, 1, 2; no seed finished." in text
+    # unpaired: 91.5 - 91.0, 12.706 (min(3, 2) - 1 dof) x sqrt(0.5 / 2 + 1 / 3)
+    assert "| +0.50 ± 9.70 |" in text
+    assert ("PIWAE(8, 8): no result at seed 1 (non-finite loss in epoch 3); its numbers are over the "
+            "other 2.") in text
+    assert ("MIWAE(8, 8): no result at seed 0 (non-finite loss in epoch 3), seed 1 (non-finite loss in epoch "
+            "3), seed 2 (non-finite loss in epoch 3); no seed finished.") in text
     assert "| diverged |" in text and "MIWAE(8, 8) against IWAE" not in text
     assert "ours PIWAE(8, 8) < CIWAE(beta = 0.05); Rainforth et al. PIWAE(8, 8) < CIWAE(beta = 0.05)" in text
+    curve = pd.DataFrame([{"objective": o, "k_train": 64, "estimator": "iwae", "k_eval": k_eval, "L_k": -90.0,
+                           "elbo": -95.0, "likelihood": "bernoulli"} for o, _ in nlls for k_eval in (1, 5000)])
+    report = _report_text(summary.assign(likelihood="bernoulli"), curve, {})
+    assert report.startswith("# The importance-weighted family on MNIST at k = 64")
+    assert "nan" not in report.lower(), [line for line in report.splitlines() if "nan" in line.lower()]
 
 
 def test_family_command_sharded_resumed_and_merged(tmp_path):

@@ -216,7 +216,7 @@ def _report_text(summary, curve, record) -> str:
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in table.itertuples():
         units = _fmt(row.active_units, 0 if seeds == 1 else 1)
-        if row.active_min != row.active_max:
+        if pd.notna(row.active_min) and row.active_min != row.active_max:
             units += f" ({row.active_min}-{row.active_max})"
         cells = [LABELS.get(row.objective, row.objective), str(row.k), row.estimator,
                  _mean_std(row.test_nll, row.test_nll_std), _fmt(row.paper_nll), _fmt(row.jvi1_nll),
@@ -270,8 +270,9 @@ def _comparison(table, schedule: dict, seeds: int) -> list[str]:
                    f"the paper: {paper_nll('iwae', 50)} vs {paper_nll('multi_sample_elbo', 50)}).")
     for (objective, k, estimator), row in by.items():
         base = by.get((objective, k, "iwae"))
-        if estimator != "iwae" and base is not None:
-            out.append(f"- IWAE k={k} trained with the {estimator} gradient estimator: test NLL "
+        if estimator != "iwae" and base is not None and pd.notna(row.test_nll) and pd.notna(base.test_nll):
+            out.append(f"- {LABELS.get(objective, objective)} k={k} trained with the {estimator} gradient "
+                       "estimator: test NLL "
                        f"{row.test_nll:.2f} against {base.test_nll:.2f} with the total gradient "
                        f"({row.test_nll - base.test_nll:+.2f} nats), {row.active_units:g} active units "
                        f"against {base.active_units:g}.")
@@ -380,8 +381,7 @@ def _family_text(family, summary, seeds: int) -> list[str]:
     # a diverged seed has no test NLL: it is named below, and the means and differences are over the rest
     nll = {key: part.set_index("seed")["test_nll"].dropna()
            for key, part in summary.groupby(["objective", "estimator"])}
-    failed = {key: sorted(part.loc[part["test_nll"].isna(), "seed"].astype(int))
-              for key, part in summary.groupby(["objective", "estimator"])}
+    failed = {key: part.loc[part["test_nll"].isna()] for key, part in summary.groupby(["objective", "estimator"])}
     base = rows.get(("iwae", "iwae"))
     base = base if base is not None and len(nll[("iwae", "iwae")]) else None
     others = [r for key, r in rows.items() if key != ("iwae", "iwae") and len(nll[key])]
@@ -406,10 +406,12 @@ def _family_text(family, summary, seeds: int) -> list[str]:
                      f"{_share(row.khat_above)} | {_fmt(row.active_units, 1)} | {versus} | "
                      f"{_fmt(rainforth_nll(row.objective, row.k, row.estimator))} |")
     lines.append("")
-    for key, seeds_lost in failed.items():
-        if seeds_lost:
-            lines.append(f"- {_family_label(*key)}: the loss became non-finite in training at seed(s) "
-                         f"{', '.join(map(str, seeds_lost))}; "
+    for key, lost in failed.items():
+        if len(lost):
+            epochs = lost["diverged_epoch"] if "diverged_epoch" in lost else pd.Series(index=lost.index)
+            each = [f"seed {int(seed)} " + (f"(non-finite loss in epoch {int(epoch)})" if pd.notna(epoch)
+                                             else "(no test NLL)") for seed, epoch in zip(lost["seed"], epochs)]
+            lines.append(f"- {_family_label(*key)}: no result at {', '.join(each)}; "
                          + ("no seed finished." if not len(nll[key]) else
                             f"its numbers are over the other {len(nll[key])}."))
     quoted = [r for r in rows.values() if rainforth_nll(r.objective, r.k, r.estimator) is not None
