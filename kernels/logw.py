@@ -474,7 +474,7 @@ def log_weights_forward(x, logits, z, mu, logvar, likelihood: Likelihood = BERNO
 def bound_coefficients(grad_bound, log_w, lse, reduction: Reduction = IWAE) -> torch.Tensor:
     """d loss / d log w [B, k] of the bound: g[b] times the bound's weights (the normalized
     importance weights exp(log_w - lse) for the IWAE bound; ``Reduction.weights``), from what
-    the fused forward saved; a group of lse -inf gets zeros."""
+    the fused forward saved; a group of infinite lse gets zeros."""
     return grad_bound.to(torch.float32)[:, None] * reduction.weights(log_w, lse)
 
 

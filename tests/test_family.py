@@ -249,6 +249,24 @@ def test_every_gradient_holds_when_half_the_samples_sit_300_nats_below(spec, est
         assert_close(got, expected, rtol=1e-4, atol=2e-5, what=f"{backend} {spec.label} {estimator} d/d{name}")
 
 
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_piwae_loss_on_examples_of_no_weight_has_finite_gradients_alike_on_both_backends(estimator, device):
+    """PIWAE's own weights (the floored decoder coefficients, the hook, the score surrogate) on
+    an example whose every sample has weight 0 and one whose second group has: the loss is
+    +inf, never NaN, every gradient finite, and the two backends agree."""
+    model, x = _model(), _data()
+    eps = torch.randn(x.shape[0], 6, LATENT, generator=torch.Generator().manual_seed(2))
+    shift = torch.zeros(x.shape[0], 6, x.shape[1])
+    shift[1] = -math.inf * (2 * x[1] - 1)  # every pixel certain and wrong: log w = -inf
+    shift[2, 3:] = -math.inf * (2 * x[2] - 1)
+    results = [_loss_grads(model, x, eps, "piwae:2x3", estimator, backend, shift, device)
+               for backend in ("torch", "fused")]
+    for grads, loss in results:
+        assert loss.item() == math.inf and all(torch.isfinite(g).all() for g in grads)
+    for (name, _), torch_grad, fused_grad in zip(model.named_parameters(), results[0][0], results[1][0]):
+        assert_close(fused_grad, torch_grad, rtol=1e-4, atol=2e-5, what=f"piwae {estimator} d/d{name}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "fused"])
 @pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
 def test_piwae_gradients_are_exact_when_a_group_sits_35_nats_below(estimator, backend, device):

@@ -66,14 +66,16 @@ total gradient of PIWAE, RWS's wake-phi) a surrogate sum_i coef_i log r(z_i) wit
 (r = p(z)/q(z|x); its value is subtracted, so the loss value does not move) gives mu and logvar
 their share. PIWAE is the one member whose encoder weight is not small where its decoder's is:
 MIWAE weighs every group alike, w~_g,i / M, while the IWAE's w~_i = w~_g,i rho_g carries the
-group's share rho_g = exp(lse_g - lse), which float32 rounds to zero for a group 100 nats below
-the best (MNIST's first epochs have such spreads); no hook can rescale a gradient that has
-rounded to zero. So PIWAE's decoder surrogate is linear in log w with coefficients
-c_i = w~_g,i r_g, r_g = max(rho_g, 2^-50) (``PIWAE_FLOOR``), and its value is the IWAE bound's:
-the decoder's gradient moves by at most M 2^-50 of a floored group's own, far below float32's
-rounding, and the hook's f_i = exp(-log r_g) / M for the total gradient and STL and
-exp(log w_i - (lse_g + log r_g)) / M for DReG (w~_g,i^2 / M over c_i) stays finite and exact.
-The tests put one group 35 and 300 nats below the other.
+group's share rho_g = exp(lse_g - lse), which float32 holds only as a subnormal past about 87
+nats below the best and as zero past 103 (MNIST's first epochs have such spreads); no hook can
+rescale a gradient that has rounded to zero, and the old ratio exp(lse - lse_g) / M overflowed
+past 88.7 nats (inf times 0: NaN). So PIWAE's decoder surrogate is linear in log w with
+coefficients c_i = w~_g,i r_g, r_g = max(rho_g, 2^-50) (``PIWAE_FLOOR``), and its value is the
+IWAE bound's: a floored group's change to the decoder's gradient is at most 2^-50 times that
+group's own w~_g-weighted gradient sum_i w~_g,i d log w_i, far below float32's rounding of the
+whole unless one group's gradient is 2^26 / M times the total; the hook's f_i = exp(-log r_g) / M
+for the total gradient and STL and exp(log w_i - (lse_g + log r_g)) / M for DReG (w~_g,i^2 / M
+over c_i) is at most 2^50 / M, finite, and exact. The tests put one group 35 and 300 nats below.
 Stochastic layers: generalized DReG (Bauer & Mnih 2021). With two layers, q(h1, h2 | x) =
 q(h1 | x; phi1) q(h2 | h1; phi2), drawn as h1 = T1(eps1; phi1), h2 = T2(h1, eps2; phi2), and
 log w = log p(x, h1, h2) - log q(h1 | x) - log q(h2 | h1) a function of z = (h1, h2) and phi.
@@ -111,8 +113,8 @@ from kernels.reweight import ReweightForm
 
 OBJECTIVES = ("elbo", "multi_sample_elbo", "iwae", "vr", "miwae", "ciwae", "piwae", "rws")
 ESTIMATORS = ("iwae", "stl", "dreg", "wake")
-# PIWAE's floor on a group's share of the decoder's weight (module docstring): the decoder's
-# gradient moves by at most M PIWAE_FLOOR of a group's own, far below float32's rounding
+# PIWAE's floor on a group's share of the decoder's weight (module docstring): a floored group
+# moves the decoder's gradient by at most PIWAE_FLOOR times its own w~_g-weighted gradient
 PIWAE_FLOOR = 2.0 ** -50
 GROUPED = ("miwae", "piwae")
 ELBOS = ("elbo", "multi_sample_elbo")

@@ -20,13 +20,14 @@ all samples), whatever the estimator; only the gradients differ:
 
 How: the decoder's surrogate (its bound, or PIWAE's linear form in log w; log q's parameters
 held fixed unless the estimator is the plain total gradient) gives the decoder its exact
-gradient; a hook on z multiplies the gradient arriving at each z_i by the ratio of the
-encoder's weight to the surrogate's (``kernels.reweight`` on the fused backend), and a score
-surrogate adds the q-parameter term where the estimator keeps one. Exact under these conditions: ``z`` is the reparameterized
+gradient (PIWAE's: to 2^-50 of a floored group's own, family.py); a hook on z multiplies the
+gradient arriving at each z_i by the ratio of the encoder's weight to the surrogate's
+(``kernels.reweight`` on the fused backend), and a score surrogate adds the q-parameter term
+where the estimator keeps one. Exact under these conditions: ``z`` is the reparameterized
 sample that fed the decoder (``logits = decoder(z)``), each sample's logits depend on its own
-z_i only (no batch norm across samples), z reaches the encoder's parameters only through mu
-and logvar, z is used by nothing else in the loss, and the loss is backpropagated once per
-forward. The weights are constants of the forward pass (no gradient flows through them).
+z_i only (no batch norm across samples), z reaches the encoder's parameters only through mu and
+logvar, z is used by nothing else in the loss, and the loss is backpropagated once per forward.
+The weights are constants of the forward pass (no gradient flows through them).
 
 ``backend="torch"`` computes everything with stable PyTorch, ``backend="fused"`` with the
 Triton kernels (the bound, its backward and the reweighting in Triton), so training code
