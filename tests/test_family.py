@@ -65,6 +65,9 @@ def test_a_group_of_no_weight_is_minus_inf_with_a_finite_gradient_on_both_backen
     kernel_value = kernels.iwae_bound(kernel_w, reduction)
     kernel_value.sum().backward()
     assert value[1] == -math.inf and kernel_value[1].item() == -math.inf
+    want = reference.objective_bound(log_w[[0, 2]], objective if spec != "piwae:3x4" else Objective())
+    assert_close(value[[0, 2]], want, what=f"{spec} rows 0 and 2 (a -inf group)")
+    assert_close(kernel_value.cpu()[[0, 2]], want, what=f"{spec} kernel rows 0 and 2 (a -inf group)")
     assert torch.isfinite(ours.grad).all(), ours.grad
     assert_close(ours.grad, kernel_w.grad.cpu(), rtol=1e-5, atol=1e-6, what=f"{spec} torch vs kernel gradient")
     reference64 = log_w[[0]].clone().requires_grad_()
@@ -247,6 +250,17 @@ def test_every_gradient_holds_when_half_the_samples_sit_300_nats_below(spec, est
     want = _surrogate_grads(model, x, eps, spec, estimator, shift)
     for (name, _), got, expected in zip(model.named_parameters(), ours, want):
         assert_close(got, expected, rtol=1e-4, atol=2e-5, what=f"{backend} {spec.label} {estimator} d/d{name}")
+
+
+def test_piwae_decoder_weights_are_the_iwae_weights_floored_per_group():
+    """c_i = w~_g,i max(rho_g, 2^-50): the IWAE's weight w~_i for a group 10 nats below the
+    best, and w~_g,i 2^-50 for one 60 nats below (rho_g = e^-60 is under the floor)."""
+    log_w = torch.tensor([[0.0, -1.0, -2.0, -10.0, -11.0, -12.0, -60.0, -61.0, -62.0]], dtype=torch.float64)
+    coef = Objective.parse("piwae:3x3").decoder_weights(log_w.float()).double()
+    iwae = torch.softmax(log_w, dim=1)
+    within = torch.softmax(log_w.view(1, 3, 3), dim=2).view(1, 9)
+    assert_close(coef[:, :6], iwae[:, :6], rtol=1e-6, atol=0, what="groups above the floor")
+    assert_close(coef[:, 6:], within[:, 6:] * 2.0 ** -50, rtol=1e-6, atol=0, what="the floored group")
 
 
 @pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
