@@ -449,7 +449,14 @@ def test_family_command_sharded_resumed_and_merged(tmp_path):
     first = tmp_path / "shard-000-of-002"
     before = (first / "summary.csv").read_text()
     assert main([*common, "--shard", "0/2", "--resume"]) == 0 and (first / "summary.csv").read_text() == before
+    # the first shard alone, merged before the second finished: a partial report that says so
+    assert main(["merge", str(first), "--out", str(tmp_path / "partial")]) == 0
+    partial = (tmp_path / "partial" / "report.md").read_text().splitlines()
+    assert partial[2].startswith("**Partial: 2 of the experiment's runs are not in these results yet**")
+    assert partial[2].endswith("(objective, k, estimator, seed, likelihood, layers): `rws 64 dreg 0 bernoulli 1`; "
+                               "`rws 64 wake 0 bernoulli 1`.")
     assert main(["merge", str(first), str(tmp_path / "shard-001-of-002"), "--out", str(tmp_path)]) == 0
+    assert "Partial" not in (tmp_path / "report.md").read_text()
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert sorted(zip(summary["objective"], summary["estimator"])) == [
         ("miwae:8x8", "dreg"), ("miwae:8x8", "iwae"), ("rws", "dreg"), ("rws", "wake")]

@@ -105,8 +105,23 @@ def render_experiment(out: Path) -> Path:
         text += _likelihood_text(others)
     if collapse is not None:
         text += _collapse_text(collapse, _collapse_controls(summary, histories))
-    write_text(out / "report.md", text)
+    write_text(out / "report.md", _with_missing(text, record))
     return out / "report.md"
+
+
+def _with_missing(text: str, record: dict) -> str:
+    """A merged folder whose shards had not finished every run says so under its title: which
+    runs (objective k estimator seed likelihood layers) and how to add them."""
+    last = (record.get("runs") or [{}])[-1]
+    missing = last.get("missing_cells") or []
+    if not missing:
+        return text
+    title, _, rest = text.partition("\n")
+    note = (f"\n**Partial: {len(missing)} of the experiment's runs are not in these results yet** (the shards "
+            "merged here had not trained them; rerun the shards' command with `--resume` and merge again). Every "
+            "number below is over the runs that finished. Missing (objective, k, estimator, seed, likelihood, "
+            "layers): " + "; ".join(f"`{cell}`" for cell in missing) + ".\n")
+    return f"{title}\n{note}{rest}"
 
 
 def _two_layer_text(summary) -> str:
