@@ -394,9 +394,9 @@ def _family_text(family, summary, seeds: int) -> list[str]:
     rows = {(r.objective, r.estimator): r for r in sorted(
         family.itertuples(), key=lambda r: order.get((r.objective, r.estimator), len(order)))}
     # a diverged seed has no test NLL: it is named below, and the means and differences are over the rest
-    nll = {key: part.set_index("seed")["test_nll"].dropna()
-           for key, part in summary.groupby(["objective", "estimator"])}
-    failed = {key: part.loc[part["test_nll"].isna()] for key, part in summary.groupby(["objective", "estimator"])}
+    members = dict(tuple(summary.groupby(["objective", "estimator"])))
+    nll = {key: part.set_index("seed")["test_nll"].dropna() for key, part in members.items()}
+    failed = {key: part.loc[part["test_nll"].isna()] for key, part in members.items()}
     base = rows.get(("iwae", "iwae"))
     base = base if base is not None and len(nll[("iwae", "iwae")]) else None
     others = [r for key, r in rows.items() if key != ("iwae", "iwae") and len(nll[key])]

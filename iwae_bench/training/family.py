@@ -272,7 +272,6 @@ class Objective:
             return None, None, None
         if estimator == "stl" and self.name != "piwae":
             return None, None, None
-        lse_all = torch.logsumexp(log_w, dim=1, keepdim=True)
         if self.name == "piwae":
             M, K = self.groups(k)
             lse_g, log_r = self._piwae_groups(log_w)
@@ -286,6 +285,7 @@ class Objective:
                 score = (torch.exp(log_w.view(B, M, K) - lse_g.unsqueeze(2)) / M).view(B, k)
             return form, offset, _no_nan(score, lse_g, M)
         if self.name == "rws":
+            lse_all = torch.logsumexp(log_w, dim=1, keepdim=True)
             if estimator == "wake":  # no path through z; sum w~ d log q / d phi = -sum w~ d log r / d phi
                 weights = torch.where(torch.isneginf(lse_all), 0.0, torch.exp(log_w - lse_all))
                 return ReweightForm(a=0.0), lse_all, -weights
@@ -387,12 +387,13 @@ def torch_reduce(log_w: torch.Tensor, reduction: Reduction) -> torch.Tensor:
         s = reduction.scale
         # a group whose logsumexp is infinite (no weight at all; for s < 0 any zero weight) keeps
         # that value with no gradient, as in the kernels: torch's logsumexp backward would give
-        # it exp(inf - inf) = NaN. No data-dependent branch: torch.compile keeps one graph.
+        # it exp(inf - inf) = NaN. The logsumexp is infinite exactly where the group's largest
+        # entry is, so one max finds those groups. No data-dependent branch: torch.compile keeps
+        # one graph.
         scaled = s * grouped
-        with torch.no_grad():
-            lse = torch.logsumexp(scaled, dim=2)
-        infinite = torch.isinf(lse)
-        lse = torch.where(infinite, lse, torch.logsumexp(scaled.masked_fill(infinite.unsqueeze(2), 0.0), dim=2))
+        top = scaled.detach().amax(dim=2)
+        infinite = torch.isinf(top)
+        lse = torch.where(infinite, top, torch.logsumexp(scaled.masked_fill(infinite.unsqueeze(2), 0.0), dim=2))
         value = (1.0 - reduction.beta) * ((lse - math.log(K)) / s)
     if reduction.linear:
         value = value + reduction.beta * grouped.mean(2)
