@@ -492,6 +492,8 @@ def _cmd_experiment(args, parser) -> int:
         load_mnist(schedule.train_size, schedule.test_size)  # fail early, in one line
     except (ValueError, ImportError) as error:
         parser.error(str(error))
+    if args.update and not args.evaluate:
+        parser.error("--update: only with --evaluate CHECKPOINT ...")
     if args.evaluate:
         return _evaluate_checkpoint(args, parser, schedule, backend, device)
     if args.objectives is not None and args.likelihoods:
@@ -513,23 +515,29 @@ def _cmd_experiment(args, parser) -> int:
 
 
 def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
-    """--evaluate: one saved model's test NLL with its jackknife and PSIS k-hat, on the test
-    images and samples the experiment that trained it used (data seed and evaluation seed --seed)."""
+    """--evaluate: saved models' test NLL with its jackknife and PSIS k-hat, on the test images
+    and samples the experiment that trained them used (data seed and evaluation seed --seed);
+    with --update, written into OUT's summary rows of the same runs (``add_diagnostics``)."""
     from .experiments.data import load_mnist
-    from .experiments.mnist import evaluate, evaluation_data
+    from .experiments.mnist import add_diagnostics, evaluate, evaluation_data
     from .training.model import load_checkpoint
 
     try:
-        model = load_checkpoint(args.evaluate, device)
+        if args.update:
+            print(f"wrote {add_diagnostics(args.out, args.evaluate, schedule, backend, device, args.seed)}")
+            return 0
+        models = [load_checkpoint(path, device) for path in args.evaluate]
     except ValueError as error:
-        parser.error(f"--evaluate: {error}")
-    split = load_mnist(schedule.train_size, schedule.test_size, args.seed, gray=model.likelihood.name != "bernoulli")
-    result = evaluate(model, evaluation_data(split, model.likelihood, args.seed).to(device), schedule, backend,
-                      seed=args.seed)
-    print(f"{args.evaluate}: test NLL {result['test_nll']:.2f} nats at k = {schedule.eval_k} on "
-          f"{split.test.shape[0]} images; jackknife {result['jvi1_nll']:.2f} (order 1), {result['jvi2_nll']:.2f} "
-          f"(order 2); PSIS k-hat median {result['khat_median']:.2f}, above 0.7 on {result['khat_above']:.0%} "
-          f"of the images; {result['active_units']} active units")
+        parser.error(str(error) if str(error).startswith("--evaluate") else f"--evaluate: {error}")
+    for path, model in zip(args.evaluate, models):
+        split = load_mnist(schedule.train_size, schedule.test_size, args.seed,
+                           gray=model.likelihood.name != "bernoulli")
+        result = evaluate(model, evaluation_data(split, model.likelihood, args.seed).to(device), schedule, backend,
+                          seed=args.seed)
+        print(f"{path}: test NLL {result['test_nll']:.2f} nats at k = {schedule.eval_k} on "
+              f"{split.test.shape[0]} images; jackknife {result['jvi1_nll']:.2f} (order 1), "
+              f"{result['jvi2_nll']:.2f} (order 2); PSIS k-hat median {result['khat_median']:.2f}, above 0.7 on "
+              f"{result['khat_above']:.0%} of the images; {result['active_units']} active units")
     return 0
 
 
@@ -593,10 +601,15 @@ def _add_experiment(sub) -> None:
     p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plots and report from OUT's CSVs without training")
-    p.add_argument("--evaluate", metavar="CHECKPOINT",
-                   help="train nothing: evaluate this saved model (OUT/checkpoints/*.pt) on the test images "
-                        "and samples of the experiment (--seed, --test-size, --eval-k) and print its test NLL, "
-                        "jackknife NLLs, PSIS k-hat and active units")
+    p.add_argument("--evaluate", metavar="CHECKPOINT", nargs="+", type=Path,
+                   help="train nothing: evaluate these saved models (OUT/checkpoints/*.pt) on the test images "
+                        "and samples of the experiment (--seed, --test-size, --eval-k) and print each one's test "
+                        "NLL, jackknife NLLs, PSIS k-hat and active units")
+    p.add_argument("--update", action="store_true",
+                   help="with --evaluate: write each model's jackknife NLLs and k-hat into the row of OUT/summary.csv "
+                        "whose run has the checkpoint's name (a folder trained before they were measured), "
+                        "after checking that the row's test NLL comes out again (the evaluation seed is the "
+                        "row's training seed, as in training), and redraw OUT's report")
     p.set_defaults(handler=_cmd_experiment, parser=p)
 
 

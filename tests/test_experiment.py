@@ -1,5 +1,6 @@
 """The MNIST experiment: data, streamed evaluation, active units, and a short real run."""
 
+import json
 import math
 import os
 import subprocess
@@ -608,3 +609,38 @@ def test_evaluate_a_checkpoint_prints_what_the_experiment_would_measure(tmp_path
     with pytest.raises(SystemExit):
         main(["experiment", "--evaluate", str(tmp_path / "missing.pt"), "--device", "cpu"])
     assert "--evaluate: checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_update_adds_the_diagnostics_to_a_folder_trained_without_them(tmp_path, capsys):
+    """experiment --evaluate CHECKPOINT ... --update --out OUT: a folder whose summary predates the
+    jackknife and k-hat columns gets the values its own training run would have written (the
+    evaluation seed is each row's training seed, the images the data seed's), the report shows
+    them, machine.json records the command; a checkpoint that does not give its row's test NLL
+    again, or one no row is named like, is refused before anything is written."""
+    from iwae_bench.cli import main
+    from iwae_bench.experiments.diagnostics import COLUMNS
+
+    schedule = _gray_schedule()
+    runs = [Run("iwae", 5, seed=1, likelihood="discretized_logistic"), Run("elbo", 1)]
+    run_experiment(tmp_path, schedule, "torch", torch.device("cpu"), runs, data_seed=4, log=lambda line: None)
+    trained = pd.read_csv(tmp_path / "summary.csv")
+    assert trained[COLUMNS].notna().all().all()
+    trained.drop(columns=COLUMNS).to_csv(tmp_path / "summary.csv", index=False)  # as an older folder has it
+    flags = ["experiment", "--train-size", "40", "--test-size", "6", "--eval-k", "32", "--device", "cpu", "--backend", "torch",
+             "--seed", "4", "--out", str(tmp_path), "--update", "--evaluate"]
+    checkpoints = [str(tmp_path / "checkpoints" / f"{run.name}.pt") for run in runs]
+
+    assert main(flags + checkpoints) == 0
+    updated = pd.read_csv(tmp_path / "summary.csv")
+    pd.testing.assert_frame_equal(updated[COLUMNS], trained[COLUMNS])
+    assert f"{trained['jvi1_nll'].iloc[0]:.2f}" in (tmp_path / "report.md").read_text()
+    entry = json.loads((tmp_path / "machine.json").read_text())["runs"][-1]
+    assert entry["evaluated"] == checkpoints and entry["data_seed"] == 4 and entry["finished"]
+
+    before = (tmp_path / "summary.csv").read_text()
+    with pytest.raises(SystemExit):  # the data seed the folder was not trained with: other test images
+        main([flag if flag != "4" else "0" for flag in flags] + checkpoints)
+    assert "test NLL" in capsys.readouterr().err and (tmp_path / "summary.csv").read_text() == before
+    with pytest.raises(SystemExit):
+        main(flags + [str(tmp_path / "checkpoints" / "iwae-k50-iwae-seed0.pt")])
+    assert "no run in" in capsys.readouterr().err

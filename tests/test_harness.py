@@ -231,3 +231,23 @@ def test_torn_tail_is_dropped(tmp_path):
         f.write("bound,torch,cpu,flo")
     table.drop_torn_tail(path)
     assert path.read_text().endswith("\n") and len(table.read_table(path).rows) == 1
+
+
+def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path):
+    """machine.json opened again with resume: the earlier runs and, for a merged folder, the list
+    of machines its rows came from stay; a new run is added after them. Without resume the
+    record starts empty."""
+    import json
+
+    from iwae_bench.harness.machine import MachineRecord
+
+    path = tmp_path / "machine.json"
+    record = MachineRecord.open(path, torch.device("cpu"))
+    record.machines = [{"folder": "shard-0", "hostname": "a"}, {"folder": "shard-1", "hostname": "b"}]
+    record.finish(record.start_run(command="first"))
+    again = MachineRecord.open(path, torch.device("cpu"), resume=True)
+    again.finish(again.start_run(command="second"))
+    saved = json.loads(path.read_text())
+    assert [run["command"] for run in saved["runs"]] == ["first", "second"]
+    assert saved["machines"] == record.machines
+    assert MachineRecord.open(path, torch.device("cpu")).as_dict()["runs"] == []

@@ -574,6 +574,51 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
     return render_experiment(out) if summary or (out / "collapse.csv").exists() else out / "summary.csv"
 
 
+def add_diagnostics(out: Path, checkpoints: list[Path], schedule: Schedule, backend: str, device: torch.device,
+                    data_seed: int = 0, log=print) -> Path:
+    """Evaluate saved models of ``out``'s runs again and write their jackknife NLLs and PSIS
+    k-hat (``DIAGNOSTICS``) into their summary.csv rows: for folders trained before the
+    diagnostics existed. A checkpoint belongs to the row whose run has its file name; it is
+    evaluated as ``run_experiment`` evaluated it (test images made from ``data_seed``, samples
+    from the run's seed, ``schedule``'s test size and eval_k), and must give the row's test NLL
+    again (to 1e-6 relative), else the samples, images or model differ and nothing is written.
+    Every checkpoint is matched to a row before any is evaluated; each row is written as soon
+    as its model is done. Records the command in machine.json and redraws the report."""
+    from ..training.model import load_checkpoint
+
+    summary = read_rows(out / "summary.csv")
+    if not summary:
+        raise ValueError(f"--evaluate: no summary.csv rows in {out} to add diagnostics to")
+    rows = {Run(r["objective"], int(r["k"]), r["estimator"], int(r["seed"]), r["likelihood"], int(r["layers"])).name: r
+            for r in summary}
+    paths = [Path(path) for path in checkpoints]
+    unknown = [str(path) for path in paths if path.stem not in rows]
+    if unknown:
+        raise ValueError(f"--evaluate: no run in {out / 'summary.csv'} is named like {', '.join(unknown)} "
+                         f"(its runs: {', '.join(rows)})")
+    record = MachineRecord.open(out / "machine.json", device, resume=True)
+    entry = record.start_run(backend=backend, schedule=asdict(schedule), data_seed=data_seed,
+                             evaluated=[str(path) for path in paths])
+    for path in paths:
+        row = rows[path.stem]
+        model = load_checkpoint(path, device)
+        likelihood = Likelihood.parse(row["likelihood"])
+        split = load_mnist(schedule.train_size, schedule.test_size, data_seed, gray=likelihood.name != "bernoulli")
+        result = evaluate(model, evaluation_data(split, likelihood, data_seed).to(device), schedule, backend,
+                          seed=int(row["seed"]))
+        recorded = float(row["test_nll"])
+        if not math.isclose(result["test_nll"], recorded, rel_tol=1e-6):
+            raise ValueError(f"--evaluate {path}: test NLL {result['test_nll']:.6f}, but {out / 'summary.csv'} "
+                             f"says {recorded:.6f}: not the model, test images, samples or k it was evaluated "
+                             "with (check --seed, --test-size and --eval-k)")
+        row.update({name: result[name] for name in DIAGNOSTICS})
+        write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+        log(f"{path.stem}: test NLL {recorded:.2f} again; jackknife {result['jvi1_nll']:.2f}, "
+            f"{result['jvi2_nll']:.2f}; k-hat > {KHAT_UNRELIABLE} on {result['khat_above']:.0%} of the images")
+    record.finish(entry)
+    return render_experiment(out)
+
+
 SUMMARY_COLUMNS = ["objective", "k", "estimator", "seed", "likelihood", "layers", "backend", "epochs",
                    "train_seconds", "eval_seconds", "train_objective", "test_nll", "test_bpd", "test_elbo",
                    "active_units", "active_units_per_layer", "diverged_epoch", "paper_nll", "paper_active_units",

@@ -164,7 +164,9 @@ class MachineRecord:
     def open(cls, path: Path, device: torch.device, resume: bool = False) -> "MachineRecord":
         """This machine's record; a resumed folder keeps the earlier runs' entries."""
         earlier = read_json(path) if resume else {}
-        return cls(path, describe(device), earlier.get("runs", []), earlier.get("machine", {}))
+        record = cls(path, describe(device), earlier.get("runs", []), earlier.get("machine", {}))
+        record.machines = earlier.get("machines", [])  # a merged folder's keep their list
+        return record
 
     def start_run(self, command: str | None = None, **fields) -> dict:
         """Add a run entry (command line and start time, ``finished`` None until ``finish``)."""
