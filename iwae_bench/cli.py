@@ -9,6 +9,7 @@ same name when there is one.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -516,7 +517,8 @@ def _cmd_experiment(args, parser) -> int:
 
 def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
     """--evaluate: saved models' test NLL with its jackknife and PSIS k-hat, on the test images
-    and samples the experiment that trained them used (data seed and evaluation seed --seed);
+    and samples the experiment that trained them used (the data seed --seed; the samples' seed
+    the training seed its file name ends with, -seedN, else --seed);
     with --update, written into OUT's summary rows of the same runs (``add_diagnostics``)."""
     from .experiments.data import load_mnist
     from .experiments.mnist import add_diagnostics, evaluate, evaluation_data
@@ -532,8 +534,10 @@ def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
     for path, model in zip(args.evaluate, models):
         split = load_mnist(schedule.train_size, schedule.test_size, args.seed,
                            gray=model.likelihood.name != "bernoulli")
+        trained = re.search(r"-seed(\d+)$", path.stem)  # the experiment samples with the training seed
+        seed = int(trained.group(1)) if trained else args.seed
         result = evaluate(model, evaluation_data(split, model.likelihood, args.seed).to(device), schedule, backend,
-                          seed=args.seed)
+                          seed=seed)
         print(f"{path}: test NLL {result['test_nll']:.2f} nats at k = {schedule.eval_k} on "
               f"{split.test.shape[0]} images; jackknife {result['jvi1_nll']:.2f} (order 1), "
               f"{result['jvi2_nll']:.2f} (order 2); PSIS k-hat median {result['khat_median']:.2f}, above 0.7 on "
@@ -603,7 +607,8 @@ def _add_experiment(sub) -> None:
                    help="redraw the plots and report from OUT's CSVs without training")
     p.add_argument("--evaluate", metavar="CHECKPOINT", nargs="+", type=Path,
                    help="train nothing: evaluate these saved models (OUT/checkpoints/*.pt) on the test images "
-                        "and samples of the experiment (--seed, --test-size, --eval-k) and print each one's test "
+                        "and samples of the experiment (--seed: the data's; the samples' is the training seed "
+                        "the file's name ends with, -seedN; --test-size, --eval-k) and print each one's test "
                         "NLL, jackknife NLLs, PSIS k-hat and active units")
     p.add_argument("--update", action="store_true",
                    help="with --evaluate: write each model's jackknife NLLs and k-hat into the row of OUT/summary.csv "

@@ -606,6 +606,13 @@ def test_evaluate_a_checkpoint_prints_what_the_experiment_would_measure(tmp_path
     want = evaluate(model, evaluation_data(split, Likelihood.parse("bernoulli"), 1), schedule, "torch", seed=1)
     assert (f"test NLL {want['test_nll']:.2f} nats at k = 48 on 6 images; jackknife {want['jvi1_nll']:.2f} "
             f"(order 1), {want['jvi2_nll']:.2f} (order 2); PSIS k-hat median {want['khat_median']:.2f}") in printed
+    seeded = tmp_path / "iwae-k64-iwae-seed2.pt"  # a --seeds run's second model: its samples' seed is 2
+    save_checkpoint(model, seeded)
+    assert main(["experiment", "--evaluate", str(seeded), "--train-size", "40", "--test-size", "6", "--eval-k", "48",
+                 "--device", "cpu", "--seed", "1"]) == 0
+    want = evaluate(model, evaluation_data(split, Likelihood.parse("bernoulli"), 1), schedule, "torch", seed=2)
+    assert f"test NLL {want['test_nll']:.2f} nats at k = 48 on 6 images; jackknife {want['jvi1_nll']:.2f}" \
+        in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["experiment", "--evaluate", str(tmp_path / "missing.pt"), "--device", "cpu"])
     assert "--evaluate: checkpoint" in capsys.readouterr().err
