@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .files import read_json, write_csv
-from .harness.machine import MachineRecord, command_line
+from .harness.machine import MachineRecord, command_line, with_commit
 
 
 class MergeError(ValueError):
@@ -243,8 +243,8 @@ def merge(folders: list[Path], out: Path, log=print) -> dict:
     done = {_key(kind, kind.marker, row) for row in merged_marker}
     missing = sorted(kind.expected(settings[first], merged_marker) - done)
     record = MachineRecord(out / "machine.json", records[first].get("machine", {}),
-                           _once([{"folder": str(folder), **run} for folder in folders
-                                  for run in records[folder].get("runs", [])]))
+                           _once([{"folder": str(folder), **with_commit(run, records[folder].get("machine", {}))}
+                                  for folder in folders for run in records[folder].get("runs", [])]))
     record.machines = _once([machine for folder in folders for machine in _machines(folder, records[folder])])
     entry = record.start_run(command=command_line(), merge={"kind": kind.name, "shards": [str(f) for f in folders],
                                                            "rows": totals["rows"], "duplicates": totals["duplicates"]},

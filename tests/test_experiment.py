@@ -633,6 +633,9 @@ def test_evaluate_update_adds_the_diagnostics_to_a_folder_trained_without_them(t
     trained = pd.read_csv(tmp_path / "summary.csv")
     assert trained[COLUMNS].notna().all().all()
     trained.drop(columns=COLUMNS).to_csv(tmp_path / "summary.csv", index=False)  # as an older folder has it
+    record = json.loads((tmp_path / "machine.json").read_text())
+    record["runs"][0]["commit"] = "c0ffee"  # trained at another commit than the update's
+    (tmp_path / "machine.json").write_text(json.dumps(record))
     flags = ["experiment", "--train-size", "40", "--test-size", "6", "--eval-k", "32", "--device", "cpu", "--backend", "torch",
              "--seed", "4", "--out", str(tmp_path), "--update", "--evaluate"]
     checkpoints = [str(tmp_path / "checkpoints" / f"{run.name}.pt") for run in runs]
@@ -640,7 +643,9 @@ def test_evaluate_update_adds_the_diagnostics_to_a_folder_trained_without_them(t
     assert main(flags + checkpoints) == 0
     updated = pd.read_csv(tmp_path / "summary.csv")
     pd.testing.assert_frame_equal(updated[COLUMNS], trained[COLUMNS])
-    assert f"{trained['jvi1_nll'].iloc[0]:.2f}" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert f"{trained['jvi1_nll'].iloc[0]:.2f}" in report
+    assert report.count("Made by") == report.count("commit c0ffee)") == 1
     entry = json.loads((tmp_path / "machine.json").read_text())["runs"][-1]
     assert entry["evaluated"] == checkpoints and entry["data_seed"] == 4 and entry["finished"]
 

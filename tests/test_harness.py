@@ -235,19 +235,29 @@ def test_torn_tail_is_dropped(tmp_path):
 
 def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path):
     """machine.json opened again with resume: the earlier runs and, for a merged folder, the list
-    of machines its rows came from stay; a new run is added after them. Without resume the
-    record starts empty."""
+    of machines its rows came from stay; a new run is added after them, with its commit; an
+    older entry without one takes the commit of the machine record it was read with, and a
+    report's "Made by" pairs the first command with its own commit. Without resume the record
+    starts empty."""
     import json
 
     from iwae_bench.harness.machine import MachineRecord
+
+    from iwae_bench.harness.machine import git_commit, made_by
 
     path = tmp_path / "machine.json"
     record = MachineRecord.open(path, torch.device("cpu"))
     record.machines = [{"folder": "shard-0", "hostname": "a"}, {"folder": "shard-1", "hostname": "b"}]
     record.finish(record.start_run(command="first"))
+    record.runs.insert(0, {"command": "older"})  # an entry written before runs recorded their commit
+    record.machine = {**record.machine, "commit": "abc"}  # by a process at commit abc
+    record.write()
     again = MachineRecord.open(path, torch.device("cpu"), resume=True)
     again.finish(again.start_run(command="second"))
     saved = json.loads(path.read_text())
-    assert [run["command"] for run in saved["runs"]] == ["first", "second"]
+    assert [run["command"] for run in saved["runs"]] == ["older", "first", "second"]
+    assert [run["commit"] for run in saved["runs"]] == ["abc", git_commit(), git_commit()]
     assert saved["machines"] == record.machines
+    run, machine = made_by(saved)
+    assert run["command"] == "older" and machine["commit"] == "abc" and machine["device_name"] == saved["machine"]["device_name"]
     assert MachineRecord.open(path, torch.device("cpu")).as_dict()["runs"] == []

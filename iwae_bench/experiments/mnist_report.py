@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from kernels.likelihood import Likelihood  # noqa: E402
 
 from ..files import read_json, save_figure, write_text  # noqa: E402
+from ..harness.machine import made_by  # noqa: E402
 from .data import DEQUANTIZED_LOG_VARIANCE, IMAGE_PIXELS  # noqa: E402
 from .diagnostics import COLUMNS as DIAGNOSTICS  # noqa: E402
 from .diagnostics import KHAT_UNRELIABLE  # noqa: E402
@@ -197,8 +198,7 @@ def _mean_std(mean, std, digits=2) -> str:
 def _report_text(summary, curve, record) -> str:
     """The Bernoulli experiment's report (binarized MNIST beside the paper's Table 1)."""
     curve = curve[curve["likelihood"] == BERNOULLI]
-    run = (record.get("runs") or [{}])[0]
-    info = record.get("machine", {})
+    run, info = made_by(record)
     schedule = run.get("schedule", {})
     table = aggregate(summary)
     seeds = int(summary["seed"].nunique())
@@ -477,8 +477,7 @@ def _bpd(objective_nats, likelihood: str):
 
 
 def _likelihood_header(record, title: str = "Gray-level MNIST: likelihoods in bits per dimension") -> str:
-    run = (record.get("runs") or [{}])[0]
-    info = record.get("machine", {})
+    run, info = made_by(record)
     return (f"# {title}\n\n"
             f"Made by `{run.get('command', '?')}` on {info.get('device_name', '?')} "
             f"(torch {info.get('torch', '?')}, commit {info.get('commit', '?')}), backend "

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..files import read_json, save_figure, write_text  # noqa: E402
+from ..harness.machine import with_commit  # noqa: E402
 from ..harness.timing import NOISE_LIMIT  # noqa: E402
 
 GROUPS = ("encoder", "decoder")
@@ -171,8 +172,8 @@ def _slope_cell(slope: float, se: float) -> str:
 
 
 def _report_text(frame: pd.DataFrame, record: dict) -> str:
-    run = (record.get("runs") or [{}])[-1]
-    info = record.get("machine", {})
+    run = with_commit((record.get("runs") or [{}])[-1], record.get("machine", {}))
+    info = {**record.get("machine", {}), "commit": run["commit"]}
     first = frame.iloc[0]
     draws, resamples = int(frame["draws"].min()), int(frame["resamples"].min())
     floor = noise_floor(draws)

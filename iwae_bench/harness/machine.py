@@ -149,6 +149,20 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name, "-m", "iwae_bench", *sys.argv[1:]])
 
 
+def with_commit(run: dict, machine: dict) -> dict:
+    """A run entry with its commit: entries from before runs recorded their own take that of
+    the machine record they were read with (the last process that wrote it)."""
+    return run if "commit" in run else {**run, "commit": machine.get("commit")}
+
+
+def made_by(record: dict) -> tuple[dict, dict]:
+    """A results folder's first run entry (the command that made it) and its machine with that
+    run's commit, for a report's "Made by" line."""
+    machine = record.get("machine", {})
+    run = with_commit((record.get("runs") or [{}])[0], machine)
+    return run, {**machine, "commit": run["commit"]}
+
+
 class MachineRecord:
     """machine.json of one results folder: the machine, and one entry per run written into it."""
 
@@ -164,13 +178,16 @@ class MachineRecord:
     def open(cls, path: Path, device: torch.device, resume: bool = False) -> "MachineRecord":
         """This machine's record; a resumed folder keeps the earlier runs' entries."""
         earlier = read_json(path) if resume else {}
-        record = cls(path, describe(device), earlier.get("runs", []), earlier.get("machine", {}))
+        runs = [with_commit(run, earlier.get("machine", {})) for run in earlier.get("runs", [])]
+        record = cls(path, describe(device), runs, earlier.get("machine", {}))
         record.machines = earlier.get("machines", [])  # a merged folder's keep their list
         return record
 
     def start_run(self, command: str | None = None, **fields) -> dict:
-        """Add a run entry (command line and start time, ``finished`` None until ``finish``)."""
-        run = {"command": command or command_line(), "started": now(), "finished": None, **fields}
+        """Add a run entry (command line, the code's commit and start time, ``finished`` None
+        until ``finish``): the top-level machine is the last process's, so each run keeps its own."""
+        run = {"command": command or command_line(), "commit": git_commit(), "started": now(), "finished": None,
+               **fields}
         self.runs.append(run)
         self.write()
         return run
