@@ -85,6 +85,7 @@ def describe(device: torch.device) -> dict:
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
         "cpu_threads_available": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA torch's CPU kernels run
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
