@@ -259,5 +259,21 @@ def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path)
     assert [run["commit"] for run in saved["runs"]] == ["abc", git_commit(), git_commit()]
     assert saved["machines"] == record.machines
     run, machine = made_by(saved)
-    assert run["command"] == "older" and machine["commit"] == "abc" and machine["device_name"] == saved["machine"]["device_name"]
+    assert run["command"] == "older" and machine["commit"] == "abc" and machine["folder"] == "shard-0"
     assert MachineRecord.open(path, torch.device("cpu")).as_dict()["runs"] == []
+
+    # a folder one machine trained and this one went on with: both listed, the report names the first
+    alone = tmp_path / "alone.json"
+    first = MachineRecord.open(alone, torch.device("cpu"))
+    first.finish(first.start_run(command="trained"))
+    same = MachineRecord.open(alone, torch.device("cpu"), resume=True)
+    assert same.machines == [] and "machines" not in same.as_dict()  # the same machine: no list
+    first.machine = {**first.machine, "device_name": "Intel(R) Xeon(R) Processor", "commit": "abc"}
+    first.runs[0].pop("commit")
+    first.write()
+    other = MachineRecord.open(alone, torch.device("cpu"), resume=True)
+    other.finish(other.start_run(command="updated"))
+    saved = json.loads(alone.read_text())
+    assert [m["device_name"] for m in saved["machines"]] == ["Intel(R) Xeon(R) Processor", saved["machine"]["device_name"]]
+    run, machine = made_by(saved)
+    assert run["command"] == "trained" and machine["device_name"] == "Intel(R) Xeon(R) Processor" and machine["commit"] == "abc"

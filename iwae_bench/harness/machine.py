@@ -156,11 +156,21 @@ def with_commit(run: dict, machine: dict) -> dict:
     return run if "commit" in run else {**run, "commit": machine.get("commit")}
 
 
+SAME_MACHINE = ("device", "device_name", "cpu_model", "cpu_capability", "platform", "python", "torch", "triton",
+                "cuda", "driver")  # what tells two machines (or software stacks) apart; not the commit
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two machine descriptions agree on every key of ``SAME_MACHINE`` both have."""
+    return all(a[key] == b[key] for key in SAME_MACHINE if key in a and key in b)
+
+
 def made_by(record: dict) -> tuple[dict, dict]:
-    """A results folder's first run entry (the command that made it) and its machine with that
-    run's commit, for a report's "Made by" line."""
-    machine = record.get("machine", {})
-    run = with_commit((record.get("runs") or [{}])[0], machine)
+    """A results folder's first run entry (the command that made it) and the machine it ran
+    on (the first of ``machines`` where the folder has several) with that run's commit, for
+    a report's "Made by" line."""
+    machine = (record.get("machines") or [record.get("machine", {})])[0]
+    run = with_commit((record.get("runs") or [{}])[0], record.get("machine", {}))
     return run, {**machine, "commit": run["commit"]}
 
 
@@ -177,11 +187,17 @@ class MachineRecord:
 
     @classmethod
     def open(cls, path: Path, device: torch.device, resume: bool = False) -> "MachineRecord":
-        """This machine's record; a resumed folder keeps the earlier runs' entries."""
+        """This machine's record; a resumed folder keeps the earlier runs' entries and, once
+        another machine has written into it, the list of every machine (``machines``, as a
+        merged folder has; the earlier ones first)."""
         earlier = read_json(path) if resume else {}
-        runs = [with_commit(run, earlier.get("machine", {})) for run in earlier.get("runs", [])]
-        record = cls(path, describe(device), runs, earlier.get("machine", {}))
-        record.machines = earlier.get("machines", [])  # a merged folder's keep their list
+        previous = earlier.get("machine", {})
+        runs = [with_commit(run, previous) for run in earlier.get("runs", [])]
+        record = cls(path, describe(device), runs, previous)
+        machines = list(earlier.get("machines") or ([previous] if previous else []))
+        if machines and not any(same_machine(seen, record.machine) for seen in machines):
+            machines.append(record.machine)
+        record.machines = machines if len(machines) > 1 or earlier.get("machines") else []
         return record
 
     def start_run(self, command: str | None = None, **fields) -> dict:
