@@ -433,6 +433,7 @@ def test_family_report_names_diverged_seeds_and_leaves_them_out(tmp_path):
                            "elbo": -95.0, "likelihood": "bernoulli"} for o, _ in nlls for k_eval in (1, 5000)])
     report = _report_text(summary.assign(likelihood="bernoulli"), curve, {})
     assert report.startswith("# The importance-weighted family on MNIST at k = 64")
+    assert "| PIWAE(8, 8) | 64 | iwae | 90.25 ± 1.77 |" in report  # the first table names members as the second
     assert "nan" not in report.lower(), [line for line in report.splitlines() if "nan" in line.lower()]
 
 

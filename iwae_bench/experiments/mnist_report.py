@@ -233,7 +233,7 @@ def _report_text(summary, curve, record) -> str:
         units = _fmt(row.active_units, 0 if seeds == 1 else 1)
         if pd.notna(row.active_min) and row.active_min != row.active_max:
             units += f" ({row.active_min}-{row.active_max})"
-        cells = [LABELS.get(row.objective, row.objective), str(row.k), row.estimator,
+        cells = [LABELS.get(row.objective) or _family_label(row.objective), str(row.k), row.estimator,
                  _mean_std(row.test_nll, row.test_nll_std), _fmt(row.paper_nll), _fmt(row.jvi1_nll),
                  _fmt(row.jvi2_nll), _share(row.khat_above), units, _fmt(row.paper_active_units, 0),
                  _fmt(-row.test_elbo), _fmt(row.train_seconds, 0), _fmt(row.eval_seconds, 0)]
@@ -330,9 +330,9 @@ def _diagnostics_comparison(table) -> list[str]:
     return out
 
 
-def _family_label(objective: str, estimator: str) -> str:
+def _family_label(objective: str, estimator: str | None = None) -> str:
     """Rainforth et al.'s names: IWAE, MIWAE(8, 8), CIWAE(beta = 0.05), VR(alpha = 0.5), RWS, and
-    the estimator where it is not the objective's default (IWAE DReG, RWS DReG)."""
+    the estimator where one is given and is not the objective's default (IWAE DReG, RWS DReG)."""
     from ..training.family import Objective, default_estimator
 
     spec = Objective.parse(objective)
@@ -343,7 +343,8 @@ def _family_label(objective: str, estimator: str) -> str:
         name += f"(beta = {spec.beta:g})"
     elif spec.name == "vr":
         name = f"VR(alpha = {spec.alpha:g})"
-    return name + ("" if estimator == default_estimator(spec) else f" {ESTIMATOR_LABELS.get(estimator, estimator)}")
+    return name + ("" if estimator in (None, default_estimator(spec))
+                   else f" {ESTIMATOR_LABELS.get(estimator, estimator)}")
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student's t, 1..10 dof
