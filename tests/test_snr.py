@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -407,3 +408,11 @@ def test_command_runs_on_mnist_with_a_checkpoint_and_redraws_its_report(tmp_path
     report = (out / "report.md").read_text()
     assert _run(["--out", str(out), "--report-only"]) == 0
     assert (out / "report.md").read_text() == report
+    assert "| slope, every k |" in report  # two k: a slope per estimator and network
+
+    one = tmp_path / "one-k"  # the same run at k = 2 alone: no table of slopes that cannot be fitted
+    one.mkdir()
+    frame[frame["k"] == 2].to_csv(one / "snr.csv", index=False)
+    shutil.copy(out / "machine.json", one / "machine.json")
+    single = render_snr(one).read_text()
+    assert "One k (2): no slope to fit." in single and "| slope, every k |" not in single

@@ -212,28 +212,8 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
         "- STL on the IWAE bound (k > 1) is biased (Tucker et al. 2019): its SNR measures how "
         "consistently it points somewhere, not toward the IWAE bound's gradient.",
         "- At k = 1 the IWAE is the ELBO (the iwae and k-sample ELBO rows agree) and DReG is STL.",
-        "", "![SNR against k](plots/snr.png)", "",
-        "## Fitted log-log slopes\n",
-        f"Least squares of log(mean SNR) on log k, over every k ({', '.join(map(str, ks))}) and "
-        f"over the larger ones (k >= {large_k}), where the papers' exponents, which describe large "
-        "k, should show first; ± is 1.96 standard errors, propagated from each point's bootstrap "
-        "spread of log SNR (the k values use independent noise): sampling noise only, not how "
-        "well a straight line fits. The median's slope is fitted the same way, over every k. "
-        f"Verdict on the larger k: agrees when within {AGREE} of the expected exponent.\n",
-        f"| estimator | group | slope, every k | slope, k >= {large_k} | slope of the median | "
-        "expected | from | verdict |",
-        "|---|---|---|---|---|---|---|---|"]
-    medians = slope_table(frame, "snr_median").set_index(["estimator", "group"])
-    large = slope_table(frame[frame["k"] >= large_k]).set_index(["estimator", "group"])
-    for row in slope_table(frame).itertuples():
-        expected, source = EXPECTED.get((row.estimator, row.group), (None, "-"))
-        median = medians.loc[(row.estimator, row.group), "slope"]
-        tail = large.loc[(row.estimator, row.group)]
-        lines.append(f"| {LABELS.get(row.estimator, row.estimator)} | {row.group} | "
-                     f"{_slope_cell(row.slope, row.se)} | {_slope_cell(tail['slope'], tail['se'])} | "
-                     f"{'-' if math.isnan(median) else f'{median:+.3f}'} | "
-                     f"{'-' if expected is None else f'{expected:+.1f}'} | {source} | "
-                     f"{_verdict(tail['slope'], expected)} |")
+        "", "![SNR against k](plots/snr.png)", ""]
+    lines += _slope_section(frame, ks, large_k)
     lines += _family_section(frame)
     lines += _rms_section(frame)
     lines += _borrowed_section(frame)
@@ -311,6 +291,37 @@ def _report_text(frame: pd.DataFrame, record: dict) -> str:
                   "of the averages (with a fixed minibatch, e.g. the first-layer weights of pixels "
                   "that are off in every image: their gradient is exactly 0): " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _slope_section(frame: pd.DataFrame, ks: list, large_k) -> list[str]:
+    """The fitted log-log slopes per estimator and network beside the papers' exponents; one
+    sentence instead when the run measured a single k."""
+    if len(ks) < 2:
+        return ["## Fitted log-log slopes\n",
+                f"One k ({ks[0]}): no slope to fit. Measure several (`--k 1 10 100 1000`) for the slopes."]
+    lines = [
+        "## Fitted log-log slopes\n",
+        f"Least squares of log(mean SNR) on log k, over every k ({', '.join(map(str, ks))}) and "
+        f"over the larger ones (k >= {large_k}), where the papers' exponents, which describe large "
+        "k, should show first; ± is 1.96 standard errors, propagated from each point's bootstrap "
+        "spread of log SNR (the k values use independent noise): sampling noise only, not how "
+        "well a straight line fits. The median's slope is fitted the same way, over every k. "
+        f"Verdict on the larger k: agrees when within {AGREE} of the expected exponent.\n",
+        f"| estimator | group | slope, every k | slope, k >= {large_k} | slope of the median | "
+        "expected | from | verdict |",
+        "|---|---|---|---|---|---|---|---|"]
+    medians = slope_table(frame, "snr_median").set_index(["estimator", "group"])
+    large = slope_table(frame[frame["k"] >= large_k]).set_index(["estimator", "group"])
+    for row in slope_table(frame).itertuples():
+        expected, source = EXPECTED.get((row.estimator, row.group), (None, "-"))
+        median = medians.loc[(row.estimator, row.group), "slope"]
+        tail = large.loc[(row.estimator, row.group)]
+        lines.append(f"| {LABELS.get(row.estimator, row.estimator)} | {row.group} | "
+                     f"{_slope_cell(row.slope, row.se)} | {_slope_cell(tail['slope'], tail['se'])} | "
+                     f"{'-' if math.isnan(median) else f'{median:+.3f}'} | "
+                     f"{'-' if expected is None else f'{expected:+.1f}'} | {source} | "
+                     f"{_verdict(tail['slope'], expected)} |")
+    return lines
 
 
 def _family_section(frame: pd.DataFrame) -> list[str]:
