@@ -467,6 +467,16 @@ def _add_profile(sub) -> None:
 def _cmd_experiment(args, parser) -> int:
     from .experiments.mnist import default_schedule, full_schedule, run_experiment, work_list
     from .experiments.mnist_report import render_experiment
+    if args.update:  # before _placed, which would make the folder
+        clashing = [flag for flag, given in (("--report-only", args.report_only), ("--resume", args.resume),
+                                             ("--shard", args.shard), ("--seeds", args.seeds != 1)) if given]
+        if not args.evaluate:
+            parser.error("--update: only with --evaluate CHECKPOINT ...")
+        if clashing:
+            parser.error(f"--update: not with {', '.join(clashing)} (it trains nothing and adds to the rows there)")
+        if not (args.out / "summary.csv").is_file():
+            parser.error(f"--update: no summary.csv in {args.out} (--out names the folder whose rows get the "
+                         "diagnostics)")
     try:
         shard, device, _, out = _placed(args)
         if args.report_only and not (out / "summary.csv").exists():
@@ -493,8 +503,6 @@ def _cmd_experiment(args, parser) -> int:
         load_mnist(schedule.train_size, schedule.test_size)  # fail early, in one line
     except (ValueError, ImportError) as error:
         parser.error(str(error))
-    if args.update and not args.evaluate:
-        parser.error("--update: only with --evaluate CHECKPOINT ...")
     if args.evaluate:
         return _evaluate_checkpoint(args, parser, schedule, backend, device)
     if args.objectives is not None and args.likelihoods:
@@ -520,8 +528,7 @@ def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
     and samples the experiment that trained them used (the data seed --seed; the samples' seed
     the training seed its file name ends with, -seedN, else --seed);
     with --update, written into OUT's summary rows of the same runs (``add_diagnostics``)."""
-    from .experiments.data import load_mnist
-    from .experiments.mnist import add_diagnostics, evaluate, evaluation_data
+    from .experiments.mnist import add_diagnostics, evaluate, evaluation_data, split_for
     from .training.model import load_checkpoint
 
     try:
@@ -530,10 +537,10 @@ def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
             return 0
         models = [load_checkpoint(path, device) for path in args.evaluate]
     except ValueError as error:
-        parser.error(str(error) if str(error).startswith("--evaluate") else f"--evaluate: {error}")
+        parser.error(str(error) if str(error).startswith("--") else f"--evaluate: {error}")
+    splits = {}
     for path, model in zip(args.evaluate, models):
-        split = load_mnist(schedule.train_size, schedule.test_size, args.seed,
-                           gray=model.likelihood.name != "bernoulli")
+        split = split_for(schedule, model.likelihood, args.seed, splits)
         trained = re.search(r"-seed(\d+)$", path.stem)  # the experiment samples with the training seed
         seed = int(trained.group(1)) if trained else args.seed
         result = evaluate(model, evaluation_data(split, model.likelihood, args.seed).to(device), schedule, backend,

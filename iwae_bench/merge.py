@@ -158,7 +158,7 @@ def _made(folder: Path, record: dict, kind: Kind) -> dict:
 
 def _machines(folder: Path, record: dict) -> list[dict]:
     """Every machine a folder's rows came from: a merged folder's list, else its own machine."""
-    return record.get("machines") or [{"folder": str(folder), **record.get("machine", {})}]
+    return [{"folder": str(folder), **machine} for machine in record.get("machines") or [record.get("machine", {})]]
 
 
 def _read(path: Path, kind: Kind) -> tuple[list[str], list[dict]]:

@@ -118,3 +118,19 @@ def test_khat_of_an_importance_sampler_with_a_known_tail():
 def test_khat_needs_a_tail_of_five():
     assert torch.isnan(psis_khat(torch.randn(2, 20))).all()
     assert torch.isfinite(psis_khat(torch.randn(2, 25))).all()
+
+
+def test_khat_of_a_degenerate_tail_is_infinite_and_of_equal_weights_undefined():
+    """One weight (or a few equal ones) 2000 nats above the rest: float64 holds no other tail
+    weight, the fit's grid is undefined, and the sampler is as unreliable as one can be: k-hat
+    +inf, above any threshold. Every weight equal: no tail to fit, NaN (the evaluation's median
+    skips it and does not count it unreliable). An ordinary row beside them keeps its value."""
+    generator = torch.Generator().manual_seed(2)
+    log_w = torch.randn(4, 1000, generator=generator, dtype=torch.float64)
+    ordinary = psis_khat(log_w[3:])
+    log_w[0, 7] = 2000.0
+    log_w[1] = 5.0
+    log_w[2, :10] = 2000.0
+    khat = psis_khat(log_w)
+    assert torch.isinf(khat[0]) and khat[0] > 0 and torch.isinf(khat[2]) and khat[2] > 0
+    assert torch.isnan(khat[1]) and torch.equal(khat[3:], ordinary) and 0 < khat[3] < 0.7

@@ -623,8 +623,11 @@ def test_evaluate_update_adds_the_diagnostics_to_a_folder_trained_without_them(t
     """experiment --evaluate CHECKPOINT ... --update --out OUT: a folder whose summary predates the
     jackknife and k-hat columns gets the values its own training run would have written (the
     evaluation seed is each row's training seed, the images the data seed's), the report shows
-    them, machine.json records the command; a checkpoint that does not give its row's test NLL
-    again, or one no row is named like, is refused before anything is written."""
+    them under the training's "Made by" and keeps a partial merge's note, machine.json records
+    the command. Refused, with the folder left byte for byte as it was: a checkpoint that does
+    not give its row's test NLL again (the second of two included), one no row is named like, a
+    diverged row, --update without --evaluate or beside --resume, a folder with no summary
+    (which is not created)."""
     from iwae_bench.cli import main
     from iwae_bench.experiments.diagnostics import COLUMNS
 
@@ -636,6 +639,7 @@ def test_evaluate_update_adds_the_diagnostics_to_a_folder_trained_without_them(t
     trained.drop(columns=COLUMNS).to_csv(tmp_path / "summary.csv", index=False)  # as an older folder has it
     record = json.loads((tmp_path / "machine.json").read_text())
     record["runs"][0]["commit"] = "c0ffee"  # trained at another commit than the update's
+    record["runs"][-1]["missing_cells"] = ["iwae 5 iwae 2 discretized_logistic 1"]  # as a partial merge says
     (tmp_path / "machine.json").write_text(json.dumps(record))
     flags = ["experiment", "--train-size", "40", "--test-size", "6", "--eval-k", "32", "--device", "cpu", "--backend", "torch",
              "--seed", "4", "--out", str(tmp_path), "--update", "--evaluate"]
@@ -647,13 +651,34 @@ def test_evaluate_update_adds_the_diagnostics_to_a_folder_trained_without_them(t
     report = (tmp_path / "report.md").read_text()
     assert f"{trained['jvi1_nll'].iloc[0]:.2f}" in report
     assert report.count("Made by") == report.count("commit c0ffee)") == 1
+    assert "**Partial: 1 of the experiment's runs are not in these results yet**" in report
     entry = json.loads((tmp_path / "machine.json").read_text())["runs"][-1]
     assert entry["evaluated"] == checkpoints and entry["data_seed"] == 4 and entry["finished"]
 
-    before = (tmp_path / "summary.csv").read_text()
-    with pytest.raises(SystemExit):  # the data seed the folder was not trained with: other test images
-        main([flag if flag != "4" else "0" for flag in flags] + checkpoints)
-    assert "test NLL" in capsys.readouterr().err and (tmp_path / "summary.csv").read_text() == before
-    with pytest.raises(SystemExit):
-        main(flags + [str(tmp_path / "checkpoints" / "iwae-k50-iwae-seed0.pt")])
-    assert "no run in" in capsys.readouterr().err
+    folder = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+
+    def refused(argv, message):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+        assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == folder
+
+    refused([flag if flag != "4" else "0" for flag in flags] + checkpoints, "test NLL")  # other test images
+    tampered = updated.copy()
+    tampered.loc[1, "test_nll"] += 1.0  # the second model's recorded NLL no longer comes out
+    tampered.to_csv(tmp_path / "summary.csv", index=False)
+    folder[tmp_path / "summary.csv"] = (tmp_path / "summary.csv").read_bytes()
+    refused(flags + checkpoints, f"--evaluate {checkpoints[1]}: test NLL")
+    tampered["diverged_epoch"] = tampered["diverged_epoch"].astype(object)
+    tampered.loc[1, ["test_nll", "diverged_epoch"]] = [math.nan, "3"]
+    tampered.to_csv(tmp_path / "summary.csv", index=False)
+    folder[tmp_path / "summary.csv"] = (tmp_path / "summary.csv").read_bytes()
+    refused(flags + checkpoints, "elbo-k1-iwae-seed0 (diverged in epoch 3) has no test NLL")
+    refused(flags + [str(tmp_path / "checkpoints" / "iwae-k50-iwae-seed0.pt")], "no run in")
+    refused(flags[:-1], "--update: only with --evaluate")
+    refused(flags + checkpoints + ["--resume"], "--update: not with --resume")
+    missing = tmp_path / "elsewhere"
+    refused([flag if flag != str(tmp_path) else str(missing) for flag in flags] + checkpoints,
+            "--update: no summary.csv in")
+    assert not missing.exists()

@@ -243,11 +243,11 @@ def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path)
 
     from iwae_bench.harness.machine import MachineRecord
 
-    from iwae_bench.harness.machine import git_commit, made_by
+    from iwae_bench.harness.machine import git_commit, made_by, same_machine
 
     path = tmp_path / "machine.json"
     record = MachineRecord.open(path, torch.device("cpu"))
-    record.machines = [{"folder": "shard-0", "hostname": "a"}, {"folder": "shard-1", "hostname": "b"}]
+    record.machines = [{**record.machine, "folder": "shard-0"}, {**record.machine, "folder": "shard-1"}]
     record.finish(record.start_run(command="first"))
     record.runs.insert(0, {"command": "older"})  # an entry written before runs recorded their commit
     record.machine = {**record.machine, "commit": "abc"}  # by a process at commit abc
@@ -277,3 +277,8 @@ def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path)
     assert [m["device_name"] for m in saved["machines"]] == ["Intel(R) Xeon(R) Processor", saved["machine"]["device_name"]]
     run, machine = made_by(saved)
     assert run["command"] == "trained" and machine["device_name"] == "Intel(R) Xeon(R) Processor" and machine["commit"] == "abc"
+    assert saved["runs"][0]["commit_from"] == "machine" and "commit_from" not in saved["runs"][1]  # a guess, marked
+    run, machine = made_by(saved, index=-1)
+    assert run["command"] == "updated" and machine["device_name"] == saved["machine"]["device_name"]
+    assert made_by({})[1]["commit"] == "?"
+    assert not same_machine({"hostname": "a"}, {"device": "cpu"})  # nothing to tell them apart by: not the same

@@ -153,7 +153,10 @@ def gpd_shape(x: torch.Tensor, prior: bool = True) -> torch.Tensor:
     x_q the first quartile), the posterior weights are the softmax of the profile, theta-hat
     their weighted mean, and xi = mean log(1 - theta-hat x). ``prior``: then
     (n xi + 10 * 0.5) / (n + 10), PSIS's weakly informative prior. NaN for a row with no
-    spread (x_max = 0)."""
+    spread (x_max = 0: every weight of the tail equal, nothing to fit); +inf for a row whose
+    first quartile is 0 while x_max is not (a quarter of the tail no heavier than the threshold
+    in float64, 700 nats and more below the largest weight: the grid is undefined, and no
+    finite shape describes a tail that spans that far)."""
     x, _ = torch.sort(x.double(), dim=1)
     B, n = x.shape
     m = 30 + math.isqrt(n)
@@ -167,6 +170,7 @@ def gpd_shape(x: torch.Tensor, prior: bool = True) -> torch.Tensor:
     xi = torch.log1p(-theta_hat * x).mean(dim=1)
     if prior:
         xi = (n * xi + PRIOR_WEIGHT * 0.5) / (n + PRIOR_WEIGHT)
+    xi = torch.where(quartile > 0, xi, torch.inf)
     return torch.where(x[:, -1] > 0, xi, torch.nan)
 
 

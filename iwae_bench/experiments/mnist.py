@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from kernels.likelihood import Likelihood, slug
 
 from ..files import atomic_path, write_csv
-from ..harness.machine import MachineRecord
+from ..harness.machine import MachineRecord, now
 from ..harness.shard import Shard
 from ..training import IWAELoss, log_weights
 from ..training.bounds import head_log_weights
@@ -349,7 +349,7 @@ def evaluate(model, test: torch.Tensor, schedule: Schedule, backend: str, seed: 
             **units_of(model, test, seed),
             "curve": {k: torch.cat(v).mean().item() for k, v in curve.items()},
             **{f"jvi{order}_nll": -torch.cat(v).mean().item() if v else math.nan for order, v in jackknife.items()},
-            "khat_median": khat.median().item(),
+            "khat_median": khat.nanmedian().item(),
             "khat_above": (khat > KHAT_UNRELIABLE).double().mean().item() if not khat.isnan().all() else math.nan}
 
 
@@ -477,6 +477,18 @@ def collapse_demo(out: Path, split: MNISTSplit, epochs: int, lr: float, schedule
 # --------------------------------------------------------------------------- the experiment
 
 
+def split_for(schedule: Schedule, likelihood, data_seed: int, splits: dict | None = None) -> MNISTSplit:
+    """The experiment's split as ``likelihood`` models it: gray levels, or binarized for the
+    Bernoulli; loaded once per kind into ``splits`` when given."""
+    gray = Likelihood.parse(likelihood).name != "bernoulli"
+    if splits is None or gray not in splits:
+        split = load_mnist(schedule.train_size, schedule.test_size, data_seed, gray=gray)
+        if splits is None:
+            return split
+        splits[gray] = split
+    return splits[gray]
+
+
 def evaluation_data(split: MNISTSplit, likelihood, data_seed: int) -> torch.Tensor:
     """The test images as ``likelihood`` models them, made once from the data seed: every model
     of a likelihood (every run, every training seed) is evaluated on the same dequantized
@@ -520,24 +532,18 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
             for r in summary}
     splits = {}  # gray or binarized test images: the same split, loaded when first needed
 
-    def split_for(likelihood: Likelihood) -> MNISTSplit:
-        gray = likelihood.name != "bernoulli"
-        if gray not in splits:
-            splits[gray] = load_mnist(schedule.train_size, schedule.test_size, data_seed, gray=gray)
-        return splits[gray]
-
     record = MachineRecord.open(out / "machine.json", device, resume=resume)
     entry = record.start_run(backend=backend, schedule=asdict(schedule), data_seed=data_seed,
                              runs=[asdict(r) for r in runs], shard=shard.as_dict() if shard else None,
                              collapse_epochs=collapse_epochs)
     if collapse_epochs and (shard is None or shard.index == 0) and not (resume and (out / "collapse.csv").exists()):
-        collapse_demo(out, split_for(Likelihood.parse(COLLAPSE.likelihood)), collapse_epochs, schedule.stages[0][1],
-                      schedule, backend, device, log)
+        collapse_demo(out, split_for(schedule, COLLAPSE.likelihood, data_seed, splits), collapse_epochs,
+                      schedule.stages[0][1], schedule, backend, device, log)
     for run in mine:
         if run.key() in done:
             continue
         likelihood = Likelihood.parse(run.likelihood)
-        split = split_for(likelihood)
+        split = split_for(schedule, likelihood, data_seed, splits)
         state_path = out / "checkpoints" / f"{run.name}.state.pt"  # a killed run's last saved epoch
         if not resume:
             state_path.unlink(missing_ok=True)
@@ -581,14 +587,15 @@ def add_diagnostics(out: Path, checkpoints: list[Path], schedule: Schedule, back
     diagnostics existed. A checkpoint belongs to the row whose run has its file name; it is
     evaluated as ``run_experiment`` evaluated it (test images made from ``data_seed``, samples
     from the run's seed, ``schedule``'s test size and eval_k), and must give the row's test NLL
-    again (to 1e-6 relative), else the samples, images or model differ and nothing is written.
-    Every checkpoint is matched to a row before any is evaluated; each row is written as soon
-    as its model is done. Records the command in machine.json and redraws the report."""
+    again (to 1e-6 relative), else the samples, images or model differ. Every checkpoint is
+    matched to a finished row and loaded before any is evaluated, and nothing is written
+    (summary, machine.json, report) until every one has given its NLL again: a failure or an
+    interruption leaves the folder as it was."""
     from ..training.model import load_checkpoint
 
     summary = read_rows(out / "summary.csv")
     if not summary:
-        raise ValueError(f"--evaluate: no summary.csv rows in {out} to add diagnostics to")
+        raise ValueError(f"--update: no summary.csv rows in {out} to add diagnostics to")
     rows = {Run(r["objective"], int(r["k"]), r["estimator"], int(r["seed"]), r["likelihood"], int(r["layers"])).name: r
             for r in summary}
     paths = [Path(path) for path in checkpoints]
@@ -596,25 +603,35 @@ def add_diagnostics(out: Path, checkpoints: list[Path], schedule: Schedule, back
     if unknown:
         raise ValueError(f"--evaluate: no run in {out / 'summary.csv'} is named like {', '.join(unknown)} "
                          f"(its runs: {', '.join(rows)})")
-    record = MachineRecord.open(out / "machine.json", device, resume=True)
-    entry = record.start_run(backend=backend, schedule=asdict(schedule), data_seed=data_seed,
-                             evaluated=[str(path) for path in paths])
-    for path in paths:
+    unfinished = [f"{path.stem} (diverged in epoch {rows[path.stem]['diverged_epoch'] or '?'})" for path in paths
+                  if not rows[path.stem].get("test_nll")]
+    if unfinished:
+        raise ValueError(f"--evaluate: {', '.join(unfinished)} has no test NLL in {out / 'summary.csv'} to check "
+                         "against, and no diagnostics to add")
+    models = [load_checkpoint(path, device) for path in paths]
+    started, splits, results = now(), {}, []
+    for path, model in zip(paths, models):
         row = rows[path.stem]
-        model = load_checkpoint(path, device)
-        likelihood = Likelihood.parse(row["likelihood"])
-        split = load_mnist(schedule.train_size, schedule.test_size, data_seed, gray=likelihood.name != "bernoulli")
-        result = evaluate(model, evaluation_data(split, likelihood, data_seed).to(device), schedule, backend,
-                          seed=int(row["seed"]))
+        images = evaluation_data(split_for(schedule, row["likelihood"], data_seed, splits), row["likelihood"],
+                                 data_seed)
+        result = evaluate(model, images.to(device), schedule, backend, seed=int(row["seed"]))
         recorded = float(row["test_nll"])
         if not math.isclose(result["test_nll"], recorded, rel_tol=1e-6):
             raise ValueError(f"--evaluate {path}: test NLL {result['test_nll']:.6f}, but {out / 'summary.csv'} "
                              f"says {recorded:.6f}: not the model, test images, samples or k it was evaluated "
-                             "with (check --seed, --test-size and --eval-k)")
-        row.update({name: result[name] for name in DIAGNOSTICS})
-        write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+                             "with (check --seed, --test-size and --eval-k); nothing written")
+        results.append(result)
         log(f"{path.stem}: test NLL {recorded:.2f} again; jackknife {result['jvi1_nll']:.2f}, "
             f"{result['jvi2_nll']:.2f}; k-hat > {KHAT_UNRELIABLE} on {result['khat_above']:.0%} of the images")
+    for path, result in zip(paths, results):
+        rows[path.stem].update({name: result[name] for name in DIAGNOSTICS})
+    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    record = MachineRecord.open(out / "machine.json", device, resume=True)
+    earlier = record.runs[-1] if record.runs else {}
+    entry = record.start_run(started=started, backend=backend, schedule=asdict(schedule), data_seed=data_seed,
+                             evaluated=[str(path) for path in paths],
+                             # the rows are the same runs: a partial merge stays partial
+                             **({"missing_cells": earlier["missing_cells"]} if "missing_cells" in earlier else {}))
     record.finish(entry)
     return render_experiment(out)
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..files import read_json, save_figure, write_text  # noqa: E402
-from ..harness.machine import with_commit  # noqa: E402
+from ..harness.machine import made_by  # noqa: E402
 from ..harness.timing import NOISE_LIMIT  # noqa: E402
 
 GROUPS = ("encoder", "decoder")
@@ -172,8 +172,7 @@ def _slope_cell(slope: float, se: float) -> str:
 
 
 def _report_text(frame: pd.DataFrame, record: dict) -> str:
-    run = with_commit((record.get("runs") or [{}])[-1], record.get("machine", {}))
-    info = {**record.get("machine", {}), "commit": run["commit"]}
+    run, info = made_by(record, index=-1)
     first = frame.iloc[0]
     draws, resamples = int(frame["draws"].min()), int(frame["resamples"].min())
     floor = noise_floor(draws)

@@ -152,8 +152,9 @@ def command_line() -> str:
 
 def with_commit(run: dict, machine: dict) -> dict:
     """A run entry with its commit: entries from before runs recorded their own take that of
-    the machine record they were read with (the last process that wrote it)."""
-    return run if "commit" in run else {**run, "commit": machine.get("commit")}
+    the machine record they were read with (the last process that wrote it: exact for a folder
+    one process wrote), marked ``commit_from`` so the guess is not taken for a record."""
+    return run if "commit" in run else {**run, "commit": machine.get("commit"), "commit_from": "machine"}
 
 
 SAME_MACHINE = ("device", "device_name", "cpu_model", "cpu_capability", "platform", "python", "torch", "triton",
@@ -161,17 +162,21 @@ SAME_MACHINE = ("device", "device_name", "cpu_model", "cpu_capability", "platfor
 
 
 def same_machine(a: dict, b: dict) -> bool:
-    """Whether two machine descriptions agree on every key of ``SAME_MACHINE`` both have."""
-    return all(a[key] == b[key] for key in SAME_MACHINE if key in a and key in b)
+    """Whether two machine descriptions name the same device (``device_name``) and agree on
+    every other key of ``SAME_MACHINE`` both have."""
+    shared = [key for key in SAME_MACHINE if key in a and key in b]
+    return "device_name" in shared and all(a[key] == b[key] for key in shared)
 
 
-def made_by(record: dict) -> tuple[dict, dict]:
-    """A results folder's first run entry (the command that made it) and the machine it ran
-    on (the first of ``machines`` where the folder has several) with that run's commit, for
-    a report's "Made by" line."""
-    machine = (record.get("machines") or [record.get("machine", {})])[0]
-    run = with_commit((record.get("runs") or [{}])[0], record.get("machine", {}))
-    return run, {**machine, "commit": run["commit"]}
+def made_by(record: dict, index: int = 0) -> tuple[dict, dict]:
+    """A results folder's run entry ``index`` (the first: the command that made it) and the
+    machine it ran on with that run's commit ("?" where none is known), for a report's "Made
+    by" line. The first run's machine is the first of ``machines`` where the folder has
+    several; a later one's, the last writer's."""
+    machines = record.get("machines") or [record.get("machine", {})]
+    run = with_commit((record.get("runs") or [{}])[index], record.get("machine", {}))
+    machine = machines[0] if index == 0 else record.get("machine", {})
+    return run, {**machine, "commit": run["commit"] or "?"}
 
 
 class MachineRecord:
