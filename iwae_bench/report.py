@@ -621,10 +621,14 @@ def render(out: Path, csv_path: Path | None = None, against: Path | None = None)
 def _machine_lines(record: dict) -> list[tuple[str, str]]:
     info = record.get("machine", {})
     lines = [(key, str(value)) for key, value in info.items()]
+    for i, machine in enumerate(record.get("machines", []), 1):  # a merged folder's, or one resumed elsewhere
+        lines.append((f"machine {i}", ", ".join(f"{key} {machine[key]}" for key in
+                                                ("folder", "device_name", "torch", "triton", "commit") if machine.get(key))))
     for i, run in enumerate(record.get("runs", []), 1):
         copy = run.get("copy_bandwidth_gbps")
         lines.append((f"run {i}", f"`{run.get('command')}` started {run.get('started')}, finished "
                                    f"{run.get('finished') or 'not (interrupted)'}"
+                                   + (f", commit {run['commit']}" if run.get("commit") else "")
                                    + (f", copy bandwidth {copy:.1f} GB/s" if copy else "")))
     return lines
 

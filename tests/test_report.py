@@ -269,3 +269,20 @@ def test_report_skips_garbage_and_torn_lines_and_says_so(tmp_path):
 def test_report_of_a_missing_folder_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert "no such folder" in _refused(capsys, "report", str(tmp_path / "nowhere"))
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_machine_section_lists_each_machine_and_each_runs_commit(tmp_path):
+    """A merged folder's machine.json: the report's Machine section names every machine its
+    rows came from and the commit each run recorded."""
+    import json
+
+    out = _write(tmp_path / "run", _rows())
+    shard = {"device_name": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "commit": "abc"}
+    (out / "machine.json").write_text(json.dumps({
+        "machine": {**shard, "device": "cuda"},
+        "machines": [{"folder": "shard-0", **shard}, {"folder": "shard-1", **shard, "commit": "def"}],
+        "runs": [{"command": "python -m iwae_bench sweep --shard 0/2", "commit": "abc", "started": "t0",
+                  "finished": "t1"}]}))
+    text = render(out).read_text()
+    assert "folder shard-1, device_name NVIDIA H200, torch 2.11.0, triton 3.6.0, commit def" in text
+    assert "started t0, finished t1, commit abc" in text
