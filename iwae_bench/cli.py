@@ -528,7 +528,7 @@ def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
     and samples the experiment that trained them used (the data seed --seed; the samples' seed
     the training seed its file name ends with, -seedN, else --seed);
     with --update, written into OUT's summary rows of the same runs (``add_diagnostics``)."""
-    from .experiments.mnist import add_diagnostics, evaluate, evaluation_data, split_for
+    from .experiments.mnist import add_diagnostics, evaluate_as_trained, split_for
     from .training.model import load_checkpoint
 
     try:
@@ -540,13 +540,12 @@ def _evaluate_checkpoint(args, parser, schedule, backend, device) -> int:
         parser.error(str(error) if str(error).startswith("--") else f"--evaluate: {error}")
     splits = {}
     for path, model in zip(args.evaluate, models):
-        split = split_for(schedule, model.likelihood, args.seed, splits)
         trained = re.search(r"-seed(\d+)$", path.stem)  # the experiment samples with the training seed
         seed = int(trained.group(1)) if trained else args.seed
-        result = evaluate(model, evaluation_data(split, model.likelihood, args.seed).to(device), schedule, backend,
-                          seed=seed)
+        result = evaluate_as_trained(model, model.likelihood, seed, schedule, backend, device, args.seed, splits)
+        images = split_for(schedule, model.likelihood, args.seed, splits).test.shape[0]  # loaded above, once
         print(f"{path}: test NLL {result['test_nll']:.2f} nats at k = {schedule.eval_k} on "
-              f"{split.test.shape[0]} images; jackknife {result['jvi1_nll']:.2f} (order 1), "
+              f"{images} images; jackknife {result['jvi1_nll']:.2f} (order 1), "
               f"{result['jvi2_nll']:.2f} (order 2); PSIS k-hat median {result['khat_median']:.2f}, above 0.7 on "
               f"{result['khat_above']:.0%} of the images; {result['active_units']} active units")
     return 0

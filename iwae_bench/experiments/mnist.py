@@ -496,6 +496,14 @@ def evaluation_data(split: MNISTSplit, likelihood, data_seed: int) -> torch.Tens
     return model_data(split.test, Likelihood.parse(likelihood), torch.Generator().manual_seed(data_seed))
 
 
+def evaluate_as_trained(model, likelihood, seed: int, schedule: Schedule, backend: str, device: torch.device,
+                        data_seed: int, splits: dict | None = None) -> dict:
+    """``evaluate`` as the experiment evaluates a model it trained: on the test images made from
+    the data seed (``evaluation_data``), with samples drawn from the model's training seed."""
+    images = evaluation_data(split_for(schedule, likelihood, data_seed, splits), likelihood, data_seed)
+    return evaluate(model, images.to(device), schedule, backend, seed=seed)
+
+
 def _save_state(path: Path, model, optimizer, data_gen, noise_gen, history) -> None:
     """The training state after the last row of ``history``, written atomically."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
@@ -559,8 +567,7 @@ def run_experiment(out: Path, schedule: Schedule, backend: str, device: torch.de
                        paper_active_units=paper_active_units(run.objective, run.k, run.estimator, run.layers))
         if not diverged:
             start = time.perf_counter()
-            result = evaluate(model, evaluation_data(split, likelihood, data_seed).to(device), schedule, backend,
-                              seed=run.seed)
+            result = evaluate_as_trained(model, likelihood, run.seed, schedule, backend, device, data_seed, splits)
             row.update(eval_seconds=time.perf_counter() - start, test_nll=result["test_nll"],
                        test_bpd=bits_per_dim(result["test_nll"], split.test.shape[1], likelihood),
                        test_elbo=result["test_elbo"], active_units=result["active_units"],
@@ -612,9 +619,8 @@ def add_diagnostics(out: Path, checkpoints: list[Path], schedule: Schedule, back
     started, splits, results = now(), {}, []
     for path, model in zip(paths, models):
         row = rows[path.stem]
-        images = evaluation_data(split_for(schedule, row["likelihood"], data_seed, splits), row["likelihood"],
-                                 data_seed)
-        result = evaluate(model, images.to(device), schedule, backend, seed=int(row["seed"]))
+        result = evaluate_as_trained(model, row["likelihood"], int(row["seed"]), schedule, backend, device, data_seed,
+                                     splits)
         recorded = float(row["test_nll"])
         if not math.isclose(result["test_nll"], recorded, rel_tol=1e-6):
             raise ValueError(f"--evaluate {path}: test NLL {result['test_nll']:.6f}, but {out / 'summary.csv'} "
