@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 
 from .files import read_json, save_figure, write_text  # noqa: E402
 from .harness.table import COLUMNS, IDENTITY, MODES, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
+from .harness.machine import missing_cells  # noqa: E402
 from .harness.timing import NOISE_LIMIT  # noqa: E402
 
 VARIANT_ORDER = ["naive", "blog", "torch", "compile", "triton", "fused", "fused_linear"]
@@ -507,11 +508,10 @@ def _layers_sections(report: Report, everything: pd.DataFrame) -> None:
 def _status_sections(report: Report, frame: pd.DataFrame, record: dict) -> None:
     columns = ["family", "variant", "mode", "dtype", "regime", "likelihood", "layers", "batch", "latent", "hidden",
                "k"]
-    last = (record.get("runs") or [{}])[-1]
-    missing = last.get("missing_cells") or []
+    missing = missing_cells(record)
     if missing:
         why = ("validate's budget ran out before them; `python -m iwae_bench validate --phases sweep "
-               "report --resume` runs them" if "validate" in last else
+               "report --resume` runs them" if "validate" in record["runs"][-1] else
                "no shard merged here measured them: rerun the missing shards (each resumes) and merge again")
         report.add("Cells not measured", f"{len(missing)} cells of the grid (identity: "
                    f"{' '.join(IDENTITY)}): {why}.",

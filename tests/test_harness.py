@@ -243,7 +243,7 @@ def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path)
 
     from iwae_bench.harness.machine import MachineRecord
 
-    from iwae_bench.harness.machine import git_commit, made_by, same_machine
+    from iwae_bench.harness.machine import git_commit, made_by, missing_cells, same_machine
 
     path = tmp_path / "machine.json"
     record = MachineRecord.open(path, torch.device("cpu"))
@@ -281,4 +281,7 @@ def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path)
     run, machine = made_by(saved, index=-1)
     assert run["command"] == "updated" and machine["device_name"] == saved["machine"]["device_name"]
     assert made_by({})[1]["commit"] == "?"
+    # the last entry speaks for the folder: an earlier partial merge that a later run completed is not missing
+    assert missing_cells({}) == [] and missing_cells({"runs": [{"missing_cells": ["a"]}, {}]}) == []
+    assert missing_cells({"runs": [{}, {"missing_cells": ["a", "b"]}]}) == ["a", "b"]
     assert not same_machine({"hostname": "a"}, {"device": "cpu"})  # nothing to tell them apart by: not the same

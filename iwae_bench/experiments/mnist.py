@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from kernels.likelihood import Likelihood, slug
 
 from ..files import atomic_path, write_csv
-from ..harness.machine import MachineRecord, now
+from ..harness.machine import MachineRecord, missing_cells, now
 from ..harness.shard import Shard
 from ..training import IWAELoss, log_weights
 from ..training.bounds import head_log_weights
@@ -633,11 +633,9 @@ def add_diagnostics(out: Path, checkpoints: list[Path], schedule: Schedule, back
         rows[path.stem].update({name: result[name] for name in DIAGNOSTICS})
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     record = MachineRecord.open(out / "machine.json", device, resume=True)
-    earlier = record.runs[-1] if record.runs else {}
+    missing = missing_cells({"runs": record.runs})  # the rows are the same runs: a partial merge stays partial
     entry = record.start_run(started=started, backend=backend, schedule=asdict(schedule), data_seed=data_seed,
-                             evaluated=[str(path) for path in paths],
-                             # the rows are the same runs: a partial merge stays partial
-                             **({"missing_cells": earlier["missing_cells"]} if "missing_cells" in earlier else {}))
+                             evaluated=[str(path) for path in paths], **({"missing_cells": missing} if missing else {}))
     record.finish(entry)
     return render_experiment(out)
 

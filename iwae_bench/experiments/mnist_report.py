@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from kernels.likelihood import Likelihood  # noqa: E402
 
 from ..files import read_json, save_figure, write_text  # noqa: E402
-from ..harness.machine import made_by  # noqa: E402
+from ..harness.machine import made_by, missing_cells  # noqa: E402
 from .data import DEQUANTIZED_LOG_VARIANCE, IMAGE_PIXELS  # noqa: E402
 from .diagnostics import COLUMNS as DIAGNOSTICS  # noqa: E402
 from .diagnostics import KHAT_UNRELIABLE  # noqa: E402
@@ -113,8 +113,7 @@ def render_experiment(out: Path) -> Path:
 def _with_missing(text: str, record: dict) -> str:
     """A merged folder whose shards had not finished every run says so under its title: which
     runs (objective k estimator seed likelihood layers) and how to add them."""
-    last = (record.get("runs") or [{}])[-1]
-    missing = last.get("missing_cells") or []
+    missing = missing_cells(record)
     if not missing:
         return text
     title, _, rest = text.partition("\n")

@@ -179,6 +179,13 @@ def made_by(record: dict, index: int = 0) -> tuple[dict, dict]:
     return run, {**machine, "commit": run["commit"] or "?"}
 
 
+def missing_cells(record: dict) -> list[str]:
+    """The cells (or runs) a results folder lacks: its last run entry's ``missing_cells``, since
+    the last command to write a folder (a merge, a resume that finished it, an update that
+    carried the note) speaks for all of it. Empty for a complete folder."""
+    return list(((record.get("runs") or [{}])[-1]).get("missing_cells") or [])
+
+
 class MachineRecord:
     """machine.json of one results folder: the machine, and one entry per run written into it."""
 
