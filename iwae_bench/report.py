@@ -21,8 +21,8 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .files import read_json, save_figure, write_text  # noqa: E402
-from .harness.table import COLUMNS, IDENTITY, MODES, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
 from .harness.machine import missing_cells  # noqa: E402
+from .harness.table import COLUMNS, IDENTITY, MODES, TEXT_COLUMNS, TIMED, TableError, read_table  # noqa: E402
 from .harness.timing import NOISE_LIMIT  # noqa: E402
 
 VARIANT_ORDER = ["naive", "blog", "torch", "compile", "triton", "fused", "fused_linear"]

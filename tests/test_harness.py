@@ -241,9 +241,7 @@ def test_a_resumed_record_keeps_its_runs_and_a_merged_folders_machines(tmp_path)
     starts empty."""
     import json
 
-    from iwae_bench.harness.machine import MachineRecord
-
-    from iwae_bench.harness.machine import git_commit, made_by, missing_cells, same_machine
+    from iwae_bench.harness.machine import MachineRecord, git_commit, made_by, missing_cells, same_machine
 
     path = tmp_path / "machine.json"
     record = MachineRecord.open(path, torch.device("cpu"))

@@ -633,7 +633,7 @@ def add_diagnostics(out: Path, checkpoints: list[Path], schedule: Schedule, back
         rows[path.stem].update({name: result[name] for name in DIAGNOSTICS})
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     record = MachineRecord.open(out / "machine.json", device, resume=True)
-    missing = missing_cells({"runs": record.runs})  # the rows are the same runs: a partial merge stays partial
+    missing = missing_cells(record.as_dict())  # the rows are the same runs: a partial merge stays partial
     entry = record.start_run(started=started, backend=backend, schedule=asdict(schedule), data_seed=data_seed,
                              evaluated=[str(path) for path in paths], **({"missing_cells": missing} if missing else {}))
     record.finish(entry)
